@@ -1,0 +1,31 @@
+"""mmn_fast: find and edit multi-modal neurons in vision-language models.
+
+`kernels/` (the Triton kernel sources and their pure-torch reference ops) is installed as
+`mmn_fast.kernels`, never as a bare top-level `kernels` module: transformers probes for Hugging
+Face's own `kernels` package under that name.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="mmn_fast",
+    version="0.1.0",
+    description="Fast engine for finding and editing multi-modal neurons in vision-language models",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mmn_fast", "mmn_fast.*"]) + ["mmn_fast.kernels"],
+    package_dir={"mmn_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.1",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "numpy",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "triton": ["triton>=3.0"],
+        "data": ["webdataset", "pyarrow"],
+        "nlp": ["spacy>=3.7"],
+    },
+    entry_points={"console_scripts": ["mmn=mmn_fast.cli:main"]},
+)
