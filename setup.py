@@ -15,7 +15,7 @@ setup(
     package_dir={"mmn_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.1",
-        "transformers>=4.45",
+        "transformers>=5.0,<6",
         "safetensors>=0.4",
         "numpy",
         "pillow",

@@ -21,7 +21,7 @@ class ModelSpec:
     """Dotted module paths. `mlp` is relative to a decoder layer, `out_proj`/`act_fn` to the MLP."""
 
     layers: str  # nn.ModuleList of decoder layers
-    mlp: str = "mlp"
+    mlp: str = "mlp"  # "" when the projections sit on the layer itself (OPT)
     out_proj: str = "down_proj"  # its input is h, the activation that is scored
     act_fn: str | None = "act_fn"  # its output alone: the paper's released-code activation
     unembed: str = "lm_head"
@@ -60,6 +60,7 @@ _VISION_WORDS = ("vision", "visual", "vit", "qformer", "abstractor", "image", "p
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:
+    """`model.get_submodule(path)` ("" is the model itself) with an actionable error."""
     try:
         return model.get_submodule(path)
     except AttributeError as e:
@@ -101,8 +102,8 @@ def discover_spec(model: nn.Module) -> ModelSpec:
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
             continue
-        for mlp_name, mlp in mod[0].named_modules():
-            style = _mlp_style(mlp) if mlp_name else None
+        for mlp_name, mlp in mod[0].named_modules():  # "" first: MLP weights on the layer itself (OPT)
+            style = _mlp_style(mlp)
             if style is None:
                 continue
             out_proj, act, gated = style

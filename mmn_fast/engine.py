@@ -19,7 +19,7 @@ from .results import ConceptResult, ImageResult
 from .scoring import Scorer
 
 DEFAULT_PROMPT = "Describe the image."
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 

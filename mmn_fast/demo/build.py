@@ -1,0 +1,319 @@
+"""Build (once) the demo model: a tiny LLaVA (CLIP vision + LLaMA text) that captions shapes.
+
+Everything is made from code, offline: a word-level tokenizer over the closed vocabulary, a CLIP
+image processor, a LlavaProcessor with a llava-1.5 chat template, and a model trained for about a
+minute on CPU. The checkpoint is a plain Hugging Face directory (safetensors + JSON); it is built
+in a temporary directory and renamed into place only once complete and verified, the marker file
+`demo_info.json` being written last.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import COLOURS, IMAGE_SIZE, SHAPES, make_examples
+
+RECIPE_VERSION = 1
+CACHE_SUBDIR = f"demo-v{RECIPE_VERSION}"
+INFO_FILE = "demo_info.json"
+DEMO_PROMPT = "Describe the image."
+MIN_ACCURACY = 0.95
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
+PAD, UNK, BOS, EOS, IMAGE = SPECIAL_TOKENS
+PUNCTUATION = (".", ",", ":", ";", "?", "!", "'", '"', "(", ")", "-")
+# Prompt/caption words (lowercased). A few extra prompt words keep other short prompts in-vocabulary.
+WORDS = ("user", "assistant", "system", "describe", "the", "image", "a", "an", "and", "what", "is", "in",
+         "this", "of", "picture", "photo", "shape", "shapes", "colour", "color", "object", "objects",
+         "left", "right", "there", "are", "which", "it")
+
+# llava-1.5 style: "USER: <image>\n{prompt} ASSISTANT:" (+ " {answer}</s>" for assistant turns).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endif %} "
+    "{% else %}"
+    "{{ message['role'] | upper }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}</s>{% else %} {% endif %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+# Model sizes (see _build_model) and training recipe.
+PATCH_SIZE = 8
+N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # CLS dropped by the "default" feature strategy
+VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
+TRAIN = dict(n_train=4000, steps=300, batch_size=64, lr=3e-3, warmup=20, weight_decay=0.01,
+             seed=0, eval_seed=1_000_003, n_eval=256)
+MAX_NEW_TOKENS = 12
+
+
+def default_cache_dir() -> Path:
+    """Root of the mmn_fast cache: $MMN_CACHE, else ~/.cache/mmn_fast (the demo lives in `demo-v1/`)."""
+    return Path(os.environ.get("MMN_CACHE") or Path.home() / ".cache" / "mmn_fast").expanduser()
+
+
+def _vocab_list() -> list[str]:
+    words = list(WORDS) + list(COLOURS) + list(SHAPES)
+    return list(SPECIAL_TOKENS) + list(PUNCTUATION) + list(dict.fromkeys(words))
+
+
+def build_tokenizer():
+    """Word-level PreTrainedTokenizerFast over the closed demo vocabulary (adds <s> in front)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(_vocab_list())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        image_token=IMAGE, padding_side="left", model_input_names=["input_ids", "attention_mask"],
+        clean_up_tokenization_spaces=False, model_max_length=256)
+
+
+def build_processor():
+    """LlavaProcessor: CLIP image processor at IMAGE_SIZE px + tokenizer + chat template."""
+    from transformers import LlavaProcessor
+    try:  # transformers 5: the default CLIPImageProcessor needs torchvision; the PIL one does not
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # pragma: no cover
+        from transformers import CLIPImageProcessor as ImageProcessor
+    image_processor = ImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                     crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                     do_resize=True, do_center_crop=True)
+    # num_additional_image_tokens=1: CLIP's CLS token, which the "default" strategy drops again.
+    return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=PATCH_SIZE,
+                          vision_feature_select_strategy="default", image_token=IMAGE,
+                          num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+
+
+def prompt_text(processor, prompt: str = DEMO_PROMPT) -> str:
+    """The chat-templated generation prompt: 'USER: <image>\\n{prompt} ASSISTANT:'."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _build_model(tokenizer):
+    from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in
+           (("pad", PAD), ("bos", BOS), ("eos", EOS), ("image", IMAGE))}
+    vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=VISION["hidden_size"],
+                              hidden_act="quick_gelu", **VISION)
+    text = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=256, num_key_value_heads=TEXT["num_attention_heads"],
+                       pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+                       tie_word_embeddings=False, **TEXT)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=ids["image"],
+                         image_seq_length=N_IMAGE_TOKENS, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                         tie_word_embeddings=False)
+    for name in ("pad", "bos", "eos"):
+        setattr(config, f"{name}_token_id", ids[name])
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=MAX_NEW_TOKENS,
+                                               bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+                                               pad_token_id=ids["pad"])
+    return model
+
+
+def _training_tensors(processor, examples) -> dict[str, torch.Tensor]:
+    """Prompt + caption + </s>, right-padded; labels are -100 except on caption tokens and </s>."""
+    tok = processor.tokenizer
+    text = prompt_text(processor)
+    images = [im for im, _ in examples]
+    enc = processor(images=images[:1], text=[text], return_tensors="pt")
+    prompt_ids = enc["input_ids"][0].tolist()  # [P] includes <s> and the expanded image tokens
+    pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]  # [N, 3, H, W]
+    targets = [tok(" " + cap, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, cap in examples]
+    length = len(prompt_ids) + max(map(len, targets))
+    input_ids = torch.full((len(examples), length), tok.pad_token_id, dtype=torch.long)  # [N, T]
+    labels = torch.full_like(input_ids, -100)                                           # [N, T]
+    attention_mask = torch.zeros_like(input_ids)                                        # [N, T]
+    p = len(prompt_ids)
+    for i, tgt in enumerate(targets):
+        input_ids[i, :p + len(tgt)] = torch.tensor(prompt_ids + tgt)
+        labels[i, p:p + len(tgt)] = torch.tensor(tgt)
+        attention_mask[i, :p + len(tgt)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values}
+
+
+@torch.no_grad()
+def caption(model, processor, images, prompt: str = DEMO_PROMPT, batch_size: int = 64) -> list[str]:
+    """Greedy captions through the processor and chat template."""
+    text = prompt_text(processor, prompt)
+    out = []
+    model.eval()
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        enc = processor(images=chunk, text=[text] * len(chunk), return_tensors="pt", padding=True)
+        gen = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)  # [B, P + new]
+        new = gen[:, enc["input_ids"].shape[1]:]
+        out += [s.strip() for s in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return out
+
+
+def _accuracy(model, processor, examples) -> float:
+    preds = caption(model, processor, [im for im, _ in examples])
+    return sum(p == c for p, (_, c) in zip(preds, examples)) / len(examples)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(model, batch: dict[str, torch.Tensor], progress: bool = True) -> float:
+    """Seeded AdamW with linear warmup and cosine decay on random minibatches of `batch`; returns final loss."""
+    from tqdm.auto import tqdm
+
+    cfg = TRAIN
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:
+        if step < cfg["warmup"]:
+            return (step + 1) / cfg["warmup"]
+        t = (step - cfg["warmup"]) / max(1, cfg["steps"] - cfg["warmup"])
+        return 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    n = batch["input_ids"].shape[0]
+    model.train()
+    bar = tqdm(range(cfg["steps"]), desc="training demo model", disable=not progress, file=sys.stderr,
+               leave=False, dynamic_ncols=True)
+    loss_ema = None
+    for step in bar:
+        idx = torch.randint(0, n, (cfg["batch_size"],), generator=gen)  # [B]
+        mb = {k: v[idx] for k, v in batch.items()}
+        loss = model(**mb).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss_ema:.4f}")
+    bar.close()
+    model.eval()
+    return float(loss_ema)
+
+
+def _is_complete(path: Path) -> bool:
+    try:
+        info = json.loads((path / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (info.get("recipe_version") == RECIPE_VERSION
+            and all((path / f).is_file() for f in ("config.json", "model.safetensors")))
+
+
+def build_demo_model(cache_dir: str | Path | None = None, force: bool = False, progress: bool = True) -> Path:
+    """Return the demo checkpoint directory (`<cache_dir>/demo-v1`), training it first if needed.
+
+    cache_dir: cache root (default `default_cache_dir()`). force: retrain even if a complete
+    checkpoint exists. progress: tqdm bar and a summary line on stderr.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = root / CACHE_SUBDIR
+    if not force and _is_complete(target):
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_SUBDIR}-", suffix=".tmp", dir=root))
+    try:
+        info = _build_into(tmp, progress)
+        if target.exists():
+            shutil.rmtree(target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # a concurrent build finished first: keep its (complete) checkpoint
+            if not _is_complete(target):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        print(f"demo model: held-out exact-match {100 * info['heldout_accuracy']:.1f}% "
+              f"(n={info['n_eval']}), trained in {info['train_seconds']:.0f}s -> {target}", file=sys.stderr)
+    return target
+
+
+def _build_into(out: Path, progress: bool) -> dict:
+    """Train, save, reload-check and mark a checkpoint in `out`; returns the info written."""
+    import transformers
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    cfg = TRAIN
+    t0 = time.perf_counter()
+    _seed_everything(cfg["seed"])
+    processor = build_processor()
+    model = _build_model(processor.tokenizer)
+    train_examples = make_examples(cfg["n_train"], seed=cfg["seed"])
+    batch = _training_tensors(processor, train_examples)
+    n_img = int((batch["input_ids"][0] == model.config.image_token_id).sum())
+    with torch.no_grad():  # the processor's image-token count must match the model's patch features
+        feats = model.get_image_features(pixel_values=batch["pixel_values"][:1], vision_feature_layer=-1,
+                                         vision_feature_select_strategy="default")
+        feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+        n_feat = feats[0].shape[0] if isinstance(feats, (list, tuple)) else feats.shape[-2]
+    if n_img != n_feat or n_img != N_IMAGE_TOKENS:
+        raise RuntimeError(f"processor inserts {n_img} image tokens but the model makes {n_feat} features")
+    final_loss = train(model, batch, progress)
+    train_seconds = time.perf_counter() - t0
+
+    eval_examples = make_examples(cfg["n_eval"], seed=cfg["eval_seed"])
+    acc = _accuracy(model, processor, eval_examples)
+    if acc < MIN_ACCURACY:
+        raise RuntimeError(f"demo model reached only {100 * acc:.1f}% held-out caption accuracy "
+                           f"(needs {100 * MIN_ACCURACY:.0f}%); the recipe is broken")
+
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+
+    # Reload exactly as users will, and check the reloaded model captions like the trained one.
+    check = eval_examples[:16]
+    proc2 = AutoProcessor.from_pretrained(str(out), local_files_only=True)
+    model2 = LlavaForConditionalGeneration.from_pretrained(str(out), local_files_only=True)
+    if caption(model2, proc2, [im for im, _ in check]) != caption(model, processor, [im for im, _ in check]):
+        raise RuntimeError("the saved demo checkpoint does not reload to the trained model")
+    if prompt_text(proc2) != f"USER: {IMAGE}\n{DEMO_PROMPT} ASSISTANT:":
+        raise RuntimeError("the saved chat template does not render the llava-1.5 prompt")
+
+    info = {"recipe_version": RECIPE_VERSION, "heldout_accuracy": acc, "n_eval": cfg["n_eval"],
+            "eval_seed": cfg["eval_seed"], "train_seconds": round(train_seconds, 2), "final_loss": final_loss,
+            "prompt": DEMO_PROMPT, "prompt_text": prompt_text(processor), "n_image_tokens": N_IMAGE_TOKENS,
+            "image_size": IMAGE_SIZE, "vocab_size": len(processor.tokenizer), "colours": list(COLOURS),
+            "shapes": list(SHAPES), "train": cfg, "vision": VISION, "text": TEXT,
+            "torch": torch.__version__, "transformers": transformers.__version__}
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")  # written last: marks completeness
+    return info

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random-weight checkpoints saved to disk, and the trained demo model."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import mmn_fast
+from mmn_fast.testing import random_images, tiny_instructblip, tiny_llava, tiny_mplug_owl2
+
+
+@pytest.fixture(scope="session")
+def llava_path(tmp_path_factory):
+    return tiny_llava(tmp_path_factory.mktemp("llava"))
+
+
+@pytest.fixture(scope="session")
+def llava(llava_path):
+    return mmn_fast.load(llava_path, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def llava64(llava_path):
+    return mmn_fast.load(llava_path, device="cpu", dtype="float64")
+
+
+@pytest.fixture(scope="session")
+def instructblip_path(tmp_path_factory):
+    return tiny_instructblip(tmp_path_factory.mktemp("instructblip"))
+
+
+@pytest.fixture(scope="session")
+def mplug_path(tmp_path_factory):
+    return tiny_mplug_owl2(tmp_path_factory.mktemp("mplug"))
+
+
+@pytest.fixture(scope="session")
+def images():
+    return random_images(8, size=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_path(tmp_path_factory):
+    """The trained demo model. Built fresh per session unless MMN_CACHE points at a cache."""
+    from mmn_fast.demo import build_demo_model
+
+    cache = os.environ.get("MMN_CACHE") or tmp_path_factory.mktemp("demo_cache")
+    return build_demo_model(cache, progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo(demo_path):
+    return mmn_fast.load(demo_path, device="cpu")

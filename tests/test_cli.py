@@ -1,0 +1,121 @@
+"""The `mmn` command: output files, and one-line errors (exit 2, no traceback) on bad input."""
+import json
+
+import pytest
+
+from mmn_fast.cli import main
+from mmn_fast.testing import random_images
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    for i, img in enumerate(random_images(3, size=32, seed=7)):
+        img.save(d / f"img{i}.png")
+    return d
+
+
+def _run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_find_writes_the_output_contract(llava_path, image_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, stdout, _ = _run(capsys, "find", "--model", llava_path, "--images", image_dir, "--out", out,
+                         "--concepts", "all", "--top-k", "7", "--max-new-tokens", "6", "--batch-size", "2", "--quiet")
+    assert rc == 0
+    lines = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    assert [l["id"] for l in lines] == ["img0", "img1", "img2"]
+    for rec in lines:
+        assert set(rec) == {"id", "image", "prompt_ids", "output_ids", "caption", "concepts"}
+        for c in rec["concepts"]:
+            assert set(c) == {"word", "token_id", "step", "neurons"}
+            assert rec["output_ids"][c["step"]] == c["token_id"]
+            assert len(c["neurons"]) == 7
+            scores = [n[2] for n in c["neurons"]]
+            assert scores == sorted(scores, reverse=True)
+    concepts = json.loads((out / "concepts.json").read_text())
+    words = {c["word"].lower() for rec in lines for c in rec["concepts"]}
+    assert set(concepts) == words
+    for info in concepts.values():
+        assert info["images"] >= 1 and info["neurons"][0]["count"] >= 1
+    run = json.loads((out / "run.json").read_text())
+    assert run["options"]["top_k"] == 7 and run["weight_fingerprint"] and run["versions"]["torch"]
+    assert "results written to" in stdout
+    assert not list(out.glob("*.tmp"))
+
+
+def test_teacher_forced_manifest(llava_path, image_dir, tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps({"image": str(p), "caption": "a red dog", "id": p.stem})
+                                  for p in sorted(image_dir.glob("*.png"))))
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "find", "--model", llava_path, "--images", manifest, "--out", out,
+                      "--concepts", "red,dog", "--teacher-forced", "--quiet")
+    assert rc == 0, err
+    rec = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    assert [c["word"] for c in rec["concepts"]] == ["red", "dog"]
+
+
+def _assert_one_line_error(rc, err, *needles):
+    assert rc == 2
+    assert "Traceback" not in err
+    lines = [l for l in err.strip().splitlines() if l.startswith("mmn: error:")]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0]
+
+
+def test_missing_model_path(image_dir, tmp_path, capsys):
+    rc, _, err = _run(capsys, "find", "--model", tmp_path / "nope", "--images", image_dir, "--out", tmp_path / "o")
+    _assert_one_line_error(rc, err, "not a local Hugging Face checkpoint")
+
+
+def test_corrupt_image(llava_path, tmp_path, capsys):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    rc, _, err = _run(capsys, "find", "--model", llava_path, "--images", d, "--out", tmp_path / "o", "--quiet")
+    _assert_one_line_error(rc, err, "broken.png")
+
+
+def test_missing_image_in_manifest(llava_path, tmp_path, capsys):
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"image": "does_not_exist.png"}) + "\n")
+    rc, _, err = _run(capsys, "find", "--model", llava_path, "--images", m, "--out", tmp_path / "o", "--quiet")
+    _assert_one_line_error(rc, err, "does_not_exist.png", "not found")
+
+
+def test_unknown_concept_word(demo_path, image_dir, tmp_path, capsys):
+    rc, _, err = _run(capsys, "find", "--model", demo_path, "--images", image_dir, "--out", tmp_path / "o",
+                      "--concepts", "red,zyzzyva", "--quiet")
+    _assert_one_line_error(rc, err, "zyzzyva")
+
+
+def test_model_without_recognisable_mlps(tmp_path, image_dir, capsys):
+    from transformers import MptConfig, MptForCausalLM
+
+    from mmn_fast.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    MptForCausalLM(MptConfig(d_model=32, n_heads=2, n_layers=2, vocab_size=len(tok))).save_pretrained(tmp_path / "mpt")
+    tok.save_pretrained(tmp_path / "mpt")
+    rc, _, err = _run(capsys, "find", "--model", tmp_path / "mpt", "--images", image_dir, "--out", tmp_path / "o")
+    _assert_one_line_error(rc, err, "could not find the decoder MLPs", "layers=")
+
+
+def test_bad_option_values(llava_path, image_dir, tmp_path, capsys):
+    rc, _, err = _run(capsys, "find", "--model", llava_path, "--images", image_dir, "--out", tmp_path / "o",
+                      "--top-k", "0", "--quiet")
+    _assert_one_line_error(rc, err, "top_k")
+
+
+def test_top_tokens_command(llava_path, tmp_path, capsys):
+    rc, out, _ = _run(capsys, "top-tokens", "--model", llava_path, "--layer", "1", "--neuron", "3", "-k", "4")
+    assert rc == 0 and len(out.strip().splitlines()) == 4
+    rc, out, _ = _run(capsys, "top-tokens", "--model", llava_path, "--cache-dir", tmp_path / "c", "--quiet")
+    assert rc == 0 and list((tmp_path / "c").glob("vocab-*.safetensors"))
+    rc, _, err = _run(capsys, "top-tokens", "--model", llava_path, "--layer", "99", "--neuron", "0")
+    _assert_one_line_error(rc, err, "out of range")
