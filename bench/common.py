@@ -1,0 +1,63 @@
+"""Benchmark setups shared by the pytest-benchmark file and the ratio-table script."""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import mmn_fast
+from mmn_fast import DEFAULT_PROMPT
+from mmn_fast.testing import random_images, tiny_llava
+
+# The issue's random LLaVA-architecture model: 8 layers, hidden 512, 256 image tokens, 32 new tokens.
+LARGE = dict(num_layers=8, hidden_size=512, intermediate_size=1408, image_size=128, patch_size=8)
+NEW_TOKENS = 32
+
+
+def random_llava_engine(workdir: str | None = None):
+    """(engine, images) for the random model; EOS disabled so every run makes NEW_TOKENS tokens."""
+    workdir = workdir or tempfile.mkdtemp(prefix="mmn_bench_")
+    path = tiny_llava(Path(workdir) / "llava_large", seed=0, **LARGE)
+    eng = mmn_fast.load(path, device="cpu")
+    eng.model.generation_config.eos_token_id = None
+    eng.eos_ids = set()
+    return eng, random_images(8, size=LARGE["image_size"], seed=1)
+
+
+def demo_engine(cache_dir=None):
+    from mmn_fast.demo import build_demo_model, make_examples
+
+    eng = mmn_fast.load(build_demo_model(cache_dir, progress=False), device="cpu")
+    return eng, [img for img, _ in make_examples(8, seed=99)]
+
+
+def plain_generate(eng, images, max_new_tokens, batch_size=8):
+    """What captioning alone costs: the same preprocessing and greedy generate, no capture."""
+    out = []
+    for s in range(0, len(images), batch_size):
+        inputs = eng._inputs(images[s : s + batch_size], DEFAULT_PROMPT, None)
+        with torch.no_grad():
+            out.append(eng.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1))
+    return out
+
+
+def find(eng, images, max_new_tokens, batch_size=8, **kw):
+    return eng.find(images, concepts="all", top_k=50, max_new_tokens=max_new_tokens, batch_size=batch_size, **kw)
+
+
+def reference(eng, images, max_new_tokens):
+    from mmn_fast.reference import reference_find
+
+    return [reference_find(eng, img, DEFAULT_PROMPT, concepts="all", activation="down_proj_input", top_k=50,
+                           max_new_tokens=max_new_tokens) for img in images]
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]

@@ -1,0 +1,129 @@
+"""The trained demo model: accuracy, the science (planted and causal neurons), and `mmn demo`."""
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+
+import pytest
+import torch
+
+import mmn_fast
+from mmn_fast.cli import main
+from mmn_fast.demo import COLOURS, make_examples
+from mmn_fast.results import ConceptAggregator
+
+
+@contextlib.contextmanager
+def zeroed(engine, neurons):
+    """Zero the output vectors of `neurons` [(layer, index)], restored on exit."""
+    ad = engine.adapter
+    saved = {(l, i): ad.out_weight(l)[:, i].clone() for l, i in neurons}
+    try:
+        with torch.no_grad():
+            for l, i in neurons:
+                ad.out_weight(l)[:, i] = 0
+        yield
+    finally:
+        with torch.no_grad():
+            for (l, i), col in saved.items():
+                ad.out_weight(l)[:, i] = col
+
+
+def _captions(engine, images):
+    return [r.caption for r in engine.find(images, concepts=["red"], max_new_tokens=12, batch_size=16)]
+
+
+def test_demo_model_is_accurate(demo_path, demo):
+    info = json.loads((demo_path / "demo_info.json").read_text())
+    assert info["heldout_accuracy"] >= 0.95
+    examples = make_examples(48, seed=4242)
+    caps = _captions(demo, [img for img, _ in examples])
+    acc = sum(c == truth for c, (_, truth) in zip(caps, examples)) / len(examples)
+    assert acc >= 0.9, list(zip(caps, [t for _, t in examples]))
+
+
+def _colour_images(colour: str, n: int, seed: int):
+    """Single-object images of `colour` from the demo generator."""
+    out, s = [], seed
+    while len(out) < n:
+        for img, cap in make_examples(64, seed=s):
+            if cap.split() == ["a", colour, cap.split()[-1]] and len(cap.split()) == 3:
+                out.append((img, cap))
+        s += 1
+    return out[:n]
+
+
+@pytest.mark.parametrize("colour", ["red", "blue"])
+def test_zeroing_top_neurons_changes_the_colour_far_more_than_random(demo, colour):
+    """The paper's causal property on the demo model: the top-20 neurons found for a colour carry it."""
+    find_set = _colour_images(colour, 24, seed=100)
+    test_set = _colour_images(colour, 32, seed=500)
+    agg = ConceptAggregator()
+    for r in demo.find([img for img, _ in find_set], concepts=[colour], top_k=20, max_new_tokens=12):
+        agg.add(r)
+    top = [(n["layer"], n["index"]) for n in agg.summary(top_n=20)[colour]["neurons"]]
+    assert len(top) == 20
+    images = [img for img, _ in test_set]
+    base = _captions(demo, images)
+    assert sum(colour in c.split() for c in base) >= 0.9 * len(images)
+
+    def changed(neurons):
+        with zeroed(demo, neurons):
+            caps = _captions(demo, images)
+        return sum((colour in b.split()) and (colour not in c.split()) for b, c in zip(base, caps)) / len(images)
+
+    ad = demo.adapter
+    rng = random.Random(0)
+    all_neurons = [(l, i) for l in range(ad.n_layers) for i in range(ad.d_mlp)]
+    random_rates = [changed(rng.sample(all_neurons, 20)) for _ in range(3)]
+    top_rate = changed(top)
+    assert top_rate >= 0.5, (top_rate, random_rates)
+    assert top_rate >= 3 * max(random_rates) + 0.2, (top_rate, random_rates)
+
+
+def test_planted_neuron_ranks_first(demo_path):
+    """A neuron whose output vector points along W_U['red'] and which fires on red objects must be
+    the top neuron of 'red' on red images, and stay silent on other colours."""
+    eng = mmn_fast.load(demo_path, device="cpu")  # a private copy: its weights are edited
+    ad, tok = eng.adapter, eng.tokenizer
+    layer, idx = ad.n_layers - 1, 11
+    red = tok.convert_tokens_to_ids("red")
+    reds = [img for img, _ in _colour_images("red", 12, seed=7)]
+    others = [img for c in COLOURS if c != "red" for img, _ in _colour_images(c, 4, seed=7)]
+
+    def mlp_inputs(images):
+        """Input of the planted layer's MLP at the position that predicts the colour word (step 1)."""
+        rows = []
+        handle = ad.mlps[layer].register_forward_pre_hook(lambda m, a: rows.append(a[0][:, -1].detach()))
+        try:
+            for img in images:
+                rows.clear()
+                inputs = eng._inputs([img], mmn_fast.DEFAULT_PROMPT, None)
+                ids = torch.cat([inputs["input_ids"], torch.tensor([[tok.convert_tokens_to_ids("a")]])], 1)
+                with torch.no_grad():
+                    eng.model(**dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids)))
+                yield rows[-1][0]
+        finally:
+            handle.remove()
+
+    x_red, x_other = torch.stack(list(mlp_inputs(reds))), torch.stack(list(mlp_inputs(others)))
+    v = x_red.mean(0) - x_other.mean(0)
+    v = v / v.norm()
+    gap = (x_red @ v).min() - (x_other @ v).max()
+    assert gap > 0, "red is not linearly separable at this layer; pick another layer"
+    threshold = float((x_red @ v).min() + (x_other @ v).max()) / 2
+    mlp = ad.mlps[layer]
+    with torch.no_grad():
+        # gate fires only past the threshold (ReLU-like via a steep SiLU), up carries the magnitude.
+        scale = 20.0 / float(gap)
+        mlp.gate_proj.weight[idx] = scale * v
+        mlp.up_proj.weight[idx] = v
+        # the gate has no bias: shift by the threshold through a second direction is not available,
+        # so fold the threshold into up: h = silu(scale * v.x) * (v.x - threshold)
+        w_u = ad.unembed_weight()[red]
+        ad.out_weight(layer)[:, idx] = 0.05 * w_u / w_u.norm()
+    res = eng.find(reds, concepts=["red"], top_k=5, max_new_tokens=12)
+    firsts = [c.neurons[0][:2] for r in res for c in r.concepts]
+    assert len(firsts) == len(reds)
+    assert all(f == [layer, idx] for f in firsts), firsts

@@ -1,0 +1,35 @@
+"""Neuron vocabulary: top tokens of one neuron and the cached whole-model table."""
+import torch
+
+from mmn_fast.vocab import top_tokens, vocab_table
+
+
+def test_top_tokens_match_full_projection(llava):
+    ad = llava.adapter
+    logits = ad.unembed_weight().double() @ ad.out_weight(1)[:, 5].double()  # [V]
+    want = logits.topk(6).indices.tolist()
+    got = top_tokens(llava, 1, 5, k=6)
+    assert [tid for _, tid, _ in got] == want
+    assert [tok for tok, _, _ in got] == llava.tokenizer.convert_ids_to_tokens(want)
+
+
+def test_vocab_table_is_cached_by_fingerprint(llava, tmp_path):
+    values, ids = vocab_table(llava, k=4, chunk=37, cache_dir=tmp_path)
+    ad = llava.adapter
+    assert values.shape == ids.shape == (ad.n_layers, ad.d_mlp, 4)
+    for layer in range(ad.n_layers):
+        full = ad.out_weight(layer).double().t() @ ad.unembed_weight().double().t()  # [F, V]
+        assert torch.equal(ids[layer], full.topk(4, dim=1).indices)
+    files = list(tmp_path.glob("vocab-*.safetensors"))
+    assert len(files) == 1 and llava.fingerprint in files[0].name
+    # A second call reads the file: poison it and the poisoned values come back.
+    from safetensors.torch import load_file, save_file
+
+    data = load_file(files[0])
+    from safetensors import safe_open
+
+    with safe_open(str(files[0]), framework="pt") as f:
+        meta = f.metadata()
+    save_file({"values": data["values"] * 0 - 1, "token_ids": data["token_ids"]}, str(files[0]), metadata=meta)
+    again, _ = vocab_table(llava, k=4, cache_dir=tmp_path)
+    assert (again == -1).all()
