@@ -8,6 +8,11 @@ from __future__ import annotations
 import torch
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Accumulation dtype: fp32 for fp32/fp16/bf16, fp64 kept (used by the exact tests)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def token_projection(w_out: torch.Tensor, w_u_rows: torch.Tensor, center: bool = False) -> torch.Tensor:
     """`P = W_out^T W_U[targets]^T` in fp32.
 
@@ -16,10 +21,10 @@ def token_projection(w_out: torch.Tensor, w_u_rows: torch.Tensor, center: bool =
     center:   subtract each output vector's mean over d first (exact LayerNorm folding)
     returns   [F, K]
     """
-    w = w_out.float()
+    w = _acc(w_out)
     if center:
         w = w - w.mean(dim=0, keepdim=True)
-    return w.t() @ w_u_rows.float().t()
+    return w.t() @ _acc(w_u_rows).to(w.dtype).t()
 
 
 def contribution_scores(acts: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
@@ -27,9 +32,9 @@ def contribution_scores(acts: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
 
     acts: [C, L, F]  activations at each concept's position
     proj: [C, L, F]  projection column of each concept's token
-    returns [C, L, F] fp32
+    returns [C, L, F] fp32 (fp64 for fp64 inputs)
     """
-    return acts.float() * proj.float()
+    return _acc(acts) * _acc(proj)
 
 
 def topk_neurons(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

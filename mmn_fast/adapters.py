@@ -48,8 +48,9 @@ register_adapter(
 register_adapter(
     "InstructBlipForConditionalGeneration",
     # The processor inserts the 32 query tokens itself; the prompt is plain text.
-    ModelSpec(layers="language_model.layers", final_norm="language_model.norm",
-              prompt_template="{prompt}"),
+    # Its language model is a full *ForCausalLM (Vicuna/LLaMA in the released checkpoints).
+    ModelSpec(layers="language_model.model.layers", final_norm="language_model.model.norm",
+              unembed="language_model.lm_head", prompt_template="{prompt}"),
 )
 
 _GATED = (("gate_proj", "up_proj", "down_proj", "act_fn"), ("w1", "w3", "w2", "act_fn"))

@@ -63,7 +63,7 @@ class CaptureStore:
 def _image_reduce(h: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """h [B, T, F], mask [B, T] bool -> sum/max/min over the masked positions, fp32."""
     m = mask[:, :, None]
-    hf = h.float()
+    hf = h if h.dtype == torch.float64 else h.float()
     return {
         "sum": (hf * m).sum(1),
         "max": hf.masked_fill(~m, float("-inf")).amax(1),

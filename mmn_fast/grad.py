@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .capture import capture
+from .kernels import contribution_scores
 
 
 def grad_scores(engine, inputs: dict, outputs: list[list[int]], flat: list, opts) -> torch.Tensor:
@@ -19,8 +20,8 @@ def grad_scores(engine, inputs: dict, outputs: list[list[int]], flat: list, opts
         hs = [store.leaves[layer][0] for layer in range(ad.n_layers)]  # L x [B, T, F]
         for b, word in flat:
             pos = int(index[b, word.step])
-            logit = logits[b, pos, outputs[b][word.step]].float()
+            logit = logits[b, pos, outputs[b][word.step]]
             grads = torch.autograd.grad(logit, hs, retain_graph=True)
-            rows.append(torch.stack([hs[l][b, pos].detach().float() * grads[l][b, pos].float()
+            rows.append(torch.stack([contribution_scores(hs[l][b, pos].detach(), grads[l][b, pos])
                                      for l in range(ad.n_layers)]))  # [L, F]
     return torch.stack(rows)

@@ -27,12 +27,13 @@ class Scorer:
         if missing:
             ad = self.adapter
             w_u = ad.unembed_weight()
-            rows = w_u[torch.tensor(missing, device=w_u.device)].float()  # [K, d]
+            rows = w_u[torch.tensor(missing, device=w_u.device)]  # [K, d]
+            rows = rows if rows.dtype == torch.float64 else rows.float()
             center = False
             if self.fold_norm:
                 w = ad.norm_weight()
                 if w is not None:
-                    rows = rows * w.float()
+                    rows = rows * w.to(rows.dtype)
                 center = ad.norm_kind() == "layer"
             proj = torch.stack([token_projection(ad.out_weight(l), rows, center)
                                 for l in range(ad.n_layers)])  # [L, F, K]
@@ -47,7 +48,7 @@ class Scorer:
 
     def norm_denominator(self, x: torch.Tensor) -> torch.Tensor:
         """x [C, d] final-norm inputs -> [C] the norm's denominator (RMS or std, with eps)."""
-        x = x.float()
+        x = x if x.dtype == torch.float64 else x.float()
         eps = self.adapter.norm_eps()
         if self.adapter.norm_kind() == "layer":
             return (x.var(-1, unbiased=False) + eps).sqrt()
@@ -65,6 +66,7 @@ class Scorer:
     def score_image(self, stats: dict[str, torch.Tensor], tokens: list[int], reduce: str) -> torch.Tensor:
         """Image-position view: stats of the concept's sample ({'sum','max','min': [C, L, F], 'count': [C]})."""
         proj = self.projection(tokens).to(stats["sum"].device)
+        stats = {k: (v.to(proj.dtype) if v.is_floating_point() else v) for k, v in stats.items()}
         if reduce == "mean":
             return stats["sum"] / stats["count"].clamp(min=1)[:, None, None].float() * proj
         # max over positions of a*P: the largest a when P >= 0, the smallest when P < 0.

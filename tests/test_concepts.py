@@ -62,3 +62,31 @@ def test_nouns_without_tagger_is_a_clear_error(monkeypatch):
     with pytest.raises(MMNError, match="spaCy"):
         c.resolve_mode("nouns")
     assert c.resolve_mode("auto") == "all"
+
+
+def test_nouns_map_tagger_offsets_to_first_sub_tokens(tok, monkeypatch):
+    """With a tagger (stubbed here: no English pipeline is installable offline), nouns are picked by
+    character offset, so a noun after dropped words keeps its own step."""
+    import mmn_fast.concepts as c
+
+    class Tok:
+        def __init__(self, text, idx, tag):
+            self.text, self.idx, self.tag_ = text, idx, tag
+
+    def tagger(text):
+        tags = {"dog": "NN", "elephants": "NNS", "zebra": "NN"}
+        out, pos = [], 0
+        for word in text.split():
+            pos = text.index(word, pos)
+            out.append(Tok(word, pos, tags.get(word, "DT")))
+            pos += len(word)
+        return out
+
+    monkeypatch.setattr(c, "_spacy_pipeline", lambda: tagger)
+    ids = tok("a brown dog sees two elephants and a zebra", add_special_tokens=False)["input_ids"]
+    caption, words = split_words(tok, ids)
+    nouns = select_concepts(caption, words, c.resolve_mode("nouns"))
+    assert [w.text for w in nouns] == ["dog", "elephants", "zebra"]
+    for w in nouns:
+        assert w.step == next(x.step for x in words if x.text == w.text)
+        assert tok.decode(ids[: w.step + 1]).rstrip().endswith(tok.decode(ids[w.step: w.step + 1]).strip())

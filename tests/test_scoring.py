@@ -69,7 +69,8 @@ def test_fp32_scores_match_float64(llava, llava64, images):
         for ca, cb in zip(a.concepts, b.concepts):
             assert [n[:2] for n in ca.neurons[:5]] == [n[:2] for n in cb.neurons[:5]]
             torch.testing.assert_close(torch.tensor([n[2] for n in ca.neurons], dtype=torch.float64),
-                                       torch.tensor([n[2] for n in cb.neurons]), rtol=1e-4, atol=1e-7)
+                                       torch.tensor([n[2] for n in cb.neurons], dtype=torch.float64),
+                                       rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("activation", ["act_fn", "down_proj_input"])

@@ -61,7 +61,7 @@ def make_example(rng: random.Random, size: int = IMAGE_SIZE) -> tuple[Image.Imag
         half = size / 2
         objects = []
         for left in (0.0, half):
-            side = rng.uniform(0.55, 0.8) * half
+            side = rng.uniform(0.65, 0.9) * half
             slack = (half - side) / 2
             cx = left + half / 2 + rng.uniform(-slack, slack) * 0.8
             cy = size / 2 + rng.uniform(-1, 1) * (size - side) / 2 * 0.6

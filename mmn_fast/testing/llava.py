@@ -1,0 +1,66 @@
+"""Tiny random LLaVA (CLIP vision tower + LLaMA text decoder) saved as a local checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .common import (IMAGE, as_dtype, generation_config, heads_for, image_processor, llama_config, out_dir, quiet,
+                     tiny_tokenizer)
+
+# llava-1.5 style: "USER: <image>\n{prompt} ASSISTANT:" (+ " {answer}</s>" after assistant turns).
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endif %} "
+    "{% else %}"
+    "{{ message['role'] | upper }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}</s>{% else %} {% endif %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def tiny_llava(path, *, seed: int = 0, num_layers: int = 2, hidden_size: int = 64, intermediate_size: int = 96,
+               image_size: int = 32, patch_size: int = 8, vision_hidden: int = 32, vision_layers: int = 2,
+               torch_dtype: torch.dtype = torch.float32) -> Path:
+    """Save a random-weight `LlavaForConditionalGeneration` + `LlavaProcessor` (with chat template) to `path`.
+
+    The prompt has (image_size // patch_size) ** 2 image tokens (CLIP's CLS is dropped by the "default"
+    feature strategy): 16 at the defaults, 256 for image_size=128, patch_size=8.
+    """
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    path = out_dir(path)
+    tok = tiny_tokenizer()
+    image_token_id = tok.convert_tokens_to_ids(IMAGE)
+    n_image_tokens = (image_size // patch_size) ** 2
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=vision_hidden,
+                              intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
+                              num_attention_heads=heads_for(vision_hidden), projection_dim=vision_hidden)
+    text = llama_config(tok, num_layers=num_layers, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                        num_heads=heads_for(hidden_size), max_positions=max(1024, 4 * n_image_tokens))
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+                         image_seq_length=n_image_tokens, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                         tie_word_embeddings=False)
+    for name in ("bos", "eos", "pad"):
+        setattr(config, f"{name}_token_id", getattr(tok, f"{name}_token_id"))
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(as_dtype(torch_dtype)).eval()
+    model.generation_config = generation_config(tok)
+    with quiet():
+        model.save_pretrained(path)
+    # num_additional_image_tokens=1: CLIP's CLS, which the "default" strategy drops again.
+    processor = LlavaProcessor(image_processor=image_processor("clip", image_size), tokenizer=tok,
+                               patch_size=patch_size, vision_feature_select_strategy="default", image_token=IMAGE,
+                               num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
+    processor.save_pretrained(path)
+    return path
