@@ -61,14 +61,14 @@ def make_example(rng: random.Random, size: int = IMAGE_SIZE) -> tuple[Image.Imag
         half = size / 2
         objects = []
         for left in (0.0, half):
-            side = rng.uniform(0.65, 0.9) * half
+            side = rng.uniform(0.7, 0.95) * half  # 11-15 px in a 16 px half at size 32
             slack = (half - side) / 2
             cx = left + half / 2 + rng.uniform(-slack, slack) * 0.8
             cy = size / 2 + rng.uniform(-1, 1) * (size - side) / 2 * 0.6
             objects.append((rng.choice(colours), rng.choice(SHAPES), cx, cy, side))
         caption = " and ".join(f"a {c} {s}" for c, s, *_ in objects)
     else:
-        side = rng.uniform(0.4, 0.65) * size
+        side = rng.uniform(0.4, 0.65) * size  # 13-21 px at size 32
         slack = (size - side) / 2 * 0.6
         cx = size / 2 + rng.uniform(-slack, slack)
         cy = size / 2 + rng.uniform(-slack, slack)
