@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .data import COLOURS, IMAGE_SIZE, SHAPES, make_examples
+from ..templates import LLAVA_CHAT_TEMPLATE
 
 RECIPE_VERSION = 1
 CACHE_SUBDIR = f"demo-v{RECIPE_VERSION}"
@@ -37,24 +38,7 @@ WORDS = ("user", "assistant", "system", "describe", "the", "image", "a", "an", "
          "this", "of", "picture", "photo", "shape", "shapes", "colour", "color", "object", "objects",
          "left", "right", "there", "are", "which", "it")
 
-# llava-1.5 style: "USER: <image>\n{prompt} ASSISTANT:" (+ " {answer}</s>" for assistant turns).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "{% endif %} "
-    "{% else %}"
-    "{{ message['role'] | upper }}: "
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}</s>{% else %} {% endif %}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+CHAT_TEMPLATE = LLAVA_CHAT_TEMPLATE  # llava-1.5 style: "USER: <image>\n{prompt} ASSISTANT:"
 
 # Model sizes (see _build_model) and training recipe.
 PATCH_SIZE = 8

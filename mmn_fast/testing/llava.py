@@ -5,28 +5,9 @@ from pathlib import Path
 
 import torch
 
+from ..templates import LLAVA_CHAT_TEMPLATE
 from .common import (IMAGE, as_dtype, generation_config, heads_for, image_processor, llama_config, out_dir, quiet,
                      tiny_tokenizer)
-
-# llava-1.5 style: "USER: <image>\n{prompt} ASSISTANT:" (+ " {answer}</s>" after assistant turns).
-LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "{% endif %} "
-    "{% else %}"
-    "{{ message['role'] | upper }}: "
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}</s>{% else %} {% endif %}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-
 
 def tiny_llava(path, *, seed: int = 0, num_layers: int = 2, hidden_size: int = 64, intermediate_size: int = 96,
                image_size: int = 32, patch_size: int = 8, vision_hidden: int = 32, vision_layers: int = 2,
