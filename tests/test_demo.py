@@ -54,12 +54,6 @@ def _colour_images(colour: str, n: int, seed: int):
     return out[:n]
 
 
-@pytest.mark.xfail(
-    reason="open: the current demo model writes colours through attention, not MLP neurons. Zeroing even "
-    "the top-100 of its 1024 neurons for a colour almost never changes the caption (measured 1/16), so "
-    "the recipe must change before this holds; see the closing note of issue 2",
-    strict=False,
-)
 @pytest.mark.parametrize("colour", ["red", "blue"])
 def test_zeroing_top_neurons_changes_the_colour_far_more_than_random(demo, colour):
     """The paper's causal property on the demo model: the top-20 neurons found for a colour carry it."""

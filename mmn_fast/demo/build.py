@@ -24,7 +24,7 @@ import torch
 from .data import COLOURS, IMAGE_SIZE, SHAPES, make_examples
 from ..templates import LLAVA_CHAT_TEMPLATE
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 CACHE_SUBDIR = f"demo-v{RECIPE_VERSION}"
 INFO_FILE = "demo_info.json"
 DEMO_PROMPT = "Describe the image."
@@ -44,10 +44,13 @@ CHAT_TEMPLATE = LLAVA_CHAT_TEMPLATE  # llava-1.5 style: "USER: <image>\n{prompt}
 PATCH_SIZE = 8
 N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # CLS dropped by the "default" feature strategy
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
+TEXT = dict(hidden_size=128, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4)
 TRAIN = dict(n_train=12000, vision_steps=1500, vision_lr=3e-3, steps=350, lr=3e-3, tower_lr=1e-3, batch_size=64,
-             warmup=20, weight_decay=0.01, seed=0, eval_seed=1_000_003, n_eval=256)
+             warmup=20, weight_decay=0.01, act_l1=1.0, seed=0, eval_seed=1_000_003, n_eval=256)
 MAX_NEW_TOKENS = 12
+# Residual-stream split that routes what is seen through the MLP neurons (see _route_through_mlps):
+# attention writes only dims [0, ROUTE_DIMS), the unembedding reads only dims [ROUTE_DIMS, d).
+ROUTE_DIMS = TEXT["hidden_size"] // 2
 # One intra-op thread: the weights are then bit-identical whatever the machine's core count, and a
 # build sharing the CPU with another busy torch process slows down ~2x instead of ~100x (two
 # spinning OpenMP pools on 2 cores). Costs ~30% against 2 threads on an idle 2-core machine.
@@ -55,7 +58,7 @@ BUILD_THREADS = 1
 
 
 def default_cache_dir() -> Path:
-    """Root of the mmn_fast cache: $MMN_CACHE, else ~/.cache/mmn_fast (the demo lives in `demo-v1/`)."""
+    """Root of the mmn_fast cache: $MMN_CACHE, else ~/.cache/mmn_fast (the demo lives in `demo-v2/`)."""
     return Path(os.environ.get("MMN_CACHE") or Path.home() / ".cache" / "mmn_fast").expanduser()
 
 
@@ -236,6 +239,29 @@ def pretrain_vision(model, pixel_values: torch.Tensor, targets: torch.Tensor, pr
     return float(loss.item())
 
 
+def _route_through_mlps(model) -> list:
+    """Make the MLP neurons the only bridge from the image to the words, as the paper finds them
+    to be in large VLMs: every attention output projection writes only the residual dims
+    [0, ROUTE_DIMS) and the unembedding reads only [ROUTE_DIMS, d). Image information reaches a
+    text position only through attention, so it can reach the logits only through an MLP. Without
+    this a model this small writes colours straight from attention into the logits, and zeroing
+    its top neurons changes nothing. The constraint is a zero block in ordinary LLaVA weights
+    (kept zero by masking gradients; decoupled weight decay keeps zeros zero), so the checkpoint is
+    a plain LLaVA. Returns the gradient-hook handles, to remove after training.
+    """
+    lm = model.model.language_model
+    blocks = [(layer.self_attn.o_proj.weight, (slice(ROUTE_DIMS, None), slice(None))) for layer in lm.layers]
+    blocks.append((model.lm_head.weight, (slice(None), slice(0, ROUTE_DIMS))))  # [V, d]
+    handles = []
+    for weight, block in blocks:
+        mask = torch.ones_like(weight)
+        mask[block] = 0
+        with torch.no_grad():
+            weight.mul_(mask)
+        handles.append(weight.register_hook(lambda grad, mask=mask: grad * mask))
+    return handles
+
+
 def train(model, batch: dict[str, torch.Tensor], progress: bool = True) -> float:
     """Stage 2: captioning loss (caption tokens and </s> only) on random minibatches of `batch`;
     projector and language model at `lr`, the warmed-up vision tower at the lower `tower_lr`.
@@ -249,6 +275,12 @@ def train(model, batch: dict[str, torch.Tensor], progress: bool = True) -> float
     for group in _adamw(tower.named_parameters(), cfg["tower_lr"], cfg["weight_decay"]).param_groups:
         opt.add_param_group(group)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg["warmup"], cfg["steps"]))
+    hooks = _route_through_mlps(model)
+    act_norms: list[torch.Tensor] = []  # mean |h| of each MLP in the current forward pass
+    if cfg["act_l1"] > 0:
+        for layer in model.model.language_model.layers:
+            hooks.append(layer.mlp.down_proj.register_forward_pre_hook(
+                lambda _m, args: act_norms.append(args[0].abs().mean())))
     n = batch["input_ids"].shape[0]
     model.train()
     bar = _bar(cfg["steps"], "demo model 2/2: captioning", progress)
@@ -256,7 +288,10 @@ def train(model, batch: dict[str, torch.Tensor], progress: bool = True) -> float
     for step in bar:
         idx = torch.randint(0, n, (cfg["batch_size"],), generator=gen)  # [B]
         mb = {k: v[idx] for k, v in batch.items()}  # ids/labels/mask [B, T], pixel_values [B, 3, H, W]
+        act_norms.clear()
         loss = model(**mb).loss
+        if act_norms:  # L1 on the MLP activations: each concept carried by few neurons
+            loss = loss + cfg["act_l1"] * torch.stack(act_norms).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -266,6 +301,8 @@ def train(model, batch: dict[str, torch.Tensor], progress: bool = True) -> float
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss_ema:.4f}", refresh=False)
     bar.close()
+    for handle in hooks:
+        handle.remove()
     model.eval()
     return float(loss_ema)
 
@@ -314,7 +351,7 @@ def _isolated(fn, *args):
 
 
 def build_demo_model(cache_dir: str | Path | None = None, force: bool = False, progress: bool = True) -> Path:
-    """Return the demo checkpoint directory `<cache_dir>/demo-v1`, training it first if needed.
+    """Return the demo checkpoint directory `<cache_dir>/demo-v{RECIPE_VERSION}`, training it first if needed.
 
     cache_dir: cache root (default `default_cache_dir()`). force: retrain even if a complete
     checkpoint exists. progress: tqdm bars and a one-line summary (held-out accuracy, time) on stderr.
