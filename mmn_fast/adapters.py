@@ -190,8 +190,12 @@ class Adapter:
         return "layer" if ("layernorm" in name and "rms" not in name) else "rms"
 
     def norm_weight(self) -> torch.Tensor | None:
+        """The final norm's effective scale: Gemma-family RMSNorms multiply by (1 + weight)."""
         w = getattr(self.final_norm, "weight", None)
-        return None if w is None else w.detach()
+        if w is None:
+            return None
+        w = w.detach()
+        return 1 + w if "gemma" in type(self.final_norm).__name__.lower() else w
 
     def norm_eps(self) -> float:
         for attr in ("variance_epsilon", "eps", "epsilon"):

@@ -27,29 +27,36 @@ class ImageResult:
 
 
 class ConceptAggregator:
-    """Per concept word over a corpus: image count, and how often each neuron ranks in the top-k."""
+    """Per concept word over a corpus: the images that name it, and for each neuron the number of
+    those images where it ranks in the concept's top-k, with its mean score over those rankings."""
 
     def __init__(self):
         self.images: dict[str, set[str]] = defaultdict(set)
-        self.counts: dict[str, Counter] = defaultdict(Counter)
+        self.counts: dict[str, Counter] = defaultdict(Counter)  # images with the neuron in the top-k
         self.score_sums: dict[str, Counter] = defaultdict(Counter)
+        self.score_n: dict[str, Counter] = defaultdict(Counter)  # rankings summed (a word can recur)
 
     def add(self, result: ImageResult) -> None:
+        seen: dict[str, set] = defaultdict(set)  # word -> neurons already counted for this image
         for c in result.concepts:
             word = c.word.lower()
             self.images[word].add(result.id)
             for layer, index, score in c.neurons:
-                self.counts[word][(layer, index)] += 1
-                self.score_sums[word][(layer, index)] += score
+                key = (layer, index)
+                if key not in seen[word]:
+                    seen[word].add(key)
+                    self.counts[word][key] += 1
+                self.score_sums[word][key] += score
+                self.score_n[word][key] += 1
 
     def summary(self, top_n: int = 50) -> dict:
         out = {}
         for word in sorted(self.images, key=lambda w: (-len(self.images[w]), w)):
-            counts, sums = self.counts[word], self.score_sums[word]
-            ranked = sorted(counts, key=lambda n: (-counts[n], -sums[n] / counts[n]))[:top_n]
+            counts, sums, n = self.counts[word], self.score_sums[word], self.score_n[word]
+            ranked = sorted(counts, key=lambda k: (-counts[k], -sums[k] / n[k]))[:top_n]
             out[word] = {
                 "images": len(self.images[word]),
                 "neurons": [{"layer": l, "index": i, "count": counts[(l, i)],
-                             "mean_score": sums[(l, i)] / counts[(l, i)]} for l, i in ranked],
+                             "mean_score": sums[(l, i)] / n[(l, i)]} for l, i in ranked],
             }
         return out

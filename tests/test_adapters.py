@@ -56,6 +56,21 @@ def test_gpt2_style_conv1d_mlp_is_discovered():
     torch.testing.assert_close(h @ ad.out_weight(1).t() + proj.bias, proj(h))  # column i = neuron i's vector
 
 
+def test_gemma_final_norm_scale_is_one_plus_weight():
+    """Gemma's RMSNorm multiplies by (1 + weight): folding the norm must use that scale."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    model = GemmaForCausalLM(GemmaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                         vocab_size=60)).double()
+    with torch.no_grad():
+        model.model.norm.weight.normal_()
+    ad = Adapter(model, discover_spec(model))
+    x = torch.ones(1, 32, dtype=torch.float64)  # rms 1: the norm's output is its scale / sqrt(1 + eps)
+    expected = model.model.norm(x)[0] * (1 + ad.norm_eps()) ** 0.5
+    torch.testing.assert_close(ad.norm_weight(), expected.detach())
+
+
 def test_opt_style_mlp_on_the_layer_itself():
     from transformers import OPTConfig, OPTForCausalLM
 

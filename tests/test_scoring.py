@@ -181,3 +181,21 @@ def test_grad_baseline_equals_direct_effect_without_final_norm(llava_path, image
             keys = sorted(sa)
             torch.testing.assert_close(torch.tensor([sg[k] for k in keys]), torch.tensor([sa[k] for k in keys]),
                                        rtol=1e-9, atol=1e-12)
+
+
+def test_concept_aggregator_counts_images_not_occurrences():
+    """A word named twice in one caption counts its neurons once for that image; scores average."""
+    from mmn_fast.results import ConceptAggregator, ConceptResult, ImageResult
+
+    def image(ident, *concepts):
+        return ImageResult(ident, ident, [], [], "", [ConceptResult("red", 5, s, n) for s, n in concepts])
+
+    agg = ConceptAggregator()
+    agg.add(image("a", (1, [[0, 1, 2.0], [1, 3, 1.0]]), (4, [[0, 1, 4.0]])))
+    agg.add(image("b", (1, [[1, 3, 3.0]])))
+    red = agg.summary()["red"]
+    assert red["images"] == 2
+    by = {(n["layer"], n["index"]): n for n in red["neurons"]}
+    assert by[(0, 1)]["count"] == 1 and by[(0, 1)]["mean_score"] == 3.0
+    assert by[(1, 3)]["count"] == 2 and by[(1, 3)]["mean_score"] == 2.0
+    assert [(n["layer"], n["index"]) for n in red["neurons"]] == [(1, 3), (0, 1)]
