@@ -28,6 +28,7 @@ def gather_positions(index: torch.Tensor) -> Selector:
     def select(t: torch.Tensor) -> torch.Tensor:
         return t.gather(1, index.to(t.device)[:, :, None].expand(-1, -1, t.shape[-1]))
 
+    select.index = index  # the fused capture turns it into row indices
     return select
 
 
@@ -52,10 +53,11 @@ class CaptureStore:
         return torch.cat(self.norm_rows, dim=1)
 
     def image_stats(self) -> dict[str, torch.Tensor]:
-        """{'sum','max','min': [B, L, F], 'count': [B]} over the image positions."""
+        """{'sum','max','min' (those collected): [B, L, F], 'count': [B]} over the image positions."""
         if any(s is None for s in self.image):
             raise MMNError("no image positions were seen: the prompt carries no image tokens")
-        out = {k: torch.stack([s[k] for s in self.image], dim=1) for k in ("sum", "max", "min")}
+        keys = [k for k in ("sum", "max", "min") if k in self.image[0]]
+        out = {k: torch.stack([s[k] for s in self.image], dim=1) for k in keys}
         out["count"] = self.image[0]["count"]
         return out
 

@@ -12,7 +12,7 @@ from .errors import MMNError
 def _engine(args):
     from .engine import load
 
-    return load(args.model, device=args.device, dtype=args.dtype)
+    return load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
 
 
 def _concepts_arg(value: str):
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", required=required, help="local Hugging Face checkpoint directory")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
         sp.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: checkpoint's)")
+        sp.add_argument("--backend", default=None, choices=["auto", "triton", "torch"],
+                        help="kernels (default: $MMN_BACKEND, else auto: Triton on CUDA)")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
     f = sub.add_parser("find", help="caption images and score the neurons of each concept")

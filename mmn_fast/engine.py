@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, spec_for
+from .backend import resolve_backend
 from .capture import capture, gather_positions, last_position
 from .concepts import check_word_list, resolve_mode, select_concepts, split_words
 from .errors import MMNError
@@ -108,11 +109,12 @@ def _load_processor(path: Path):
 
 
 def load(path_or_model, processor=None, device=None, dtype=None, n_image_tokens: int | None = None,
-         **spec_overrides) -> "Engine":
+         backend: str | None = None, **spec_overrides) -> "Engine":
     """Load a local Hugging Face checkpoint (never downloads), or wrap an already loaded model.
 
     processor: an HF processor, or a tokenizer (then image inputs are composed from `image_processor`
         in spec_overrides' absence via the checkpoint's image processor).
+    backend: "auto" | "triton" | "torch" kernels (default $MMN_BACKEND, else "auto": Triton on CUDA).
     spec_overrides: module paths overriding the adapter (layers, mlp, out_proj, act_fn, unembed,
         final_norm, prompt_template), for models the registry and discovery do not cover.
     """
@@ -145,16 +147,19 @@ def load(path_or_model, processor=None, device=None, dtype=None, n_image_tokens:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
     return Engine(model, tokenizer, processor, image_processor, source=source,
-                  n_image_tokens=n_image_tokens, spec_overrides=spec_overrides)
+                  n_image_tokens=n_image_tokens, spec_overrides=spec_overrides, backend=backend)
 
 
 class Engine:
     """A model with its adapter, prompter and scorer. `find()` is the main entry point."""
 
     def __init__(self, model, tokenizer, processor=None, image_processor=None, source=None,
-                 n_image_tokens=None, spec_overrides=None):
+                 n_image_tokens=None, spec_overrides=None, backend: str | None = None):
+        from .fused import fused_problem
+
         self.model, self.tokenizer, self.processor, self.source = model, tokenizer, processor, source
         self.adapter = Adapter(model, spec_for(model, spec_overrides))
+        self.backend = resolve_backend(backend, self.device, fused_problem(self.adapter))
         cfg = model.config
         n_img = n_image_tokens or getattr(cfg, "num_image_tokens", None)
         image_token = (tokenizer.convert_ids_to_tokens(self.adapter.image_token_id)
@@ -264,7 +269,7 @@ class Engine:
             if self.adapter.image_token_id is None:
                 raise MMNError("positions='image' needs the image token id in the model config (image_token_id)")
             image_mask = run_inputs["input_ids"] == self.adapter.image_token_id
-        with torch.no_grad(), capture(self.adapter, opts.activation, select, opts.fold_final_norm, image_mask) as store:
+        with torch.no_grad(), self._capture(opts, select, image_mask) as store:
             if caps is None:
                 seq = self.model.generate(**inputs, max_new_tokens=opts.max_new_tokens, do_sample=False,
                                           num_beams=1, use_cache=True)
@@ -286,6 +291,15 @@ class Engine:
             yield ImageResult(id=rid, image=name, prompt_ids=inputs["input_ids"][b][mask].tolist(),
                               output_ids=outputs[b], caption=self._caption_text(outputs[b]), concepts=cons)
 
+    def _capture(self, opts: FindOptions, select, image_mask):
+        """The fused MLP forward on the Triton backend; forward hooks on the torch backend."""
+        if self.backend == "triton":
+            from .fused import fused_capture
+
+            return fused_capture(self.adapter, "triton", opts.activation, select, image_mask, opts.reduce,
+                                 opts.fold_final_norm)
+        return capture(self.adapter, opts.activation, select, opts.fold_final_norm, image_mask)
+
     def _caption_text(self, output_ids: list[int]) -> str:
         return self.tokenizer.decode(output_ids, skip_special_tokens=True).strip()
 
@@ -306,7 +320,7 @@ class Engine:
             scores = grad_scores(self, inputs, outputs, flat, opts)
         elif opts.positions == "image":
             stats = store.image_stats()
-            dev = stats["sum"].device
+            dev = stats["count"].device
             per = {k: v[b_idx.to(dev)] for k, v in stats.items()}
             scores = scorer.score_image(per, tokens, opts.reduce)
         else:

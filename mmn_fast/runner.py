@@ -63,6 +63,7 @@ def run_find(engine: Engine, images: str | Path, out_dir: str | Path, teacher_fo
         "teacher_forced": teacher_forced,
         "options": dataclasses.asdict(opts),
         "device": str(engine.device),
+        "backend": engine.backend,
         "dtype": str(next(engine.model.parameters()).dtype).replace("torch.", ""),
         "versions": _versions(),
     })

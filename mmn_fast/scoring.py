@@ -65,7 +65,7 @@ class Scorer:
     @torch.no_grad()
     def score_image(self, stats: dict[str, torch.Tensor], tokens: list[int], reduce: str) -> torch.Tensor:
         """Image-position view: stats of the concept's sample ({'sum','max','min': [C, L, F], 'count': [C]})."""
-        proj = self.projection(tokens).to(stats["sum"].device)
+        proj = self.projection(tokens).to(stats["count"].device)
         stats = {k: (v.to(proj.dtype) if v.is_floating_point() else v) for k, v in stats.items()}
         if reduce == "mean":
             return stats["sum"] / stats["count"].clamp(min=1)[:, None, None].float() * proj

@@ -1,0 +1,132 @@
+"""The fused MLP capture (`mmn_fast.fused`) and backend selection (`mmn_fast.backend`).
+
+The torch path must leave the model's logits bit-identical and capture exactly what the hooks
+capture; the Triton path runs under the interpreter here and must give find the same top-k.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit runs; only the Triton tests use it
+
+import pytest
+import torch
+
+import mmn_fast
+from mmn_fast import DEFAULT_PROMPT
+from mmn_fast.capture import capture, gather_positions, last_position
+from mmn_fast.errors import MMNError
+from mmn_fast.fused import fused_capture, fused_problem
+
+ALL = dict(concepts="all", max_new_tokens=6, top_k=20)
+
+
+def _forward(engine, image, ctx=None):
+    inputs = engine._inputs([image], DEFAULT_PROMPT, None)
+    with torch.no_grad():
+        if ctx is None:
+            return engine.model(**inputs).logits
+        with ctx as store:
+            return engine.model(**inputs).logits, store
+
+
+def test_torch_path_keeps_logits_bit_identical_and_captures_what_hooks_capture(llava, images):
+    plain = _forward(llava, images[0])
+    fused, store = _forward(llava, images[0], fused_capture(llava.adapter, "torch"))
+    assert torch.equal(plain, fused)
+    _, hooked = _forward(llava, images[0], capture(llava.adapter))
+    assert torch.equal(store.acts(), hooked.acts())
+    _, act_only = _forward(llava, images[0], fused_capture(llava.adapter, "torch", activation="act_fn"))
+    _, act_hooked = _forward(llava, images[0], capture(llava.adapter, activation="act_fn"))
+    assert torch.equal(act_only.acts(), act_hooked.acts())
+
+
+def test_forwards_are_restored_even_after_an_error(llava, images):
+    mlps = llava.adapter.mlps
+    assert all("forward" not in m.__dict__ for m in mlps)
+    with pytest.raises(RuntimeError, match="boom"):
+        with fused_capture(llava.adapter, "torch"):
+            assert all("forward" in m.__dict__ for m in mlps)
+            raise RuntimeError("boom")
+    assert all("forward" not in m.__dict__ for m in mlps)
+    assert torch.equal(_forward(llava, images[1]), _forward(llava, images[1]))
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_image_stats_and_gathered_rows_match_hooks(llava64, images, reduce):
+    eng = llava64
+    inputs = eng._inputs(images[:2], DEFAULT_PROMPT, None)
+    mask = inputs["input_ids"] == eng.adapter.image_token_id
+    t = inputs["input_ids"].shape[1]
+    select = gather_positions(torch.tensor([[t - 1, t - 3], [t - 2, t - 1]]))
+    with torch.no_grad():
+        with capture(eng.adapter, select=select, image_mask=mask) as hooked:
+            eng.model(**inputs)
+        with fused_capture(eng.adapter, "torch", select=select, image_mask=mask, reduce=reduce) as fused:
+            eng.model(**inputs)
+    assert torch.equal(fused.acts(), hooked.acts())
+    want, got = hooked.image_stats(), fused.image_stats()
+    keys = ["sum"] if reduce == "mean" else ["max", "min"]
+    assert sorted(got) == sorted(keys + ["count"])
+    for k in keys + ["count"]:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-12)
+
+
+def test_unfusable_mlp_is_named():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mmn_fast.adapters import Adapter, discover_spec
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=64))
+    problem = fused_problem(Adapter(model, discover_spec(model)))
+    assert "GPT2MLP" in problem and "c_fc" in problem
+
+
+def test_backend_selection(llava_path, monkeypatch):
+    from mmn_fast.backend import resolve_backend
+
+    monkeypatch.delenv("MMN_BACKEND", raising=False)
+    assert resolve_backend("auto", "cpu") == "torch"  # the kernels only pay on a GPU
+    assert resolve_backend("torch", "cuda") == "torch"
+    with pytest.raises(MMNError, match="not a backend"):
+        resolve_backend("cuda", "cpu")
+    monkeypatch.setenv("MMN_BACKEND", "fast")
+    with pytest.raises(MMNError, match="MMN_BACKEND='fast'"):
+        resolve_backend(None, "cpu")
+    monkeypatch.setenv("MMN_BACKEND", "torch")
+    assert mmn_fast.load(llava_path, device="cpu").backend == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(MMNError, match="not CUDA"):
+        resolve_backend("triton", "cpu")
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", "cpu") == "triton"
+    with pytest.raises(MMNError, match="GPT2MLP"):
+        resolve_backend("triton", "cpu", unsupported="layer 0's MLP (GPT2MLP: c_fc) ...")
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(activation="act_fn"), dict(positions="image", reduce="max"),
+                                    dict(fold_final_norm=True)])
+def test_find_with_the_triton_backend_matches_torch(llava_path, images, kwargs, monkeypatch):
+    """End to end under the Triton interpreter: same captions, same top-k, close scores."""
+    pytest.importorskip("triton")
+    module = sys.modules["mmn_fast.kernels.act_score"]
+    launches = []
+    real = module.act_score_triton
+    monkeypatch.setattr(module, "act_score_triton", lambda *a, **k: launches.append(1) or real(*a, **k))
+    fast = mmn_fast.load(llava_path, device="cpu", backend="triton")
+    ref = mmn_fast.load(llava_path, device="cpu", backend="torch")
+    assert (fast.backend, ref.backend) == ("triton", "torch")
+    got = fast.find(images[:2], batch_size=2, **ALL, **kwargs)
+    want = ref.find(images[:2], batch_size=2, **ALL, **kwargs)
+    assert [r.output_ids for r in got] == [r.output_ids for r in want]
+    n = 0
+    for g, w in zip(got, want):
+        for cg, cw in zip(g.concepts, w.concepts, strict=True):
+            assert {tuple(x[:2]) for x in cg.neurons} == {tuple(x[:2]) for x in cw.neurons}
+            torch.testing.assert_close(torch.tensor([x[2] for x in cg.neurons]),
+                                       torch.tensor([x[2] for x in cw.neurons]), rtol=1e-4, atol=1e-6)
+            n += 1
+    assert n > 0
+    assert len(launches) >= 2 * fast.adapter.n_layers  # the kernel ran, layer by layer, step by step
