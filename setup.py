@@ -22,7 +22,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        # triton: the kernel tests run it on CPU through its interpreter (Linux wheels only)
+        "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0; platform_system == 'Linux'"],
         "triton": ["triton>=3.0"],
         "data": ["webdataset", "pyarrow"],
         "nlp": ["spacy>=3.7"],

@@ -9,10 +9,13 @@ import torch
 
 import mmn_fast
 from mmn_fast import DEFAULT_PROMPT
-from mmn_fast.testing import random_images, tiny_llava
+from mmn_fast.testing import llava_model, random_images, tiny_llava
 
 # The issue's random LLaVA-architecture model: 8 layers, hidden 512, 256 image tokens, 32 new tokens.
 LARGE = dict(num_layers=8, hidden_size=512, intermediate_size=1408, image_size=128, patch_size=8)
+# GPU: LLaMA-7B-shaped decoder layers (hidden 4096, MLP 11008), 8 of them, llava-1.5's 576 image tokens.
+GPU_7B_LAYERS = dict(num_layers=8, hidden_size=4096, intermediate_size=11008, image_size=336, patch_size=14,
+                     vision_hidden=256)
 NEW_TOKENS = 32
 
 
@@ -24,6 +27,19 @@ def random_llava_engine(workdir: str | None = None):
     eng.model.generation_config.eos_token_id = None
     eng.eos_ids = set()
     return eng, random_images(8, size=LARGE["image_size"], seed=1)
+
+
+def gpu_llava_engines(device: str = "cuda", dtype=torch.bfloat16, backends=("triton", "torch")):
+    """({backend: engine}, images): one random LLaMA-7B-layer LLaVA built on `device`, one engine per
+    backend over the same weights; EOS disabled so every run makes NEW_TOKENS tokens."""
+    model, processor = llava_model(seed=0, torch_dtype=dtype, device=device, **GPU_7B_LAYERS)
+    model.generation_config.eos_token_id = None
+    engines = {}
+    for backend in backends:
+        eng = mmn_fast.load(model, processor=processor, device=device, backend=backend)
+        eng.eos_ids = set()
+        engines[backend] = eng
+    return engines, random_images(8, size=GPU_7B_LAYERS["image_size"], seed=1)
 
 
 def demo_engine(cache_dir=None):
@@ -55,9 +71,13 @@ def reference(eng, images, max_new_tokens):
 
 
 def median_time(fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls (CUDA work is synchronised before each clock read)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]

@@ -1,6 +1,8 @@
 """Ratio table: find vs plain generate, reference vs find, gradient baseline vs find, side by side.
 
-    python bench/run_bench.py [--repeats 5] [--skip-demo]
+    python bench/run_bench.py [--repeats 5] [--skip-demo]          # CPU: random LLaVA 8L/512d + demo model
+    python bench/run_bench.py --gpu [--repeats 5]                   # GPU: LLaMA-7B-shaped layers, bf16,
+                                                                    # find on the triton and torch backends
 
 Medians of `repeats` runs each, measured in one process, interleaved per model.
 """
@@ -14,7 +16,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import NEW_TOKENS, demo_engine, find, median_time, plain_generate, random_llava_engine, reference  # noqa: E402
+from common import (NEW_TOKENS, demo_engine, find, gpu_llava_engines, median_time, plain_generate,  # noqa: E402
+                    random_llava_engine, reference)
 
 
 def measure(name, eng, images, max_new_tokens, repeats):
@@ -29,11 +32,36 @@ def measure(name, eng, images, max_new_tokens, repeats):
     return dict(model=name, plain=t_plain / n, find=t_find / n, ref=t_ref, grad=t_grad)
 
 
+def measure_gpu(repeats):
+    """find (triton and torch backends) vs plain generate, same weights, interleaved, per image."""
+    engines, images = gpu_llava_engines()
+    eng = engines["triton"]
+    n = len(images)
+    for e in engines.values():
+        find(e, images, NEW_TOKENS)  # warm-up (Triton compiles here)
+    plain_generate(eng, images, NEW_TOKENS)
+    t = {"generate": [], **{b: [] for b in engines}}
+    for _ in range(repeats):  # interleaved, so drifting clocks hit every variant alike
+        t["generate"].append(median_time(lambda: plain_generate(eng, images, NEW_TOKENS), 1))
+        for b, e in engines.items():
+            t[b].append(median_time(lambda: find(e, images, NEW_TOKENS), 1))
+    med = {k: sorted(v)[len(v) // 2] / n for k, v in t.items()}
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; random LLaVA, 8 LLaMA-7B-shaped layers "
+          f"(4096/11008), 576 image tokens, bf16, batch 8, {NEW_TOKENS} new tokens; seconds per image (medians of {repeats})")
+    print("| generate s | find (triton) s | find/generate | find (torch hooks) s | find/generate |")
+    print("|---|---|---|---|---|")
+    print(f"| {med['generate']:.4f} | {med['triton']:.4f} | {med['triton'] / med['generate']:.3f} | "
+          f"{med['torch']:.4f} | {med['torch'] / med['generate']:.3f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-demo", action="store_true")
+    ap.add_argument("--gpu", action="store_true", help="the GPU table instead (needs CUDA)")
     args = ap.parse_args()
+    if args.gpu:
+        return measure_gpu(args.repeats)
     rows = []
     eng, imgs = random_llava_engine()
     rows.append(measure(f"random LLaVA 8L/512d/256 img tok, {NEW_TOKENS} new tok, 8 images", eng, imgs,

@@ -99,6 +99,16 @@ def fused_capture(
     if activation not in ("down_proj_input", "act_fn"):
         raise MMNError(f"unknown activation '{activation}': use 'down_proj_input' or 'act_fn'")
     store = CaptureStore(adapter.n_layers)
+    row_cache: dict[tuple, torch.Tensor] = {}  # (B, T, device) -> capture rows, one tensor for all layers
+
+    def capture_rows(b: int, t: int, device: torch.device) -> torch.Tensor:
+        """The same tensor object for every layer of a call, so the kernel's launch plan is reused
+        (building it needs a device sync)."""
+        key = (b, t, device)
+        if key not in row_cache:
+            row_cache.clear()
+            row_cache[key] = _rows(select, b, t, device)
+        return row_cache[key]
     signs: dict[tuple, torch.Tensor] = {}  # (F, device, dtype, reduce) -> [F, K] +-1 columns
 
     def image_proj(f: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -108,6 +118,15 @@ def fused_capture(
             cols = [1.0] if reduce == "mean" else [1.0, -1.0]
             signs[key] = torch.tensor(cols, device=device, dtype=dtype).expand(f, -1).contiguous()
         return signs[key]
+
+    def image_groups(device: torch.device) -> torch.Tensor:
+        """[B*T] sample index of each image row, -1 elsewhere; one tensor shared by all layers."""
+        if device not in groups:
+            mask = image_mask.to(device)  # [B, T]
+            groups[device] = torch.where(mask, torch.arange(mask.shape[0], device=device)[:, None], -1).reshape(-1)
+        return groups[device]
+
+    groups: dict[torch.device, torch.Tensor] = {}
 
     def make_forward(layer: int, mlp: nn.Module):
         in_name, up_name, out_name, act_name = _layout(mlp)
@@ -122,13 +141,12 @@ def fused_capture(
             kwargs = {}
             image_call = image_mask is not None and store.image[layer] is None and t == image_mask.shape[1]
             if image_call and activation == "down_proj_input":
-                mask = image_mask.to(x.device)  # [B, T]
-                group = torch.where(mask, torch.arange(b, device=x.device)[:, None], -1).reshape(-1)  # [B*T]
+                group = image_groups(x.device)  # [B*T]
                 acc = torch.float64 if gate.dtype == torch.float64 else torch.float32
                 kwargs = dict(proj=image_proj(f, x.device, acc), row_group=group, n_groups=b,
                               reduce="sum" if reduce == "mean" else "max")
             out = act_score(gate.reshape(-1, f), None if up is None else up.reshape(-1, f), act,
-                            capture_rows=_rows(select, b, t, x.device), capture_act=activation == "act_fn",
+                            capture_rows=capture_rows(b, t, x.device), capture_act=activation == "act_fn",
                             backend=backend, act_module=act_module, **kwargs)
             rows = out.captured_act if activation == "act_fn" else out.captured  # [B*S, F]
             store.rows[layer].append(rows.view(b, -1, f))

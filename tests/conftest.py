@@ -3,9 +3,17 @@ from __future__ import annotations
 
 import os
 
-import pytest
+import torch
 
-import mmn_fast
+# Triton kernels (mmn_fast.kernels, backend="triton") run under triton's CPU interpreter unless a
+# CUDA device is present. The switch must be set before anything imports triton, and the imports
+# below already do (transformers -> torch._dynamo), so it is set here rather than in the test files.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import mmn_fast  # noqa: E402
 from mmn_fast.testing import random_images, tiny_instructblip, tiny_llava, tiny_mplug_owl2
 
 

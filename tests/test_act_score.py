@@ -2,21 +2,27 @@
 against the torch path and a float64 reference, on small awkward shapes."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
-
-import itertools
-import subprocess
-import sys
-
-import pytest
 import torch
 
-pytest.importorskip("triton")
+if not torch.cuda.is_available():  # as conftest.py, which runs first and must set it before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import itertools  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
 
 from mmn_fast.kernels import ActScoreOut, act_score, act_score_torch, act_score_triton  # noqa: E402
 from mmn_fast.kernels._triton_util import interpreter_on  # noqa: E402
 
 if interpreter_on():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(triton.language.standard.sigmoid, InterpretedFunction):
+        pytest.fail("TRITON_INTERPRET=1 was set after triton was imported; set it before (see conftest.py)")
     DEVICE = "cpu"
 elif torch.cuda.is_available():
     DEVICE = "cuda"
@@ -126,8 +132,9 @@ def test_triton_matches_torch(shape, dtype, act, gated, reduce, layout, capture,
                 capture_rows=dev(rows), capture_act=capture_act)
     r = rows.shape[0] if rows is not None else None
     out = poisoned(n, f, k, r, dtype, capture_act)
-    # small blocks: several row chunks per group (atomics combine them) and several F blocks
-    tri = act_score_triton(dev(gate), dev(up), act, out=out, block_n=8, block_f=32, **args)
+    # small blocks: several row tiles per chunk, several chunks per group (atomics combine them),
+    # several F blocks
+    tri = act_score_triton(dev(gate), dev(up), act, out=out, block_n=4, block_f=32, chunk_rows=8, **args)
     tor = act_score_torch(dev(gate), dev(up), act, **args)
 
     assert tri.h.data_ptr() == out.h.data_ptr() and not tri.h.isnan().any()  # every element written
@@ -202,7 +209,7 @@ def test_torch_path_act_module_bit_identical_to_llama_mlp():
     from transformers.models.llama.modeling_llama import LlamaMLP
 
     torch.manual_seed(0)
-    mlp = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=40, hidden_act="silu")).to(torch.bfloat16)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2, num_key_value_heads=2, hidden_act="silu")).to(torch.bfloat16)
     x = torch.randn(5, 16, dtype=torch.bfloat16)
     with torch.no_grad():
         got = act_score(mlp.gate_proj(x), mlp.up_proj(x), "silu", act_module=mlp.act_fn)
@@ -236,7 +243,7 @@ def test_validation(kwargs, match):
         act_score_triton(gate.to(DEVICE), up, act, **{k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in args.items()})
 
 
-def test_importable_without_triton():
+def test_importable_without_triton(tmp_path):
     """`import mmn_fast.kernels` and the torch paths work with triton unimportable."""
     code = (
         "import sys; sys.modules['triton'] = None\n"
@@ -251,5 +258,38 @@ def test_importable_without_triton():
         "assert 'torch.cuda' not in sys.modules or not torch.cuda.is_initialized()\n"
     )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=tmp_path)  # not the repo root: import the installed package
+
     assert res.returncode == 0, res.stderr
+
+
+def test_cached_plans_follow_in_place_changes():
+    """The row plan / capture slots / range checks cached for one row_group tensor are redone
+    when that tensor is modified in place, and inference-mode tensors are never cached."""
+    gen = torch.Generator().manual_seed(2)
+    gate = torch.randn(10, 24, generator=gen).to(DEVICE)
+    proj = torch.randn(24, 2, generator=gen).to(DEVICE)
+    rg = torch.tensor([0, 0, 1, 1, 1, -1, 2, 2, 0, 0], device=DEVICE)
+    rows = torch.tensor([1, 4, 8], device=DEVICE)
+
+    def both():
+        kw = dict(proj=proj, row_group=rg, n_groups=3, capture_rows=rows)
+        return act_score_triton(gate, None, "relu", block_n=2, block_f=16, **kw), act_score_torch(gate, None, "relu", **kw)
+
+    for _ in range(2):  # second call uses the cached plan
+        tri, tor = both()
+        torch.testing.assert_close(tri.scores, tor.scores, rtol=1e-5, atol=1e-5)
+    rg[2:5] = 2  # in place: the plan must be rebuilt
+    rows[0] = 4  # now with a duplicate
+    tri, tor = both()
+    torch.testing.assert_close(tri.scores, tor.scores, rtol=1e-5, atol=1e-5)
+    assert torch.equal(tri.captured, tri.h[rows])
+    rg[0] = 3  # out of range now: the check is redone
+    with pytest.raises(ValueError, match="row_group values"):
+        both()
+    with torch.inference_mode():
+        rg, rows = torch.tensor([1, 1, 0, 0, 0, 0, 2, 2, -1, 0], device=DEVICE), torch.tensor([9, 9], device=DEVICE)
+        tri, tor = both()
+        torch.testing.assert_close(tri.scores, tor.scores, rtol=1e-5, atol=1e-5)
+        assert torch.equal(tri.captured, tri.h[rows])

@@ -5,10 +5,7 @@ capture; the Triton path runs under the interpreter here and must give find the 
 """
 from __future__ import annotations
 
-import os
 import sys
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit runs; only the Triton tests use it
 
 import pytest
 import torch
@@ -18,6 +15,9 @@ from mmn_fast import DEFAULT_PROMPT
 from mmn_fast.capture import capture, gather_positions, last_position
 from mmn_fast.errors import MMNError
 from mmn_fast.fused import fused_capture, fused_problem
+from mmn_fast.kernels._triton_util import interpreter_on  # conftest switches the interpreter on without CUDA
+
+needs_interpreter = pytest.mark.skipif(not interpreter_on(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 
 ALL = dict(concepts="all", max_new_tokens=6, top_k=20)
 
@@ -106,6 +106,7 @@ def test_backend_selection(llava_path, monkeypatch):
         resolve_backend("triton", "cpu", unsupported="layer 0's MLP (GPT2MLP: c_fc) ...")
 
 
+@needs_interpreter
 @pytest.mark.parametrize("kwargs", [dict(), dict(activation="act_fn"), dict(positions="image", reduce="max"),
                                     dict(fold_final_norm=True)])
 def test_find_with_the_triton_backend_matches_torch(llava_path, images, kwargs, monkeypatch):

@@ -9,17 +9,17 @@ from ..templates import LLAVA_CHAT_TEMPLATE
 from .common import (IMAGE, as_dtype, generation_config, heads_for, image_processor, llama_config, out_dir, quiet,
                      tiny_tokenizer)
 
-def tiny_llava(path, *, seed: int = 0, num_layers: int = 2, hidden_size: int = 64, intermediate_size: int = 96,
-               image_size: int = 32, patch_size: int = 8, vision_hidden: int = 32, vision_layers: int = 2,
-               torch_dtype: torch.dtype = torch.float32) -> Path:
-    """Save a random-weight `LlavaForConditionalGeneration` + `LlavaProcessor` (with chat template) to `path`.
+def llava_model(*, seed: int = 0, num_layers: int = 2, hidden_size: int = 64, intermediate_size: int = 96,
+                image_size: int = 32, patch_size: int = 8, vision_hidden: int = 32, vision_layers: int = 2,
+                torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """(random-weight `LlavaForConditionalGeneration`, `LlavaProcessor` with chat template), in memory.
 
     The prompt has (image_size // patch_size) ** 2 image tokens (CLIP's CLS is dropped by the "default"
-    feature strategy): 16 at the defaults, 256 for image_size=128, patch_size=8.
+    feature strategy): 16 at the defaults, 256 for image_size=128, patch_size=8. `device`: where the
+    weights are created (benchmarks build LLaMA-7B-shaped layers straight on the GPU).
     """
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    path = out_dir(path)
     tok = tiny_tokenizer()
     image_token_id = tok.convert_tokens_to_ids(IMAGE)
     n_image_tokens = (image_size // patch_size) ** 2
@@ -35,13 +35,22 @@ def tiny_llava(path, *, seed: int = 0, num_layers: int = 2, hidden_size: int = 6
     for name in ("bos", "eos", "pad"):
         setattr(config, f"{name}_token_id", getattr(tok, f"{name}_token_id"))
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).to(as_dtype(torch_dtype)).eval()
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config).to(as_dtype(torch_dtype)).eval()
     model.generation_config = generation_config(tok)
-    with quiet():
-        model.save_pretrained(path)
     # num_additional_image_tokens=1: CLIP's CLS, which the "default" strategy drops again.
     processor = LlavaProcessor(image_processor=image_processor("clip", image_size), tokenizer=tok,
                                patch_size=patch_size, vision_feature_select_strategy="default", image_token=IMAGE,
                                num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
+    return model, processor
+
+
+def tiny_llava(path, **shape) -> Path:
+    """Save a random-weight `LlavaForConditionalGeneration` + `LlavaProcessor` (with chat template) to
+    `path`; `shape`: the keyword arguments of `llava_model`."""
+    path = out_dir(path)
+    model, processor = llava_model(**shape)
+    with quiet():
+        model.save_pretrained(path)
     processor.save_pretrained(path)
     return path

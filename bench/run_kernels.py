@@ -1,0 +1,144 @@
+"""Kernel ratio table: the fused MLP step (`act_score`) and each neuron's top tokens (`vocab_topk`).
+
+    python bench/run_kernels.py                     # CPU: torch paths, small LLaMA-like shapes
+    python bench/run_kernels.py --device cuda       # GPU: Triton vs torch at LLaMA-7B/13B sizes
+    python bench/run_kernels.py --smoke             # tiny shapes, Triton under the interpreter (checks the script)
+
+Medians of --repeats runs, every variant measured side by side in one process. GB/s counts the
+bytes a kernel must move (gate and up read, h written); the copy row is a device-to-device copy
+(bytes read + written), the bandwidth yardstick the targets are stated against.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import median_time  # noqa: E402
+
+from mmn_fast.kernels import act_score, vocab_topk, vocab_topk_torch  # noqa: E402
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up (Triton compiles on first call)
+    return median_time(fn, repeats)
+
+
+def copy_bandwidth(device, nbytes: int, repeats: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / timed(lambda: dst.copy_(src), repeats)
+
+
+def peak_extra(fn, device) -> int | None:
+    """Peak bytes allocated by `fn` beyond what was live before (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def act_score_rows(device, dtype, n_samples, seq, n_image, f, k, repeats, triton_ok):
+    """MLP activation + capture (+ image-position scoring) for one layer's prefill of a batch."""
+    n = n_samples * seq
+    g = torch.randn(n, f, device=device, dtype=dtype)
+    u = torch.randn(n, f, device=device, dtype=dtype)
+    proj = torch.randn(f, k, device=device)
+    pos = torch.arange(seq, device=device)
+    img = (pos >= 5) & (pos < 5 + n_image)  # image tokens after a short prefix
+    group = torch.where(img[None], torch.arange(n_samples, device=device)[:, None], -1).reshape(-1)
+    last = torch.arange(n_samples, device=device) * seq + seq - 1
+    moved = 3 * n * f * g.element_size()  # gate + up read, h written
+    rows = []
+
+    def add(name, fn):
+        t = timed(fn, repeats)
+        rows.append((name, t, moved / t))
+
+    add("act(gate) * up alone (what the model computes anyway)", lambda: F.silu(g) * u)
+    add("unfused torch: h, capture, image scores", lambda: act_score(
+        g, u, "silu", proj=proj, row_group=group, n_groups=n_samples, capture_rows=last, backend="torch"))
+    add("unfused torch: h + capture", lambda: act_score(g, u, "silu", capture_rows=last, backend="torch"))
+    if triton_ok:
+        add("fused triton: h, capture, image scores", lambda: act_score(
+            g, u, "silu", proj=proj, row_group=group, n_groups=n_samples, capture_rows=last, backend="triton"))
+        add("fused triton: h + capture", lambda: act_score(g, u, "silu", capture_rows=last, backend="triton"))
+    return rows, n, moved
+
+
+def vocab_rows(device, dtype, d, f, v, k, repeats, triton_ok):
+    w_out = torch.randn(d, f, device=device, dtype=dtype) / d ** 0.5
+    w_u = torch.randn(v, d, device=device, dtype=dtype) / d ** 0.5
+    rows = []
+
+    def add(name, fn):
+        t = timed(fn, repeats)
+        rows.append((name, t, peak_extra(fn, device)))
+
+    add(f"matmul alone ({str(dtype).replace('torch.', '')}, F x V output)", lambda: w_out.t() @ w_u.t())
+    add("matmul + torch.topk", lambda: (w_out.t() @ w_u.t()).float().topk(k, dim=1))
+    add("chunked torch (4096-token chunks)", lambda: vocab_topk_torch(w_out, w_u, k))
+    if triton_ok:
+        add("triton running top-k", lambda: vocab_topk(w_out, w_u, k, backend="triton"))
+        add("triton top-k + bottom-k", lambda: vocab_topk(w_out, w_u, k, both=True, backend="triton"))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, Triton under the interpreter")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    triton_ok = cuda or args.smoke
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if args.smoke:
+        act_shapes = [("smoke", 2, 12, 8, 100)]
+        vocab_shape = ("smoke", 16, 37, 301, 5)
+    elif cuda:
+        # batch 8 x (576 image tokens + 40 text tokens), llava-1.5 prefill; LLaMA-7B and 13B MLP widths
+        act_shapes = [("LLaMA-7B MLP (F=11008)", 8, 616, 576, 11008), ("LLaMA-13B MLP (F=13824)", 8, 616, 576, 13824)]
+        vocab_shape = ("13B layer: F=13824, V=32000, d=5120", 5120, 13824, 32000, 64)
+    else:
+        act_shapes = [("F=1408 (random LLaVA 8L/512d)", 8, 300, 256, 1408)]
+        vocab_shape = ("F=1408, V=32000, d=512", 512, 1408, 32000, 64)
+
+    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# {name}, torch {torch.__version__}, {str(dtype).replace('torch.', '')}, medians of {args.repeats}")
+    copy_bw = copy_bandwidth(device, (1 << 30) if cuda else (256 << 20), args.repeats)
+    print(f"\ndevice copy bandwidth (read + write): {copy_bw / 1e9:.0f} GB/s\n")
+    for label, b, seq, n_img, f in act_shapes:
+        rows, n, moved = act_score_rows(device, dtype, b, seq, n_img, f, 64, args.repeats, triton_ok)
+        base = rows[0][1]
+        print(f"act_score, {label}: {n} rows, K=64 targets, {moved / 1e6:.0f} MB moved")
+        print("| variant | ms | GB/s | of copy bandwidth | time / act*up alone |")
+        print("|---|---|---|---|---|")
+        for r, t, bw in rows:
+            print(f"| {r} | {t * 1e3:.3f} | {bw / 1e9:.0f} | {100 * bw / copy_bw:.0f}% | {t / base:.2f} |")
+        print()
+    label, d, f, v, k = vocab_shape
+    rows = vocab_rows(device, dtype, d, f, v, k, args.repeats, triton_ok)
+    base = rows[0][1]
+    print(f"vocab_topk, {label}, k={k}")
+    print("| variant | ms | time / matmul alone | peak extra memory MB |")
+    print("|---|---|---|---|")
+    for r, t, mem in rows:
+        mem_s = f"{mem / 1e6:.0f}" if mem is not None else "n/a (CPU)"
+        print(f"| {r} | {t * 1e3:.2f} | {t / base:.2f} | {mem_s} |")
+
+
+if __name__ == "__main__":
+    main()
