@@ -8,6 +8,7 @@ import torch
 from .errors import MMNError
 from .io import save_safetensors
 from .kernels import vocab_topk_torch
+from .kernels.vocab_topk import MAX_K as TRITON_MAX_K
 
 FORMAT_VERSION = "1"
 
@@ -30,7 +31,8 @@ def vocab_table(engine, k: int = 10, chunk: int = 4096, cache_dir: str | Path | 
     """Every neuron's top-k tokens: (values [L, F, k] fp32, token ids [L, F, k] int64).
 
     Computed layer by layer over vocabulary chunks (extra memory O(F x chunk), never F x V), and
-    cached as safetensors keyed by the weights' fingerprint when `cache_dir` is given.
+    cached as safetensors keyed by the weights' fingerprint when `cache_dir` is given. On the
+    engine's Triton backend (k <= 64) one kernel per layer keeps the running top-k in registers.
     """
     ad = engine.adapter
     path = Path(cache_dir) / f"vocab-{engine.fingerprint}-k{k}.safetensors" if cache_dir else None
@@ -46,7 +48,12 @@ def vocab_table(engine, k: int = 10, chunk: int = 4096, cache_dir: str | Path | 
     values, ids = [], []
     with torch.no_grad():
         for layer in tqdm(range(ad.n_layers), desc="top tokens", unit="layer", disable=not progress):
-            v, i = vocab_topk_torch(ad.out_weight(layer), ad.unembed_weight(), k, chunk)
+            if engine.backend == "triton" and k <= TRITON_MAX_K:
+                from .kernels import vocab_topk_triton
+
+                v, i = vocab_topk_triton(ad.out_weight(layer), ad.unembed_weight(), k)
+            else:
+                v, i = vocab_topk_torch(ad.out_weight(layer), ad.unembed_weight(), k, chunk)
             values.append(v.cpu())
             ids.append(i.cpu())
     values_t, ids_t = torch.stack(values), torch.stack(ids)

@@ -33,3 +33,19 @@ def test_vocab_table_is_cached_by_fingerprint(llava, tmp_path):
     save_file({"values": data["values"] * 0 - 1, "token_ids": data["token_ids"]}, str(files[0]), metadata=meta)
     again, _ = vocab_table(llava, k=4, cache_dir=tmp_path)
     assert (again == -1).all()
+
+
+def test_vocab_table_on_the_triton_backend_matches_torch(llava_path, llava):
+    """The engine's Triton backend (interpreter here) computes the same table."""
+    import pytest
+
+    import mmn_fast
+    from mmn_fast.kernels._triton_util import interpreter_on
+
+    if not interpreter_on():
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    fast = mmn_fast.load(llava_path, device="cpu", backend="triton")
+    v_fast, i_fast = vocab_table(fast, k=5)
+    v_ref, i_ref = vocab_table(llava, k=5)
+    assert torch.equal(i_fast, i_ref)
+    torch.testing.assert_close(v_fast, v_ref, rtol=1e-5, atol=1e-6)
