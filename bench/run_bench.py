@@ -27,8 +27,8 @@ def measure(name, eng, images, max_new_tokens, repeats):
     t_find = median_time(lambda: find(eng, images, max_new_tokens), repeats)
     # The slow baselines run on fewer images; every figure is reported per image.
     n, n_slow = len(images), max(1, len(images) // 4)
-    t_ref = median_time(lambda: reference(eng, images[:n_slow], max_new_tokens), 1) / n_slow
-    t_grad = median_time(lambda: find(eng, images[:n_slow], max_new_tokens, method="grad"), 1) / n_slow
+    t_ref = median_time(lambda: reference(eng, images[:n_slow], max_new_tokens), repeats) / n_slow
+    t_grad = median_time(lambda: find(eng, images[:n_slow], max_new_tokens, method="grad"), repeats) / n_slow
     return dict(model=name, plain=t_plain / n, find=t_find / n, ref=t_ref, grad=t_grad)
 
 
