@@ -23,9 +23,11 @@ setup(
     ],
     extras_require={
         # triton: the kernel tests run it on CPU through its interpreter (Linux wheels only)
-        "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0; platform_system == 'Linux'"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0; platform_system == 'Linux'",
+                 "webdataset", "braceexpand", "pyarrow"],
         "triton": ["triton>=3.0"],
-        "data": ["webdataset", "pyarrow"],
+        # corpus readers (mmn_fast.corpus): brace patterns for tar shards, parquet files
+        "data": ["webdataset", "braceexpand", "pyarrow"],
         "nlp": ["spacy>=3.7"],
     },
     entry_points={"console_scripts": ["mmn=mmn_fast.cli:main"]},

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
+from . import cli_patch
 from .engine import DEFAULT_PROMPT
 from .errors import MMNError
 
@@ -12,26 +15,80 @@ from .errors import MMNError
 def _engine(args):
     from .engine import load
 
-    return load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    return load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                device_map=getattr(args, "device_map", None))
 
 
 def _concepts_arg(value: str):
     return value if value in ("nouns", "all", "auto") else [w for w in value.split(",") if w.strip()]
 
 
-def cmd_find(args) -> int:
-    from .runner import run_find, summary_table
+def _launch_torchrun(args, argv) -> int:
+    """`mmn find --nproc N ...` = `torchrun --standalone --nproc-per-node N -m mmn_fast find ...`."""
+    import subprocess
 
+    if os.environ.get("WORLD_SIZE"):
+        raise MMNError("--nproc is for launching; this process already runs under torchrun")
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "mmn_fast", *rest]
+    return subprocess.run(cmd).returncode
+
+
+def _init_distributed(args) -> None:
+    """Under torchrun: one process group (NCCL on GPU, gloo on CPU), one device and a share of the cores."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and (args.device is None or args.device.startswith("cuda"))
+    if cuda and args.device_map is None:
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+    else:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def cmd_find(args, argv=()) -> int:
+    from .runner import summary_table
+    from .scheduler import run_corpus
+
+    if args.nproc and args.nproc > 1:
+        return _launch_torchrun(args, argv)
+    _init_distributed(args)
     engine = _engine(args)
-    summary = run_find(
+    t0 = time.perf_counter()
+    summary = run_corpus(
         engine, args.images, args.out, teacher_forced=args.teacher_forced, progress=not args.quiet,
+        num_workers=args.num_workers, shard_size=args.shard_size, checkpoint_every=args.checkpoint_every,
+        checkpoint_seconds=args.checkpoint_seconds, overwrite=args.overwrite, aggregate=args.aggregate,
         prompt=args.prompt, prefix=args.prefix, concepts=_concepts_arg(args.concepts),
         activation=args.activation, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, fold_final_norm=args.fold_final_norm, positions=args.positions,
         reduce=args.reduce, method=args.method,
     )
-    print(summary_table(summary))
-    print(f"results written to {Path(args.out).resolve()} (results.jsonl, concepts.json, run.json)")
+    if "concepts_json" not in summary:  # not rank 0
+        return 0
+    if summary["skipped"]:
+        print(f"mmn: warning: {summary['skipped']} images skipped (reasons in {Path(args.out) / 'skipped.jsonl'})",
+              file=sys.stderr)
+    print(summary_table(summary["concepts_json"]))
+    print(f"{summary['images']} images, {summary['skipped']} skipped, {summary['concepts']} concepts, "
+          f"{summary['neurons_scored']:,} neurons scored in {time.perf_counter() - t0:.1f}s")
+    print(f"results written to {Path(args.out).resolve()} (results.jsonl, skipped.jsonl, concepts.json, "
+          "aggregates.*, run.json)")
     return 0
 
 
@@ -62,6 +119,7 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmn", description="Find multi-modal neurons in vision-language models.")
     sub = p.add_subparsers(dest="command", required=True)
+    cli_patch.register(sub)  # edit, patch bake|inspect|verify
 
     def model_args(sp, required=True):
         sp.add_argument("--model", required=required, help="local Hugging Face checkpoint directory")
@@ -87,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--reduce", default="mean", choices=["mean", "max"], help="over image positions")
     f.add_argument("--method", default="act", choices=["act", "grad"])
     f.add_argument("--teacher-forced", action="store_true", help="score the manifest's captions in one pass")
+    f.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes (0: in-process)")
+    f.add_argument("--shard-size", type=int, default=1000, help="images per shard for folders/manifests/parquet")
+    f.add_argument("--checkpoint-every", type=int, default=256, help="checkpoint after this many images ...")
+    f.add_argument("--checkpoint-seconds", type=float, default=60.0, help="... or this many seconds")
+    f.add_argument("--overwrite", action="store_true", help="discard an existing run in --out and start again")
+    f.add_argument("--aggregate", default="dense", choices=["dense", "sparse"],
+                   help="per-concept statistics of every neuron (dense) or of top-k neurons only (sparse)")
+    f.add_argument("--nproc", type=int, default=0, help="launch N processes with torchrun (one per GPU)")
+    f.add_argument("--device-map", default=None, help='"auto": spread one model over several GPUs (accelerate)')
     f.set_defaults(func=cmd_find)
 
     t = sub.add_parser("top-tokens", help="tokens each neuron promotes most")
@@ -109,8 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
+        if args.func is cmd_find:
+            return cmd_find(args, argv)
         return args.func(args)
     except MMNError as e:
         print(f"mmn: error: {e}", file=sys.stderr)

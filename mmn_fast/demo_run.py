@@ -21,7 +21,8 @@ def run_demo(out_dir: str | Path = "mmn_demo_out", cache_dir=None, n_images: int
     engine = load(path, device=device)
     out = Path(out_dir)
     manifest = save_examples(make_examples(n_images, seed=FRESH_SEED), out / "images")
-    summary = run_find(engine, manifest, out, progress=progress, concepts="all", top_k=top_k, max_new_tokens=12)
+    summary = run_find(engine, manifest, out, progress=progress, concepts="all", top_k=top_k, max_new_tokens=12,
+                       overwrite=True)
     results = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
     truth = {rec["id"]: rec["caption"] for rec in map(json.loads, Path(manifest).read_text().splitlines())}
     correct = sum(r["caption"] == truth.get(r["id"]) for r in results)

@@ -65,12 +65,18 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
-def _load_model(path: Path, dtype: torch.dtype | None) -> nn.Module:
+def _load_model(path: Path, dtype: torch.dtype | None, device_map=None) -> nn.Module:
     import transformers
 
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if device_map is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("accelerate") is None:
+            raise MMNError("device_map needs the accelerate package: pip install accelerate")
+        kwargs["device_map"] = device_map
     errors = []
     for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM"):
         auto = getattr(transformers, name, None)
@@ -109,11 +115,13 @@ def _load_processor(path: Path):
 
 
 def load(path_or_model, processor=None, device=None, dtype=None, n_image_tokens: int | None = None,
-         backend: str | None = None, **spec_overrides) -> "Engine":
+         backend: str | None = None, device_map=None, **spec_overrides) -> "Engine":
     """Load a local Hugging Face checkpoint (never downloads), or wrap an already loaded model.
 
     processor: an HF processor, or a tokenizer (then image inputs are composed from `image_processor`
         in spec_overrides' absence via the checkpoint's image processor).
+    device_map: e.g. "auto" to spread one model over several GPUs (needs accelerate); then `device`
+        is ignored.
     backend: "auto" | "triton" | "torch" kernels (default $MMN_BACKEND, else "auto": Triton on CUDA).
     spec_overrides: module paths overriding the adapter (layers, mlp, out_proj, act_fn, unembed,
         final_norm, prompt_template), for models the registry and discovery do not cover.
@@ -126,7 +134,7 @@ def load(path_or_model, processor=None, device=None, dtype=None, n_image_tokens:
         if not path.is_dir() or not (path / "config.json").is_file():
             raise MMNError(f"model path '{path}' is not a local Hugging Face checkpoint (a folder with "
                            "config.json); mmn_fast never downloads: save or copy the checkpoint locally first")
-        model = _load_model(path, dtype)
+        model = _load_model(path, dtype, device_map)
         source = str(path)
         if processor is None:
             processor, tokenizer, image_processor = _load_processor(path)
@@ -143,9 +151,11 @@ def load(path_or_model, processor=None, device=None, dtype=None, n_image_tokens:
         raise MMNError(f"load() takes a checkpoint path or an nn.Module, not {type(path_or_model).__name__}")
     if processor is tokenizer:
         processor = None
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(device).eval()
+    if device_map is None:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = model.to(device)
+    model = model.eval()
     return Engine(model, tokenizer, processor, image_processor, source=source,
                   n_image_tokens=n_image_tokens, spec_overrides=spec_overrides, backend=backend)
 
@@ -170,6 +180,9 @@ class Engine:
         eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        from .live import model_lock
+
+        self.swap_lock = model_lock(model)  # held by each forward pass, find batch and patch swap
 
     @property
     def device(self) -> torch.device:
@@ -229,18 +242,17 @@ class Engine:
         return list(self.iter_find(images, **options))
 
     def iter_find(self, images: Iterable, captions: list | None = None, ids: list[str] | None = None,
-                  progress=None, **options) -> Iterator[ImageResult]:
+                  progress=None, keep_scores: bool = False, **options) -> Iterator[ImageResult]:
         """Yield one `ImageResult` per image, batch by batch.
 
         images: PIL images, paths or `ImageItem`s. captions: optional texts (or token id lists),
         one per image: teacher-forced mode, one forward pass scores every concept position.
         options: the fields of `FindOptions`. progress: a tqdm-like bar updated per image.
+        keep_scores: attach every neuron's score to each concept (`ConceptResult.scores`, [L, F]
+        fp32 on CPU, not serialised), for corpus-level aggregates.
         """
         opts = FindOptions(**options)
-        opts.validate()
-        mode = resolve_mode(opts.concepts)
-        if isinstance(mode, list):
-            check_word_list(self.tokenizer, mode)
+        mode = self.check_options(opts)
         scorer = Scorer(self.adapter, fold_norm=opts.fold_final_norm)
         items = list(images)
         if captions is not None and len(captions) != len(items):
@@ -249,11 +261,20 @@ class Engine:
             batch = items[start : start + opts.batch_size]
             caps = None if captions is None else captions[start : start + opts.batch_size]
             batch_ids = ids[start : start + opts.batch_size] if ids is not None else None
-            yield from self._find_batch(batch, caps, batch_ids, opts, mode, scorer, start)
+            yield from self._find_batch(batch, caps, batch_ids, opts, mode, scorer, start, keep_scores)
             if progress is not None:
                 progress.update(len(batch))
 
-    def _find_batch(self, batch, caps, batch_ids, opts: FindOptions, mode, scorer: Scorer, offset: int):
+    def check_options(self, opts: FindOptions):
+        """Validate `opts` against this model (option values, concept words); returns the concept mode."""
+        opts.validate()
+        mode = resolve_mode(opts.concepts)
+        if isinstance(mode, list):
+            check_word_list(self.tokenizer, mode)
+        return mode
+
+    def _find_batch(self, batch, caps, batch_ids, opts: FindOptions, mode, scorer: Scorer, offset: int,
+                    keep_scores: bool = False):
         pil = [x if hasattr(x, "convert") and not isinstance(x, (str, Path)) else load_image(x)
                for x in (b.image if isinstance(b, ImageItem) else b for b in batch)]
         inputs = self._inputs(pil, opts.prompt, opts.prefix)
@@ -278,12 +299,17 @@ class Engine:
                 self.model(**run_inputs, use_cache=False)
         records = self._concepts(outputs, mode)
         flat = [(b, w) for b, ws in enumerate(records) for w in ws]
-        neurons = self._score(flat, outputs, store, scorer, opts, inputs) if flat else []
+        neurons, scores = self._score(flat, outputs, store, scorer, opts, inputs) if flat else ([], None)
+        if keep_scores and scores is not None:
+            scores = scores.float().cpu()  # [C, L, F]
         k = 0
         for b, item in enumerate(batch):
             cons = []
             for word in records[b]:
-                cons.append(ConceptResult(word.text, outputs[b][word.step], word.step, neurons[k]))
+                con = ConceptResult(word.text, outputs[b][word.step], word.step, neurons[k])
+                if keep_scores:
+                    con.scores = scores[k]  # [L, F]
+                cons.append(con)
                 k += 1
             mask = inputs["attention_mask"][b].bool()
             name = item.image if isinstance(item, ImageItem) else (str(item) if isinstance(item, (str, Path)) else "")
@@ -328,4 +354,38 @@ class Engine:
             dev = acts.device
             norm_in = store.norm_inputs()[b_idx.to(dev), s_idx.to(dev)] if opts.fold_final_norm else None
             scores = scorer.score(acts[b_idx.to(dev), s_idx.to(dev)], tokens, norm_in)
-        return Scorer.top(scores, opts.top_k)
+        return Scorer.top(scores, opts.top_k), scores
+
+    # ------------------------------------------------------------------ patches (live.py, patch.py)
+    def apply(self, patch, force: bool = False):
+        """Apply a patch (a Patch or a .mmnpatch.safetensors path) in place; returns a handle with revert()."""
+        from .live import apply_patch
+
+        return apply_patch(self, patch, force=force)
+
+    def patched(self, patch, force: bool = False):
+        """`with engine.patched("red2blue.mmnpatch.safetensors"): ...`: applied, and reverted on exit."""
+        from .live import patched
+
+        return patched(self, patch, force=force)
+
+    def caption(self, images, prompt: str = DEFAULT_PROMPT, prefix: str | None = None, max_new_tokens: int = 32,
+                batch_size: int = 8) -> list[str]:
+        """Greedy captions; each batch is generated under swap_lock, so it sees one patch state."""
+        images, out = list(images), []
+        for s in range(0, len(images), batch_size):
+            pil = [x if hasattr(x, "convert") and not isinstance(x, (str, Path)) else load_image(x)
+                   for x in images[s : s + batch_size]]
+            inputs = self._inputs(pil, prompt, prefix)
+            with torch.no_grad(), self.swap_lock:
+                seq = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                          use_cache=True)
+            out += [self._caption_text(self._trim(r)) for r in seq[:, inputs["input_ids"].shape[1]:].tolist()]
+        return out
+
+    # Engine.find holds swap_lock for each batch: `_capture` is the context around its generation or
+    # teacher-forced pass and the activation capture, so this wrapper takes the lock with it.
+    def _capture(self, *args, _unlocked=_capture, **kwargs):
+        from .live import holding
+
+        return holding(self.swap_lock, _unlocked(self, *args, **kwargs))

@@ -11,6 +11,8 @@ class ConceptResult:
     token_id: int
     step: int  # index into output_ids
     neurons: list[list] = field(default_factory=list)  # [[layer, index, score], ...] by descending score
+    # With find(keep_scores=True): every neuron's score [L, F] (not a dataclass field: never serialised).
+    scores = None
 
 
 @dataclass

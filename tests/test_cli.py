@@ -78,14 +78,25 @@ def test_corrupt_image(llava_path, tmp_path, capsys):
     d.mkdir()
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
     rc, _, err = _run(capsys, "find", "--model", llava_path, "--images", d, "--out", tmp_path / "o", "--quiet")
-    _assert_one_line_error(rc, err, "broken.png")
+    _assert_one_line_error(rc, err, "broken", "none of the 1 images")
+
+
+def test_bad_images_among_good_ones_are_skipped_with_a_warning(llava_path, image_dir, tmp_path, capsys):
+    m = tmp_path / "m.jsonl"
+    good = sorted(image_dir.glob("*.png"))
+    m.write_text("".join(json.dumps({"image": str(p)}) + "\n" for p in [good[0], tmp_path / "gone.png", good[1]]))
+    rc, _, err = _run(capsys, "find", "--model", llava_path, "--images", m, "--out", tmp_path / "o", "--quiet",
+                      "--concepts", "all", "--max-new-tokens", "4")
+    assert rc == 0 and "1 images skipped" in err and "Traceback" not in err
+    assert len((tmp_path / "o" / "results.jsonl").read_text().splitlines()) == 2
+    assert "gone.png" in (tmp_path / "o" / "skipped.jsonl").read_text()
 
 
 def test_missing_image_in_manifest(llava_path, tmp_path, capsys):
     m = tmp_path / "m.jsonl"
     m.write_text(json.dumps({"image": "does_not_exist.png"}) + "\n")
     rc, _, err = _run(capsys, "find", "--model", llava_path, "--images", m, "--out", tmp_path / "o", "--quiet")
-    _assert_one_line_error(rc, err, "does_not_exist.png", "not found")
+    _assert_one_line_error(rc, err, "does_not_exist.png", "missing file", "skipped.jsonl")
 
 
 def test_unknown_concept_word(demo_path, image_dir, tmp_path, capsys):

@@ -1,0 +1,252 @@
+"""Patches on a live model: applied in place without reloading, all-or-nothing, stackable, revertible.
+
+Thread safety: every model has one re-entrant swap lock (`model_lock(model)`, `engine.swap_lock`).
+A forward pre-hook and an always-called forward hook on the model's top module hold it for each
+forward pass, and applying or reverting writes under it, so no forward pass ever sees half a
+patch. A whole `generate` call (many forward passes) sees one state only while its caller holds
+the lock: `Engine.find` (per batch) and `Engine.caption` do; raw `model.generate` calls need
+`with engine.swap_lock: ...` around them.
+
+Stacking: a model keeps its applied handles in order. A patch whose neurons an applied patch
+changed must have been made on top of it (its recorded original hashes then match the current
+vectors), and the later one must be reverted first.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, spec_for
+from .errors import MMNError
+from .patch import Patch, PatchError, as_patch, gather_rows, rows_sha256
+
+
+class _Guard:
+    """Forward pre-hook (enter=True) / always-called forward hook (enter=False) holding the swap lock.
+    A module-level class, not a closure, so that models stay picklable and deep-copyable."""
+
+    def __init__(self, enter: bool):
+        self.enter = enter
+
+    def __call__(self, module, *args):
+        st = _state(module, install=False)
+        depth = getattr(st.local, "depth", 0)
+        if self.enter:
+            st.lock.acquire()
+            st.local.depth = depth + 1
+        elif depth > 0:  # a pre-hook before ours raised: we never acquired
+            st.local.depth = depth - 1
+            st.lock.release()
+
+
+class _State:
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.local = threading.local()  # forward-pass depth per thread
+        self.handles: list[PatchHandle] = []  # applied, in order
+        self.adapter: Adapter | None = None
+
+
+_STATES: "weakref.WeakKeyDictionary[nn.Module, _State]" = weakref.WeakKeyDictionary()
+_STATES_LOCK = threading.Lock()
+
+
+def _state(model: nn.Module, install: bool = True) -> _State:
+    with _STATES_LOCK:
+        st = _STATES.get(model)
+        if st is None:
+            st = _STATES[model] = _State()
+    if install:
+        with st.lock:
+            if not any(isinstance(h, _Guard) for h in model._forward_pre_hooks.values()):
+                model.register_forward_pre_hook(_Guard(True), prepend=True)
+                model.register_forward_hook(_Guard(False), always_call=True)
+    return st
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The model's swap lock (installing the forward-pass guard on first use)."""
+    return _state(model).lock
+
+
+def active_patches(target) -> list["PatchHandle"]:
+    """The handles applied to this model (engine or module), in application order."""
+    return list(_state(_resolve(target, {})[0]).handles)
+
+
+def _resolve(target, spec_overrides: dict) -> tuple[nn.Module, Adapter]:
+    if isinstance(target, Adapter):
+        return target.model, target
+    if hasattr(target, "adapter") and isinstance(getattr(target, "model", None), nn.Module):  # an Engine
+        return target.model, target.adapter
+    if isinstance(target, nn.Module):
+        st = _state(target)
+        if st.adapter is None or spec_overrides:
+            st.adapter = Adapter(target, spec_for(target, spec_overrides))
+        return target, st.adapter
+    raise MMNError(f"patches apply to an Engine, an nn.Module or an Adapter, not {type(target).__name__}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+class PatchHandle:
+    """An applied patch. `revert()` restores the original bytes; usable as a context manager."""
+
+    def __init__(self, patch: Patch, model: nn.Module, saved: list):
+        self.patch = patch
+        self._model = weakref.ref(model)
+        self._saved = saved  # [(layer, weight [d, F] view, idx [n], original rows [n, d], new rows [n, d])]
+        self.neurons = frozenset(patch.neurons)
+        self.active = True
+
+    def __repr__(self) -> str:
+        state = "applied" if self.active else "reverted"
+        return (f"<PatchHandle {self.patch.method} {self.patch.concepts} {len(self.neurons)} neurons, {state}>")
+
+    def revert(self, force: bool = False) -> None:
+        """Restore the original vectors exactly. Refused (nothing changes) when a patch applied later
+        changes some of the same neurons (revert that one first), or when the neurons were changed
+        since by other means (force=True discards those changes)."""
+        model = self._model()
+        if model is None:
+            raise PatchError("the model this patch was applied to no longer exists")
+        st = _state(model)
+        with st.lock:
+            if not self.active:
+                raise PatchError("this patch was already reverted")
+            later = st.handles[st.handles.index(self) + 1:]
+            blocking = [h for h in later if h.neurons & self.neurons]
+            if blocking:
+                raise PatchError(f"revert refused: {blocking[0]!r}, applied later, changes "
+                                 f"{len(blocking[0].neurons & self.neurons)} of the same neurons; revert it first")
+            changed = [l for l, w, idx, _, new in self._saved if not torch.equal(gather_rows(w, idx), new)]
+            if changed and not force:
+                raise PatchError(f"revert refused: the patched neurons of layer(s) {changed} were changed since "
+                                 "the patch was applied; force=True overwrites them with the originals")
+            with torch.no_grad():
+                for _, w, idx, orig, _ in self._saved:
+                    w.index_copy_(1, idx, orig.t())
+            st.handles.remove(self)
+            self.active = False
+            self._saved = []
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            self.revert()
+
+
+def _prepare(adapter: Adapter, patch: Patch) -> list:
+    """Checks that never depend on the current values (force does not skip them): layers, shapes,
+    index ranges, dtypes, devices. Returns [(layer, weight, idx, new rows, entry)], cast and moved."""
+    out = []
+    for l, e in sorted(patch.entries.items()):
+        if not 0 <= l < adapter.n_layers:
+            raise PatchError(f"patch edits layer {l}, but the model has {adapter.n_layers} decoder layers")
+        w = adapter.out_weight(l)  # [d, F]
+        d, f = w.shape
+        n = e.indices.numel()
+        if tuple(e.vectors.shape) != (n, d):
+            raise PatchError(f"layer {l}: patch vectors are {tuple(e.vectors.shape)}, the model's output vectors "
+                             f"have d_model={d}: this patch was made for another model shape")
+        if int(e.indices.max()) >= f or int(e.indices.min()) < 0:
+            raise PatchError(f"layer {l}: neuron index {int(e.indices.max())} out of range (the layer has {f})")
+        if w.device.type == "meta":
+            raise PatchError(f"layer {l}: weights are offloaded (meta device); load the model onto devices to "
+                             "patch it live, or bake the patch into a checkpoint")
+        if not w.is_floating_point() or _dtype_name(w.dtype) not in ("float16", "bfloat16", "float32", "float64"):
+            raise PatchError(f"layer {l}: cannot patch weights of dtype {w.dtype} (quantized?)")
+        new = e.vectors.to(device=w.device, dtype=w.dtype)  # [n, d]
+        if not bool(torch.isfinite(new).all()):
+            raise PatchError(f"layer {l}: the patch vectors overflow {w.dtype}")
+        out.append((l, w, e.indices.to(w.device), new, e))
+    return out
+
+
+def apply_patch(target, patch, force: bool = False, **spec_overrides) -> PatchHandle:
+    """Write a patch (a Patch or a file path) into a live model in place; returns its handle.
+
+    target: an Engine, an nn.Module (with adapter overrides such as layers="model.layers" where
+    discovery does not find the MLPs) or an Adapter. All-or-nothing: if any check fails, no weight
+    changes. The current vectors must hash to the patch's recorded originals (it was made on this
+    model, or on top of the patches already applied); force=True skips that check only, for
+    deliberate cross-model use.
+    """
+    patch = as_patch(patch)
+    model, adapter = _resolve(target, spec_overrides)
+    st = _state(model)
+    prepared = _prepare(adapter, patch)
+    with st.lock:
+        touched = {n: h for h in st.handles for n in h.neurons}
+        saved, problems = [], []
+        for l, w, idx, new, e in prepared:
+            cur = gather_rows(w, idx)  # [n, d] in the model's dtype
+            dt = _dtype_name(w.dtype)
+            if e.orig_sha256.get(dt) != rows_sha256(cur):
+                overlap = [(l, i) for i in e.indices.tolist() if (l, i) in touched]
+                problems.append((l, overlap))
+            saved.append((l, w, idx, cur, new))
+        if problems and not force:
+            conflicts = [n for _, o in problems for n in o]
+            if conflicts:
+                raise PatchError(f"conflict: neuron(s) {conflicts[:5]} are already changed by {touched[conflicts[0]]!r}; "
+                                 "a patch touching the same neurons must be made on top of it (stacked in order)")
+            raise PatchError(f"wrong base model: the output vectors of layer(s) {[l for l, _ in problems][:8]} do not "
+                             f"match the patch's recorded originals (patch made on {patch.base.get('architecture')} "
+                             f"{patch.base.get('source') or ''}); pass force=True to apply it anyway")
+        done = []
+        try:
+            with torch.no_grad():
+                for item in saved:
+                    _, w, idx, _, new = item
+                    w.index_copy_(1, idx, new.t())
+                    done.append(item)
+        except BaseException:  # e.g. out of device memory halfway: put back what was written
+            with torch.no_grad():
+                for _, w, idx, cur, _ in done:
+                    w.index_copy_(1, idx, cur.t())
+            raise
+        handle = PatchHandle(patch, model, saved)
+        st.handles.append(handle)
+    return handle
+
+
+def check_patch(target, patch, **spec_overrides) -> list[dict]:
+    """Per layer: {"layer", "n", "status"} with status "base" (the patch applies), "applied" (the
+    vectors already equal the patch's) or "mismatch"; shape problems raise PatchError."""
+    patch = as_patch(patch)
+    model, adapter = _resolve(target, spec_overrides)
+    rows = []
+    with _state(model).lock:
+        for l, w, idx, new, e in _prepare(adapter, patch):
+            cur = gather_rows(w, idx)
+            status = ("base" if e.orig_sha256.get(_dtype_name(w.dtype)) == rows_sha256(cur)
+                      else "applied" if torch.equal(cur, new) else "mismatch")
+            rows.append({"layer": l, "n": int(idx.numel()), "status": status})
+    return rows
+
+
+@contextlib.contextmanager
+def holding(lock, cm):
+    """Enter `lock`, then `cm`; yields what `cm` yields (Engine.find's batches run inside)."""
+    with lock, cm as value:
+        yield value
+
+
+@contextlib.contextmanager
+def patched(target, patch, force: bool = False, **spec_overrides):
+    """`with patched(engine, "p.mmnpatch.safetensors") as handle: ...`: reverted on exit."""
+    handle = apply_patch(target, patch, force=force, **spec_overrides)
+    try:
+        yield handle
+    finally:
+        if handle.active:
+            handle.revert()

@@ -1,0 +1,341 @@
+"""Streaming `find` over a corpus: sharded, batched, resumable, on one or many processes.
+
+The corpus is cut into shards (tar files, or runs of `shard_size` images). Rank r of N takes
+shards r, r + N, ...; each shard is read in order (decoded in DataLoader workers) and batched
+within itself, so a batch, and hence every result line, is the same whatever the number of
+processes or restarts. Each shard's result lines go to `DIR/parts/shard-XXXXX.jsonl`.
+
+Every `checkpoint_every` images or `checkpoint_seconds` the rank fsyncs its part files and writes
+its aggregates and a state file (how far each shard got, and the part files' byte lengths)
+atomically. A rank killed at any moment restarts from its last state: part files are cut back to
+the recorded lengths and reading resumes at the recorded positions, so no image is lost or
+counted twice. When every rank is done, rank 0 concatenates the parts in shard order into
+`results.jsonl` / `skipped.jsonl`, merges the aggregates, and writes `concepts.json` and, last,
+`run.json`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .aggregate import NeuronStats
+from .engine import Engine, FindOptions
+from .errors import MMNError
+from .io import atomic_open, write_json
+
+STATE_VERSION = 1
+
+
+def _dist_info(rank: int | None, world: int | None) -> tuple[int, int]:
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    return rank, world
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+
+class _Rank:
+    """One rank's progress: open part files, per-shard positions, aggregates, checkpoints."""
+
+    def __init__(self, parts: Path, rank: int, world: int, stats: NeuronStats):
+        self.parts, self.rank = parts, rank
+        self.state_path = parts / f"rank-{rank:03d}-of-{world:03d}.state.json"
+        self.stats = stats
+        self.shards: dict[int, dict] = {}  # shard -> {"done", "results", "skipped", "complete"}
+        self.counts = {"images": 0, "skipped": 0, "concepts": 0, "neurons_scored": 0}
+        self.files: dict[tuple[int, str], object] = {}
+        self.seq = 0
+
+    def part(self, shard: int, kind: str) -> Path:
+        suffix = ".jsonl" if kind == "results" else ".skipped.jsonl"
+        return self.parts / f"shard-{shard:05d}{suffix}"
+
+    def restore(self) -> None:
+        """Load the last checkpoint and cut every part file of this rank back to it."""
+        if self.state_path.is_file():
+            state = json.loads(self.state_path.read_text())
+            if state.get("version") != STATE_VERSION:
+                raise MMNError(f"{self.state_path} was written by another mmn_fast version; rerun with --overwrite")
+            self.shards = {int(k): v for k, v in state["shards"].items()}
+            self.counts = state["counts"]
+            self.seq = state["seq"]
+            self.stats = NeuronStats.load(self.parts / f"rank-{self.rank:03d}.agg-{self.seq}")
+        for shard, info in self.shards.items():
+            for kind in ("results", "skipped"):
+                path = self.part(shard, kind)
+                if path.exists():
+                    with open(path, "r+b") as f:
+                        f.truncate(info[kind])
+        self._cleanup(keep=self.seq)
+
+    def forget_unrecorded(self, shards: list[int]) -> None:
+        """Part files of shards the checkpoint never saw were written after it: drop them."""
+        for shard in shards:
+            if shard not in self.shards:
+                for kind in ("results", "skipped"):
+                    self.part(shard, kind).unlink(missing_ok=True)
+
+    def write(self, shard: int, kind: str, lines: list[str]) -> None:
+        key = (shard, kind)
+        if key not in self.files:
+            self.files[key] = open(self.part(shard, kind), "ab")
+        f = self.files[key]
+        f.write("".join(lines).encode())
+        info = self.shards.setdefault(shard, {"done": 0, "results": 0, "skipped": 0, "complete": False})
+        info[kind] = f.tell()
+
+    def close_shard(self, shard: int) -> None:
+        info = self.shards.setdefault(shard, {"done": 0, "results": 0, "skipped": 0, "complete": False})
+        info["complete"] = True
+        for kind in ("results", "skipped"):
+            f = self.files.pop((shard, kind), None)
+            if f is not None:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+
+    def checkpoint(self) -> None:
+        """Part files to disk, then the aggregates under a new name, then the state naming them:
+        a kill between any two steps leaves the previous checkpoint intact."""
+        for f in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())
+        self.seq += 1
+        self.stats.save(self.parts / f"rank-{self.rank:03d}.agg-{self.seq}")
+        write_json(self.state_path, {"version": STATE_VERSION, "seq": self.seq, "counts": self.counts,
+                                     "shards": {str(k): v for k, v in sorted(self.shards.items())}})
+        self._cleanup(keep=self.seq)
+
+    def _cleanup(self, keep: int) -> None:
+        for p in self.parts.glob(f"rank-{self.rank:03d}.agg-*"):
+            if p.name.split(".agg-")[1].split(".")[0] != str(keep):
+                p.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+
+
+def _config(engine: Engine, corpus, opts: FindOptions, teacher_forced, aggregate, shard_size, world) -> dict:
+    return {"corpus": str(corpus.spec), "kind": corpus.kind, "n_shards": corpus.n_shards, "corpus_size": corpus.size(),
+            "shard_size": shard_size,
+            "options": dataclasses.asdict(opts), "teacher_forced": teacher_forced, "aggregate": aggregate,
+            "world_size": world, "weight_fingerprint": engine.fingerprint}
+
+
+def _prepare(out: Path, config: dict, overwrite: bool, rank: int, world: int) -> Path:
+    """Create DIR/parts with the run's config; refuse to mix results of different options."""
+    parts = out / "parts"
+    cfg_path = parts / "config.json"
+    if rank == 0:
+        if overwrite:
+            shutil.rmtree(parts, ignore_errors=True)
+            for name in ("results.jsonl", "skipped.jsonl", "concepts.json", "run.json", "aggregates.json",
+                         "aggregates.safetensors"):
+                (out / name).unlink(missing_ok=True)
+        parts.mkdir(parents=True, exist_ok=True)
+        if not cfg_path.is_file():
+            if (out / "run.json").is_file():
+                raise MMNError(f"'{out}' holds a finished run from an older layout; use --overwrite or another --out")
+            write_json(cfg_path, config)
+    _barrier(world)
+    old = json.loads(cfg_path.read_text())
+    if old != config:
+        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        raise MMNError(f"'{out}' holds a run with different settings ({', '.join(diff)}); rerun with the same "
+                       "command to resume, or add --overwrite to start again")
+    return parts
+
+
+def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, *, teacher_forced: bool = False,
+               progress: bool = True, num_workers: int = 0, shard_size: int = 1000, checkpoint_every: int = 256,
+               checkpoint_seconds: float = 60.0, overwrite: bool = False, aggregate: str = "dense",
+               rank: int | None = None, world: int | None = None, **options) -> dict:
+    """Score a corpus into `out_dir`, resuming a killed run with the same settings. Returns the run
+    summary (images, skipped, concepts, neurons scored, seconds, and concepts.json's content on rank 0)."""
+    from .corpus import ShardEnd, iter_samples, open_corpus
+
+    opts = FindOptions(**options)
+    engine.check_options(opts)  # a bad option or word is one error now, not a skip per sample
+    if aggregate not in ("dense", "sparse"):
+        raise MMNError(f"--aggregate must be 'dense' or 'sparse', got {aggregate!r}")
+    rank, world = _dist_info(rank, world)
+    corpus = open_corpus(images, shard_size=shard_size)
+    out = Path(out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    config = _config(engine, corpus, opts, teacher_forced, aggregate, shard_size, world)
+    parts = _prepare(out, config, overwrite, rank, world)
+    ad = engine.adapter
+    state = _Rank(parts, rank, world, NeuronStats(aggregate, ad.n_layers, ad.d_mlp))
+    state.restore()
+    mine = list(range(rank, corpus.n_shards, world))
+    state.forget_unrecorded(mine)
+    todo = [s for s in mine if not state.shards.get(s, {}).get("complete")]
+    starts = {s: state.shards[s]["done"] for s in todo if s in state.shards}
+    t0, done_before = time.perf_counter(), state.counts["images"] + state.counts["skipped"]
+    bar = _progress_bar(corpus, world, done_before, progress and rank == 0)
+    runner = _BatchRunner(engine, opts, teacher_forced, aggregate == "dense", state, bar)
+    last_ckpt, since_ckpt = time.monotonic(), 0
+    pending: dict[int, list] = {}
+    try:
+        for item in iter_samples(corpus, todo, starts, num_workers, shard_ends=True):
+            if isinstance(item, ShardEnd):
+                runner.flush(item.shard, pending.pop(item.shard, []))
+                state.close_shard(item.shard)
+                continue
+            batch = pending.setdefault(item.shard, [])
+            batch.append(item)
+            if sum(s.error is None for s in batch) >= opts.batch_size:
+                since_ckpt += runner.flush(item.shard, pending.pop(item.shard))
+            if since_ckpt >= checkpoint_every or time.monotonic() - last_ckpt >= checkpoint_seconds:
+                state.checkpoint()
+                last_ckpt, since_ckpt = time.monotonic(), 0
+        state.checkpoint()
+    finally:
+        state.close()
+        bar.close()
+    _barrier(world)
+    summary = dict(state.counts, seconds=round(time.perf_counter() - t0, 3))
+    if rank == 0:
+        summary["concepts_json"] = _merge(engine, out, parts, corpus, config, world, opts)
+        totals = json.loads((out / "run.json").read_text())["totals"]
+        summary.update(totals)
+    _barrier(world)
+    if summary["images"] == 0 and summary["skipped"] > 0 and rank == 0:
+        first = json.loads((out / "skipped.jsonl").read_text().splitlines()[0])
+        raise MMNError(f"none of the {summary['skipped']} images could be used (first, '{first['key']}': "
+                       f"{first['reason']}); every reason is in {out / 'skipped.jsonl'}")
+    return summary
+
+
+def _progress_bar(corpus, world, initial, enabled):
+    from tqdm.auto import tqdm
+
+    total = corpus.size()
+    total = -(-total // world) if total is not None else None
+    return tqdm(total=total, initial=initial, desc="find", unit="img", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True, mininterval=0.5)
+
+
+class _BatchRunner:
+    """Runs one shard's batch through the engine and records lines, skips and aggregates."""
+
+    def __init__(self, engine, opts, teacher_forced, keep_scores, state: _Rank, bar):
+        self.engine, self.opts, self.teacher_forced, self.keep_scores = engine, opts, teacher_forced, keep_scores
+        self.state, self.bar = state, bar
+        self.kwargs = dict(dataclasses.asdict(opts), batch_size=max(1, opts.batch_size))
+        self.t0 = time.perf_counter()
+
+    def flush(self, shard: int, samples: list) -> int:
+        """Process `samples` (one shard, in order); returns the number of samples consumed."""
+        if not samples:
+            return 0
+        skipped, good = [], []
+        for s in samples:
+            reason = s.error or (None if not self.teacher_forced or s.caption else
+                                 "no caption (teacher-forced mode needs one)")
+            (skipped if reason else good).append((s, reason))
+        results = self._score([s for s, _ in good], top=True)
+        lines = []
+        for s, res in zip([s for s, _ in good], results):
+            if isinstance(res, str):
+                skipped.append((s, res))
+                continue
+            res.image = s.source
+            lines.append(json.dumps(res.to_dict()) + "\n")
+            self._aggregate(res)
+        skipped.sort(key=lambda x: x[0].position)
+        st = self.state
+        if lines:
+            st.write(shard, "results", lines)
+        if skipped:
+            st.write(shard, "skipped", [json.dumps({"key": s.key, "source": s.source, "shard": s.shard,
+                                                    "position": s.position, "reason": r}) + "\n" for s, r in skipped])
+        info = st.shards.setdefault(shard, {"done": 0, "results": 0, "skipped": 0, "complete": False})
+        info["done"] = samples[-1].position + 1
+        st.counts["images"] += len(lines)
+        st.counts["skipped"] += len(skipped)
+        self.bar.update(len(samples))
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"neurons/s={st.counts['neurons_scored'] / elapsed:.3g}", refresh=False)
+        return len(samples)
+
+    def _score(self, samples: list, top: bool = False) -> list:
+        """ImageResults in order; a sample the engine cannot take alone becomes its error string.
+        An error every sample of a batch hits alone is not the samples' fault: it is raised."""
+        if not samples:
+            return []
+        caps = [s.caption for s in samples] if self.teacher_forced else None
+        try:
+            return list(self.engine.iter_find([s.image for s in samples], captions=caps, ids=[s.key for s in samples],
+                                              keep_scores=self.keep_scores, **self.kwargs))
+        except (MMNError, ValueError) as e:
+            if len(samples) == 1:
+                return [f"the model's processor rejected it: {e}"]
+            singles = [r for s in samples for r in self._score([s])]  # find the bad one, keep the rest
+            if top and all(isinstance(r, str) for r in singles):
+                raise
+            return singles
+
+    def _aggregate(self, res) -> None:
+        st, seen = self.state, set()
+        for c in res.concepts:
+            word = c.word.lower()
+            if word in seen:  # each (image, word) counts once: its first occurrence
+                continue
+            seen.add(word)
+            st.stats.add(word, c.scores, c.neurons)
+            st.counts["concepts"] += 1
+        st.counts["neurons_scored"] += len(res.concepts) * self.engine.adapter.n_layers * self.engine.adapter.d_mlp
+
+
+def _merge(engine, out: Path, parts: Path, corpus, config: dict, world: int, opts: FindOptions) -> dict:
+    """Rank 0, after every rank finished: the final files, run.json last."""
+    from .runner import _versions
+
+    for kind, name in (("results", "results.jsonl"), ("skipped", "skipped.jsonl")):
+        with atomic_open(out / name, "wb") as dst:
+            for shard in range(corpus.n_shards):
+                suffix = ".jsonl" if kind == "results" else ".skipped.jsonl"
+                part = parts / f"shard-{shard:05d}{suffix}"
+                if part.is_file():
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, dst)
+    stats, totals = None, {"images": 0, "skipped": 0, "concepts": 0, "neurons_scored": 0}
+    for r in range(world):
+        state = json.loads((parts / f"rank-{r:03d}-of-{world:03d}.state.json").read_text())
+        part = NeuronStats.load(parts / f"rank-{r:03d}.agg-{state['seq']}")
+        if stats is None:
+            stats = part
+        else:
+            stats.merge(part)
+        for k in totals:
+            totals[k] += state["counts"][k]
+    stats.save(out / "aggregates")
+    summary = stats.summary(top_n=opts.top_k)
+    write_json(out / "concepts.json", summary)
+    write_json(out / "run.json", {
+        "format_version": 2,
+        "model": engine.source or type(engine.model).__name__,
+        "adapter": engine.adapter.describe(),
+        **config,
+        "totals": totals,
+        "device": str(engine.device),
+        "backend": engine.backend,
+        "dtype": str(next(engine.model.parameters()).dtype).replace("torch.", ""),
+        "versions": _versions(),
+    })
+    return summary

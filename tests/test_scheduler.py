@@ -1,0 +1,188 @@
+"""The streaming scheduler: resume after SIGKILL, option checks, skipped samples, aggregates, 2 processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmn_fast
+from mmn_fast.aggregate import NeuronStats, open_results
+from mmn_fast.cli import main
+from mmn_fast.demo import make_examples, save_examples
+
+FIND = ["--concepts", "all", "--max-new-tokens", "12", "--batch-size", "2", "--top-k", "10", "--shard-size", "5",
+        "--num-workers", "0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """21 demo images, one corrupt file and one missing file, as a JSONL manifest (5 shards of 5)."""
+    d = tmp_path_factory.mktemp("corpus")
+    manifest = save_examples(make_examples(21, seed=77), d)
+    (d / "corrupt.png").write_bytes(b"not a png at all")
+    lines = manifest.read_text().splitlines()
+    lines.insert(4, json.dumps({"image": "corrupt.png", "id": "corrupt"}))
+    lines.insert(11, json.dumps({"image": "missing.png", "id": "missing"}))
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs use one thread too, so their bytes can be compared with the subprocess runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _find(model, images, out, *extra):
+    return main(["find", "--model", str(model), "--images", str(images), "--out", str(out), *FIND, *extra])
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # results are compared bit for bit: same thread count everywhere
+
+
+def _find_cmd(model, images, out, *extra):
+    return [sys.executable, "-m", "mmn_fast", "find", "--model", str(model), "--images", str(images),
+            "--out", str(out), *FIND, *extra]
+
+
+@pytest.fixture(scope="module")
+def reference_run(demo_path, corpus, tmp_path_factory):
+    """An uninterrupted single-process run in a subprocess with one thread, like the runs compared to it."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    done = subprocess.run(_find_cmd(demo_path, corpus, out), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def _outputs(out: Path) -> dict:
+    stats = NeuronStats.load(out / "aggregates")
+    return {"results": (out / "results.jsonl").read_bytes(), "skipped": (out / "skipped.jsonl").read_bytes(),
+            "concepts": json.loads((out / "concepts.json").read_text()), "stats": stats}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a["results"] == b["results"]
+    assert a["skipped"] == b["skipped"]
+    assert a["concepts"] == b["concepts"]
+    sa, sb = a["stats"], b["stats"]
+    assert sa.images == sb.images
+    for word in sa.dense:
+        for k in ("sum", "sumsq", "topk_sum", "topk"):
+            torch.testing.assert_close(sa.dense[word][k], sb.dense[word][k], rtol=1e-12, atol=0)
+
+
+def test_output_contract_skips_and_open_results(reference_run):
+    out = reference_run
+    lines = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 21 and len({l["id"] for l in lines}) == 21
+    assert [l["id"] for l in lines] == sorted(l["id"] for l in lines)  # corpus order
+    skipped = [json.loads(l) for l in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [s["key"] for s in skipped] == ["corrupt", "missing"]
+    assert all(s["reason"] for s in skipped)
+    res = open_results(out)
+    run = res.run
+    assert run["totals"]["images"] == 21 and run["totals"]["skipped"] == 2
+    assert run["totals"]["neurons_scored"] == sum(len(rec["concepts"]) for rec in lines) * 4 * 64
+    assert sum(1 for _ in res) == 21 and len(res.skipped()) == 2
+    colours = {w for w in res.concepts if w in ("red", "green", "blue", "yellow", "purple", "orange")}
+    assert colours
+    word = sorted(colours)[0]
+    named = sum(word in {c["word"] for c in rec["concepts"]} for rec in lines)
+    assert res.concepts[word] == named
+    assert res.mean_scores(word).shape == (4, 64)
+    assert res.top_neurons(word, 3)[0]["count"] >= 1
+    assert not list(out.glob("*.tmp")) and not list((out / "parts").glob("*.tmp"))
+
+
+def test_sparse_aggregates_give_the_same_concepts(demo_path, corpus, reference_run, tmp_path):
+    out = tmp_path / "sparse"
+    assert _find(demo_path, corpus, out, "--aggregate", "sparse") == 0
+    assert json.loads((out / "concepts.json").read_text()) == json.loads((reference_run / "concepts.json").read_text())
+    assert (out / "results.jsonl").read_bytes() == (reference_run / "results.jsonl").read_bytes()
+    with pytest.raises(mmn_fast.MMNError, match="dense"):
+        open_results(out).mean_scores("red")
+
+
+def test_rerun_is_a_no_op_and_other_options_are_refused(demo_path, corpus, reference_run, tmp_path, capsys):
+    before = _outputs(reference_run)
+    assert _find(demo_path, corpus, reference_run) == 0  # same command: already complete
+    _assert_same(before, _outputs(reference_run))
+    rc = _find(demo_path, corpus, reference_run, "--top-k", "5")
+    err = capsys.readouterr().err
+    assert rc == 2 and "different settings" in err and "--overwrite" in err and "Traceback" not in err
+    out = tmp_path / "again"
+    assert _find(demo_path, corpus, out) == 0
+    assert _find(demo_path, corpus, out, "--top-k", "5", "--overwrite") == 0
+    first = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    assert all(len(c["neurons"]) == 5 for c in first["concepts"])
+
+
+def _result_lines(out: Path) -> int:
+    return sum(p.read_bytes().count(b"\n") for p in (out / "parts").glob("shard-*.jsonl")) if (out / "parts").exists() else 0
+
+
+@pytest.mark.parametrize("kill_after", [1, 7, 15])
+def test_sigkill_at_any_point_then_resume_gives_identical_output(demo_path, corpus, reference_run, tmp_path,
+                                                                 kill_after):
+    out = tmp_path / "out"
+    cmd = _find_cmd(demo_path, corpus, out, "--checkpoint-every", "2")
+    env = ENV
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and _result_lines(out) < kill_after and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (out / "run.json").exists()
+    done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _assert_same(_outputs(reference_run), _outputs(out))
+
+
+def test_two_processes_match_one(demo_path, corpus, reference_run, tmp_path):
+    """`mmn find --nproc 2` (torchrun, gloo on CPU): the same lines and aggregates as one process."""
+    out = tmp_path / "two"
+    cmd = _find_cmd(demo_path, corpus, out, "--nproc", "2")
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((out / "parts").glob("rank-*-of-002.state.json"))) == 2
+    a, b = _outputs(reference_run), _outputs(out)
+    assert a["results"] == b["results"] and a["skipped"] == b["skipped"]
+    assert a["stats"].images == b["stats"].images
+    for word in a["stats"].dense:
+        for k in ("sum", "sumsq", "topk_sum", "topk"):
+            torch.testing.assert_close(a["stats"].dense[word][k], b["stats"].dense[word][k], rtol=1e-9, atol=1e-12)
+    assert "images" in done.stdout and "neurons scored" in done.stdout
+
+
+def test_teacher_forced_sample_without_caption_is_skipped(demo_path, tmp_path):
+    d = tmp_path / "tf"
+    manifest = save_examples(make_examples(3, seed=5), d)
+    lines = [json.loads(l) for l in manifest.read_text().splitlines()]
+    del lines[1]["caption"]
+    manifest.write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+    out = tmp_path / "out"
+    assert _find(demo_path, manifest, out, "--teacher-forced") == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    skipped = json.loads((out / "skipped.jsonl").read_text())
+    assert skipped["key"] == lines[1]["id"] and "caption" in skipped["reason"]
+
+
+def test_decoding_in_worker_processes_gives_the_same_output(demo_path, corpus, reference_run, tmp_path):
+    out = tmp_path / "workers"
+    assert _find(demo_path, corpus, out, "--num-workers", "2") == 0
+    a, b = _outputs(reference_run), _outputs(out)
+    assert a["results"] == b["results"] and a["skipped"] == b["skipped"]
+    for word in a["stats"].dense:
+        torch.testing.assert_close(a["stats"].dense[word]["sum"], b["stats"].dense[word]["sum"], rtol=1e-12, atol=1e-12)
