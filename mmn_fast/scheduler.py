@@ -210,7 +210,8 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, *, teach
     _barrier(world)
     summary = dict(state.counts, seconds=round(time.perf_counter() - t0, 3))
     if rank == 0:
-        summary["concepts_json"] = _merge(engine, out, parts, corpus, config, world, opts)
+        summary["concepts_json"] = _merge(engine, out, parts, corpus, config, world, opts,
+                                          seconds=time.perf_counter() - t0)
         totals = json.loads((out / "run.json").read_text())["totals"]
         summary.update(totals)
     _barrier(world)
@@ -302,7 +303,8 @@ class _BatchRunner:
         st.counts["neurons_scored"] += len(res.concepts) * self.engine.adapter.n_layers * self.engine.adapter.d_mlp
 
 
-def _merge(engine, out: Path, parts: Path, corpus, config: dict, world: int, opts: FindOptions) -> dict:
+def _merge(engine, out: Path, parts: Path, corpus, config: dict, world: int, opts: FindOptions,
+           seconds: float) -> dict:
     """Rank 0, after every rank finished: the final files, run.json last."""
     from .runner import _versions
 
@@ -333,6 +335,7 @@ def _merge(engine, out: Path, parts: Path, corpus, config: dict, world: int, opt
         "adapter": engine.adapter.describe(),
         **config,
         "totals": totals,
+        "seconds": round(seconds, 3),  # this (last) session's reading and scoring, model load excluded
         "device": str(engine.device),
         "backend": engine.backend,
         "dtype": str(next(engine.model.parameters()).dtype).replace("torch.", ""),
