@@ -30,7 +30,7 @@ def cmd_edit(args) -> int:
     if args.method in ("swap", "optimize") and not args.target:
         raise MMNError(f"--method {args.method} needs --target WORD")
     engine = _engine(args)
-    params = {"scale": args.scale, "strength": args.strength, "sigma": args.sigma, "seed": args.seed,
+    params = {"scale": args.scale, "strength": args.strength, "sigma": args.sigma,
               "steps": args.steps, "lr": args.lr, "kl_weight": args.kl_weight, "l2_weight": args.l2_weight,
               "margin": args.margin}
     patch, rows = run_edit(engine, args.source, args.target, args.method, args.neurons, args.from_,

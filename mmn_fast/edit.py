@@ -129,9 +129,10 @@ def unembed_directions(engine, tokens: list[int]) -> torch.Tensor:
     """[d, K] float64: the unembedding rows as the residual stream sees them (times the final
     RMSNorm/LayerNorm scale, the direct-logit direction)."""
     ad = engine.adapter
-    rows = ad.unembed_weight()[torch.tensor(tokens, device=ad.unembed_weight().device)].double()  # [K, d]
+    w_u = ad.unembed_weight().detach()
+    rows = w_u[torch.tensor(tokens, device=w_u.device)].double()  # [K, d]
     if ad.final_norm is not None and ad.norm_weight() is not None:
-        rows = rows * ad.norm_weight().double()
+        rows = rows * ad.norm_weight().double().to(rows.device)
     return rows.t().cpu()
 
 
@@ -172,7 +173,7 @@ def _sequences(engine, captions: list[str], source: str, target: str):
             if names(cap, source) else []
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids.append(list(enc["input_ids"]) + ([eos] if eos is not None else []))
-        steps.append([j for j, (s, e) in enumerate(enc["offset_mapping"]) if any(a <= s < b for a, b in spans)])
+        steps.append([j for j, (s, e) in enumerate(enc["offset_mapping"]) if any(s < b and e > a for a, b in spans)])
     return ids, steps
 
 
@@ -191,6 +192,8 @@ def optimize(engine, neurons, source: str, target: str, images, steps: int = 50,
     if not any(names(c, source) for c in captions):
         raise MMNError(f"no caption of the edit images names '{source}'")
     seqs, tsteps = _sequences(engine, captions, source, target)
+    if not any(tsteps):
+        raise MMNError(f"cannot locate the tokens of '{target}' in the edited captions")
     ad, model = engine.adapter, engine.model
     rows = _rows(engine, neurons)
     dev = engine.device

@@ -97,7 +97,7 @@ def run_edit(engine, source: str, target: str | None, method: str, n: int, from_
                            batch_size=batch_size, **kw))
     rand = random_neurons(engine, n, exclude_layers, seed=seed)
     captions = engine.caption(edit_images, batch_size=batch_size, **kw) if method == "optimize" else None
-    opt_kw = {**params, **kw} if method == "optimize" else params
+    opt_kw = {**params, "seed": seed, **(kw if method == "optimize" else {})}
     patch = make_edit(engine, method, rand if random else top, source, target, edit_images, captions, **opt_kw)
     patch.params["selection"] = "random" if random else "top"
     rows = []

@@ -116,7 +116,7 @@ def rows_sha256(rows: torch.Tensor) -> str:
 
 def gather_rows(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """W_out [d, F] -> the output vectors of neurons idx as rows [n, d] (a copy)."""
-    return weight.index_select(1, idx.to(weight.device)).t().contiguous()
+    return weight.detach().index_select(1, idx.to(weight.device)).t().contiguous()
 
 
 def hashes_by_dtype(rows: torch.Tensor) -> dict[str, str]:
