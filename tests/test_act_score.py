@@ -1,33 +1,17 @@
 """act_score: the Triton kernel (under triton's CPU interpreter unless TRITON_INTERPRET=0 on a GPU)
 against the torch path and a float64 reference, on small awkward shapes."""
+import itertools
 import os
+import subprocess
+import sys
 
+import pytest
 import torch
+from triton_device import kernel_device
 
-if not torch.cuda.is_available():  # as conftest.py, which runs first and must set it before triton loads
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from mmn_fast.kernels import ActScoreOut, act_score, act_score_torch, act_score_triton
 
-import itertools  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton")
-
-from mmn_fast.kernels import ActScoreOut, act_score, act_score_torch, act_score_triton  # noqa: E402
-from mmn_fast.kernels._triton_util import interpreter_on  # noqa: E402
-
-if interpreter_on():
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(triton.language.standard.sigmoid, InterpretedFunction):
-        pytest.fail("TRITON_INTERPRET=1 was set after triton was imported; set it before (see conftest.py)")
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("TRITON_INTERPRET=0 and no CUDA device", allow_module_level=True)
+DEVICE = kernel_device()
 
 ACTS = ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu")
 REDUCES = ("sum", "mean", "max")

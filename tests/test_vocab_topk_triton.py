@@ -1,31 +1,14 @@
 """vocab_topk: the Triton kernel (under triton's CPU interpreter unless TRITON_INTERPRET=0 on a GPU)
 against the chunked torch path and a float64 full product, on small awkward shapes."""
-import os
+import itertools
 
+import pytest
 import torch
+from triton_device import kernel_device
 
-if not torch.cuda.is_available():  # as conftest.py, which runs first and must set it before triton loads
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from mmn_fast.kernels import VocabTopK, vocab_topk, vocab_topk_torch, vocab_topk_triton
 
-import itertools  # noqa: E402
-
-import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton")
-
-from mmn_fast.kernels import VocabTopK, vocab_topk, vocab_topk_torch, vocab_topk_triton  # noqa: E402
-from mmn_fast.kernels._triton_util import interpreter_on  # noqa: E402
-
-if interpreter_on():
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(triton.language.standard.sigmoid, InterpretedFunction):
-        pytest.fail("TRITON_INTERPRET=1 was set after triton was imported; set it before (see conftest.py)")
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("TRITON_INTERPRET=0 and no CUDA device", allow_module_level=True)
+DEVICE = kernel_device()
 
 SHAPES = [(16, 5, 50), (40, 37, 301), (16, 37, 301), (40, 5, 50)]  # (d, F, V)
 CASES = []

@@ -1,0 +1,20 @@
+"""Where the Triton kernel tests run: `kernel_device()` is "cpu" under triton's interpreter (set by
+conftest.py before triton loads), "cuda" with the interpreter off on a GPU; otherwise the calling
+test module is skipped."""
+import pytest
+import torch
+
+
+def kernel_device() -> str:
+    triton = pytest.importorskip("triton")
+    from mmn_fast.kernels._triton_util import interpreter_on
+
+    if interpreter_on():
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(triton.language.standard.sigmoid, InterpretedFunction):
+            pytest.fail("TRITON_INTERPRET=1 was set after triton was imported; set it before (see conftest.py)")
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("TRITON_INTERPRET=0 and no CUDA device", allow_module_level=True)
