@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import MMNError
-from .patch import Entry, Patch, PatchError, as_patch, rows_sha256
+from .patch import Entry, Patch, PatchError, as_patch, gather_rows, rows_sha256, write_rows
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -65,7 +65,7 @@ def _patch_tensor(t: torch.Tensor, entry: Entry, base: dict, force: bool, key: s
     if not t.is_floating_point():
         raise PatchError(f"checkpoint tensor '{key}' has dtype {t.dtype}: cannot bake into it")
     w = t.t() if entry.layout == "conv1d" else t  # [d, F] view
-    cur = w.index_select(1, entry.indices).t().contiguous()  # [n, d]
+    cur = gather_rows(w, entry.indices)  # [n, d]
     dt = str(t.dtype).replace("torch.", "")
     if entry.orig_sha256.get(dt) != rows_sha256(cur) and not force:
         raise PatchError(f"checkpoint tensor '{key}' does not hold the vectors the patch was made on "
@@ -73,7 +73,7 @@ def _patch_tensor(t: torch.Tensor, entry: Entry, base: dict, force: bool, key: s
     new = entry.vectors.to(t.dtype)
     if not bool(torch.isfinite(new).all()):
         raise PatchError(f"layer {entry.layer}: the patch vectors overflow {t.dtype}")
-    w.index_copy_(1, entry.indices, new.t())
+    write_rows(w, entry.indices, new)
     return t
 
 

@@ -86,10 +86,9 @@ def _by_layer(neurons) -> dict[int, torch.Tensor]:
 
 
 def _rows(engine, neurons) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """{layer: (idx [n], current output vectors [n, d])}."""
+    """{layer: (idx [n], current output vectors [n, d] on CPU)}."""
     ad = engine.adapter
-    with torch.no_grad():
-        return {l: (idx, gather_rows(ad.out_weight(l), idx)) for l, idx in _by_layer(neurons).items()}
+    return {l: (idx, gather_rows(ad.out_weight(l), idx).cpu()) for l, idx in _by_layer(neurons).items()}
 
 
 def word_token(tokenizer, word: str) -> int:
@@ -196,9 +195,8 @@ def optimize(engine, neurons, source: str, target: str, images, steps: int = 50,
         raise MMNError(f"cannot locate the tokens of '{target}' in the edited captions")
     ad, model = engine.adapter, engine.model
     rows = _rows(engine, neurons)
-    dev = engine.device
-    ref = torch.cat([v for _, v in rows.values()]).float()
-    scale = float(ref.pow(2).mean().sqrt()) or 1.0
+    ref = torch.cat([v for _, v in rows.values()]).float()  # [n, d] on CPU
+    scale, ref_sq = float(ref.pow(2).mean().sqrt()) or 1.0, float(ref.pow(2).sum()) or 1.0
     deltas = {l: torch.zeros(tuple(v.shape), device=ad.out_weight(l).device, requires_grad=True)
               for l, (_, v) in rows.items()}  # [n, d] fp32
     opt = torch.optim.Adam(list(deltas.values()), lr=lr * scale)
@@ -210,12 +208,12 @@ def optimize(engine, neurons, source: str, target: str, images, steps: int = 50,
     for b, st in enumerate(tsteps):
         is_t[b, st] = True
     cap = torch.tensor([s + [0] * (index.shape[1] - len(s)) for s in seqs])  # [B, S]
-    is_t, valid, cap, index = is_t.to(dev), valid.to(dev), cap.to(dev), index.to(dev)
     keep = valid & ~is_t
 
-    def logprobs():  # [B, S, V] fp32 at the caption positions
+    def logprobs():  # [B, S, V] fp32 at the caption positions, on the logits' device
         logits = model(**full, use_cache=False).logits
-        return torch.log_softmax(logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1])).float(), -1)
+        at = index.to(logits.device)[..., None].expand(-1, -1, logits.shape[-1])
+        return torch.log_softmax(logits.gather(1, at).float(), -1)
 
     def hook(l, idx):
         def add(_mod, args, out):  # out += h[..., idx] @ delta: exactly W_out[:, idx] += delta^T
@@ -228,8 +226,11 @@ def optimize(engine, neurons, source: str, target: str, images, steps: int = 50,
         try:
             model.requires_grad_(False)
             with torch.no_grad():
-                ref_lp = logprobs()[keep]  # [K, V]
-            handles = [ad.out_projs[l].register_forward_hook(hook(l, idx.to(dev))) for l, (idx, _) in rows.items()]
+                ref_lp = logprobs()
+            is_t, keep, cap = is_t.to(ref_lp.device), keep.to(ref_lp.device), cap.to(ref_lp.device)
+            ref_lp = ref_lp[keep]  # [K, V]
+            handles = [ad.out_projs[l].register_forward_hook(hook(l, idx.to(ad.out_weight(l).device)))
+                       for l, (idx, _) in rows.items()]
             try:
                 for done in range(steps + 1):
                     lp = logprobs()
@@ -239,7 +240,7 @@ def optimize(engine, neurons, source: str, target: str, images, steps: int = 50,
                         break
                     nll = -tgt.mean()
                     kl = (ref_lp.exp() * (ref_lp - lp[keep])).sum(-1).mean() if ref_lp.numel() else 0.0
-                    l2 = sum(d.pow(2).sum() for d in deltas.values()) / ref.pow(2).sum()
+                    l2 = sum(d.pow(2).sum().to(lp.device) for d in deltas.values()) / ref_sq
                     loss = nll + kl_weight * kl + l2_weight * l2
                     opt.zero_grad(set_to_none=True)
                     loss.backward()

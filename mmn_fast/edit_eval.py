@@ -96,13 +96,15 @@ def run_edit(engine, source: str, target: str | None, method: str, n: int, from_
            concept_neurons(engine, source, n, images=edit_images, exclude_layers=exclude_layers,
                            batch_size=batch_size, **kw))
     rand = random_neurons(engine, n, exclude_layers, seed=seed)
-    captions = engine.caption(edit_images, batch_size=batch_size, **kw) if method == "optimize" else None
+    ev = EditEval(engine, source, target, edit_images, heldout, batch_size=batch_size, **kw) if evaluate else None
+    captions = None
+    if method == "optimize":
+        captions = ev.edit_base if ev else engine.caption(edit_images, batch_size=batch_size, **kw)
     opt_kw = {**params, "seed": seed, **(kw if method == "optimize" else {})}
     patch = make_edit(engine, method, rand if random else top, source, target, edit_images, captions, **opt_kw)
     patch.params["selection"] = "random" if random else "top"
     rows = []
-    if evaluate:
-        ev = EditEval(engine, source, target, edit_images, heldout, batch_size=batch_size, **kw)
+    if ev is not None:
         rows.append({"method": method, "neurons": f"{'random' if random else 'top'}-{n}", **ev.score(patch)})
         if control and not random:
             ctrl = make_edit(engine, method, rand, source, target, edit_images, captions, **opt_kw)

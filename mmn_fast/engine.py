@@ -182,7 +182,7 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         from .live import model_lock
 
-        self.swap_lock = model_lock(model)  # held by each forward pass, find batch and patch swap
+        self.swap_lock = model_lock(model)  # held by each find batch, caption batch and patch swap
 
     @property
     def device(self) -> torch.device:
@@ -290,7 +290,8 @@ class Engine:
             if self.adapter.image_token_id is None:
                 raise MMNError("positions='image' needs the image token id in the model config (image_token_id)")
             image_mask = run_inputs["input_ids"] == self.adapter.image_token_id
-        with torch.no_grad(), self._capture(opts, select, image_mask) as store:
+        # swap_lock: the whole batch (generation and capture) sees one patch state (see live.py)
+        with torch.no_grad(), self.swap_lock, self._capture(opts, select, image_mask) as store:
             if caps is None:
                 seq = self.model.generate(**inputs, max_new_tokens=opts.max_new_tokens, do_sample=False,
                                           num_beams=1, use_cache=True)
@@ -383,9 +384,3 @@ class Engine:
             out += [self._caption_text(self._trim(r)) for r in seq[:, inputs["input_ids"].shape[1]:].tolist()]
         return out
 
-    # Engine.find holds swap_lock for each batch: `_capture` is the context around its generation or
-    # teacher-forced pass and the activation capture, so this wrapper takes the lock with it.
-    def _capture(self, *args, _unlocked=_capture, **kwargs):
-        from .live import holding
-
-        return holding(self.swap_lock, _unlocked(self, *args, **kwargs))

@@ -5,7 +5,9 @@ A forward pre-hook and an always-called forward hook on the model's top module h
 forward pass, and applying or reverting writes under it, so no forward pass ever sees half a
 patch. A whole `generate` call (many forward passes) sees one state only while its caller holds
 the lock: `Engine.find` (per batch) and `Engine.caption` do; raw `model.generate` calls need
-`with engine.swap_lock: ...` around them.
+`with engine.swap_lock: ...` around them. (A forward pass interrupted by KeyboardInterrupt skips
+the releasing hook, as torch runs always-called hooks on Exception only: that thread then keeps
+the lock.)
 
 Stacking: a model keeps its applied handles in order. A patch whose neurons an applied patch
 changed must have been made on top of it (its recorded original hashes then match the current
@@ -22,7 +24,7 @@ from torch import nn
 
 from .adapters import Adapter, spec_for
 from .errors import MMNError
-from .patch import Patch, PatchError, as_patch, gather_rows, rows_sha256
+from .patch import Patch, PatchError, as_patch, gather_rows, rows_sha256, write_rows
 
 
 class _Guard:
@@ -48,7 +50,30 @@ class _State:
         self.lock = threading.RLock()
         self.local = threading.local()  # forward-pass depth per thread
         self.handles: list[PatchHandle] = []  # applied, in order
-        self.adapter: Adapter | None = None
+        self.adapter: Adapter | None = None  # for plain modules: built from spec_overrides
+        self.spec_overrides: dict = {}
+        self.versions: dict = {}  # weight storage -> its version counter after our last write
+
+    def wrote(self, weights) -> None:
+        for w in weights:
+            self.versions[_key(w)] = _version(w)
+
+    def untouched_since(self, w: torch.Tensor) -> bool:
+        """True when nothing but this module wrote into `w` since it last did (the version counter,
+        shared by every view of a tensor, is bumped by each in-place op)."""
+        v = _version(w)
+        return v is not None and self.versions.get(_key(w)) == v
+
+
+def _key(w: torch.Tensor):
+    return (w.device, w.untyped_storage().data_ptr())
+
+
+def _version(w: torch.Tensor) -> int | None:
+    try:
+        return w._version
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
 
 
 _STATES: "weakref.WeakKeyDictionary[nn.Module, _State]" = weakref.WeakKeyDictionary()
@@ -69,13 +94,15 @@ def _state(model: nn.Module, install: bool = True) -> _State:
 
 
 def model_lock(model: nn.Module) -> threading.RLock:
-    """The model's swap lock (installing the forward-pass guard on first use)."""
-    return _state(model).lock
+    """The model's swap lock. The forward-pass guard (hooks that hold it during each forward) is
+    installed by the first `apply_patch`, so a model that is never patched carries no hooks."""
+    return _state(model, install=False).lock
 
 
 def active_patches(target) -> list["PatchHandle"]:
     """The handles applied to this model (engine or module), in application order."""
-    return list(_state(_resolve(target, {})[0]).handles)
+    model = target if isinstance(target, nn.Module) else target.model
+    return list(_state(model, install=False).handles)
 
 
 def _resolve(target, spec_overrides: dict) -> tuple[nn.Module, Adapter]:
@@ -85,8 +112,8 @@ def _resolve(target, spec_overrides: dict) -> tuple[nn.Module, Adapter]:
         return target.model, target.adapter
     if isinstance(target, nn.Module):
         st = _state(target)
-        if st.adapter is None or spec_overrides:
-            st.adapter = Adapter(target, spec_for(target, spec_overrides))
+        if st.adapter is None or (spec_overrides and spec_overrides != st.spec_overrides):
+            st.adapter, st.spec_overrides = Adapter(target, spec_for(target, spec_overrides)), dict(spec_overrides)
         return target, st.adapter
     raise MMNError(f"patches apply to an Engine, an nn.Module or an Adapter, not {type(target).__name__}")
 
@@ -125,13 +152,14 @@ class PatchHandle:
             if blocking:
                 raise PatchError(f"revert refused: {blocking[0]!r}, applied later, changes "
                                  f"{len(blocking[0].neurons & self.neurons)} of the same neurons; revert it first")
-            changed = [l for l, w, idx, _, new in self._saved if not torch.equal(gather_rows(w, idx), new)]
+            changed = [l for l, w, idx, _, new in self._saved
+                       if not st.untouched_since(w) and not torch.equal(gather_rows(w, idx), new)]
             if changed and not force:
                 raise PatchError(f"revert refused: the patched neurons of layer(s) {changed} were changed since "
                                  "the patch was applied; force=True overwrites them with the originals")
-            with torch.no_grad():
-                for _, w, idx, orig, _ in self._saved:
-                    w.index_copy_(1, idx, orig.t())
+            for _, w, idx, orig, _ in self._saved:
+                write_rows(w, idx, orig)
+            st.wrote(w for _, w, _, _, _ in self._saved)
             st.handles.remove(self)
             self.active = False
             self._saved = []
@@ -165,7 +193,7 @@ def _prepare(adapter: Adapter, patch: Patch) -> list:
         if not w.is_floating_point() or _dtype_name(w.dtype) not in ("float16", "bfloat16", "float32", "float64"):
             raise PatchError(f"layer {l}: cannot patch weights of dtype {w.dtype} (quantized?)")
         new = e.vectors.to(device=w.device, dtype=w.dtype)  # [n, d]
-        if not bool(torch.isfinite(new).all()):
+        if e.vectors.dtype != w.dtype and not bool(torch.isfinite(new).all()):  # finite in the file (validated)
             raise PatchError(f"layer {l}: the patch vectors overflow {w.dtype}")
         out.append((l, w, e.indices.to(w.device), new, e))
     return out
@@ -204,16 +232,15 @@ def apply_patch(target, patch, force: bool = False, **spec_overrides) -> PatchHa
                              f"{patch.base.get('source') or ''}); pass force=True to apply it anyway")
         done = []
         try:
-            with torch.no_grad():
-                for item in saved:
-                    _, w, idx, _, new = item
-                    w.index_copy_(1, idx, new.t())
-                    done.append(item)
+            for item in saved:
+                _, w, idx, _, new = item
+                write_rows(w, idx, new)
+                done.append(item)
         except BaseException:  # e.g. out of device memory halfway: put back what was written
-            with torch.no_grad():
-                for _, w, idx, cur, _ in done:
-                    w.index_copy_(1, idx, cur.t())
+            for _, w, idx, cur, _ in done:
+                write_rows(w, idx, cur)
             raise
+        st.wrote(w for _, w, _, _, _ in saved)
         handle = PatchHandle(patch, model, saved)
         st.handles.append(handle)
     return handle
@@ -225,7 +252,7 @@ def check_patch(target, patch, **spec_overrides) -> list[dict]:
     patch = as_patch(patch)
     model, adapter = _resolve(target, spec_overrides)
     rows = []
-    with _state(model).lock:
+    with _state(model, install=False).lock:
         for l, w, idx, new, e in _prepare(adapter, patch):
             cur = gather_rows(w, idx)
             status = ("base" if e.orig_sha256.get(_dtype_name(w.dtype)) == rows_sha256(cur)
@@ -235,9 +262,10 @@ def check_patch(target, patch, **spec_overrides) -> list[dict]:
 
 
 @contextlib.contextmanager
-def holding(lock, cm):
-    """Enter `lock`, then `cm`; yields what `cm` yields (Engine.find's batches run inside)."""
-    with lock, cm as value:
+def holding(lock, make_cm):
+    """Enter `lock`, then the context `make_cm()` makes (only once the lock is held); yields what it
+    yields. Engine.find's batches (generation and activation capture) run inside."""
+    with lock, make_cm() as value:
         yield value
 
 

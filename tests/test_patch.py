@@ -313,6 +313,9 @@ def test_gpt2_conv1d_layout_and_plain_module_with_spec():
     assert torch.equal(model.layers[1].mlp.c_proj.weight[[2, 5]], patch.entries[1].vectors)  # rows of [F, d]
     handle.revert()
     assert torch.equal(adapter.out_weight(1), w0)
+    model.layers[1].mlp.c_proj.weight = nn.Parameter(torch.empty(24, 16, device="meta"))  # offloaded
+    with pytest.raises(PatchError, match="offloaded"):
+        apply_patch(model, patch, force=True)
 
 
 # ------------------------------------------------------------------------------------ concurrency
@@ -439,3 +442,31 @@ def test_cli_inspect_verify_and_bad_files(eng, tmp_path, llava_path, capsys):
     bad.write_bytes(pickle.dumps({"a": 1}))
     assert main(["patch", "inspect", str(bad)]) == 2
     assert "invalid patch file" in capsys.readouterr().err
+
+
+def test_checkpoint_key_resolution():
+    from mmn_fast.bake import checkpoint_key
+    from mmn_fast.patch import Entry
+
+    e = Entry(3, torch.tensor([0]), torch.zeros(1, 4), "model.language_model.layers.3.mlp.down_proj.weight",
+              "language_model.model.layers.3.mlp.down_proj.weight")
+    keys = [f"{p}.layers.{l}.mlp.down_proj.weight" for p in ("language_model.model", "vision.encoder") for l in (3, 13)]
+    assert checkpoint_key(e, keys) == "language_model.model.layers.3.mlp.down_proj.weight"  # recorded name
+    e.checkpoint_name = "renamed.elsewhere"
+    assert checkpoint_key(e, ["lm.layers.3.mlp.down_proj.weight", "lm.layers.13.mlp.down_proj.weight"]) == \
+        "lm.layers.3.mlp.down_proj.weight"  # unique suffix
+    with pytest.raises(MMNError, match="several tensors"):
+        checkpoint_key(e, keys)
+    with pytest.raises(MMNError, match="no tensor"):
+        checkpoint_key(e, ["lm.blocks.3.ffn.w2.weight"])
+
+
+def test_a_model_that_is_never_patched_carries_no_hooks(llava_path):
+    """The forward-pass guard arrives with the first patch, not with the engine."""
+    import mmn_fast
+    from mmn_fast.testing import random_images
+
+    eng = mmn_fast.load(llava_path, device="cpu")
+    assert not eng.model._forward_pre_hooks and not eng.model._forward_hooks
+    eng.find(random_images(1), concepts="all", max_new_tokens=3)
+    assert not eng.model._forward_pre_hooks and not eng.model._forward_hooks
