@@ -55,6 +55,12 @@ def _render(objects: list[tuple[str, str, float, float, float]], background: int
 
 def make_example(rng: random.Random, size: int = IMAGE_SIZE) -> tuple[Image.Image, str]:
     """One (image, caption) pair drawn from `rng`."""
+    objects, background, caption = _sample(rng, size)
+    return _render(objects, background, size), caption
+
+
+def _sample(rng: random.Random, size: int) -> tuple[list[tuple[str, str, float, float, float]], int, str]:
+    """(objects, background grey level, caption) of one example, drawn from `rng` (the only RNG use)."""
     colours = list(COLOURS)
     background = rng.randint(195, 230)  # light grey, slightly jittered
     if rng.random() < PAIR_FRACTION:
@@ -75,13 +81,38 @@ def make_example(rng: random.Random, size: int = IMAGE_SIZE) -> tuple[Image.Imag
         colour, shape = rng.choice(colours), rng.choice(SHAPES)
         objects = [(colour, shape, cx, cy, side)]
         caption = f"a {colour} {shape}"
-    return _render(objects, background, size), caption
+    return objects, background, caption
 
 
 def make_examples(n: int, seed: int, size: int = IMAGE_SIZE) -> list[tuple[Image.Image, str]]:
     """`n` deterministic (PIL RGB image, caption) pairs for `seed`."""
     rng = random.Random(f"mmn-demo-shapes:{seed}")
     return [make_example(rng, size) for _ in range(n)]
+
+
+def object_masks(objects: list[tuple[str, str, float, float, float]], size: int = IMAGE_SIZE) -> list:
+    """Per object, a bool array [size, size]: the pixels at least half covered by that object alone
+    (drawn as `_render` draws it, supersampled and box-filtered)."""
+    import numpy as np
+
+    s, masks = _SUPERSAMPLE, []
+    for _colour, shape, cx, cy, side in objects:
+        canvas = Image.new("L", (size * s, size * s), 0)
+        _draw_shape(ImageDraw.Draw(canvas), shape, cx * s, cy * s, side * s, 255)
+        cover = np.asarray(canvas.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255.0
+        masks.append(cover >= 0.5)
+    return masks
+
+
+def make_examples_with_masks(n: int, seed: int, size: int = IMAGE_SIZE) -> list[tuple[Image.Image, str, list]]:
+    """`make_examples(n, seed, size)` with each object's pixels: (image, caption, masks), where masks[k]
+    (bool [size, size]) is the k-th object of the caption (left to right). Same RNG stream, same images."""
+    rng = random.Random(f"mmn-demo-shapes:{seed}")
+    out = []
+    for _ in range(n):
+        objects, background, caption = _sample(rng, size)
+        out.append((_render(objects, background, size), caption, object_masks(objects, size)))
+    return out
 
 
 def save_examples(examples: list[tuple[Image.Image, str]], out_dir: str | Path) -> Path:
