@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmn", description="Find multi-modal neurons in vision-language models.")
     sub = p.add_subparsers(dest="command", required=True)
     cli_patch.register(sub)  # edit, patch bake|inspect|verify
+    from . import cli_explain
+    cli_explain.register(sub)  # heatmap, metrics, report
 
     def model_args(sp, required=True):
         sp.add_argument("--model", required=required, help="local Hugging Face checkpoint directory")

@@ -1,0 +1,298 @@
+"""`mmn report DIR`: one self-contained HTML file for a finished find run (no server, no external file).
+
+Images are embedded as base64 PNG data URIs and the layer plot is inline SVG. Sections: run summary,
+distribution of the concepts' top neurons over layers, per concept a table of top neurons (layer,
+index, images, mean score, top tokens) and example heatmaps, the metrics (DIR/metrics.json) and the
+edits (patch files in DIR, DIR/edits, DIR/patches).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..aggregate import open_results
+from ..errors import MMNError
+from ..io import atomic_open
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
+main{max-width:1100px;margin:0 auto;padding:24px}
+h1{font-size:24px;margin:0 0 4px}h2{font-size:19px;margin:32px 0 8px;border-bottom:2px solid #dde1e8;padding-bottom:4px}
+h3{font-size:16px;margin:22px 0 6px}
+.card{background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:14px 16px;margin:10px 0}
+table{border-collapse:collapse;font-size:13px}td,th{padding:3px 9px;border-bottom:1px solid #e6e9ef;text-align:left}
+th{background:#f0f2f6}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.muted{color:#667085}.tok{font-family:ui-monospace,Menlo,Consolas,monospace;background:#eef1f6;border-radius:3px;padding:0 3px;margin-right:3px}
+.good{color:#067647;font-weight:600}.figs{display:flex;flex-wrap:wrap;gap:12px}
+figure{margin:0;background:#fff;border:1px solid #dde1e8;border-radius:6px;padding:6px}figure img{display:block;width:176px;height:auto;image-rendering:pixelated}
+figcaption{font-size:12px;color:#475467;max-width:176px}
+nav a{margin-right:10px}
+"""
+
+
+def _e(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _num(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.3g}"
+    return _e(v)
+
+
+def data_uri(img) -> str:
+    """A PIL image as a base64 PNG data URI."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def file_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def layer_svg(counts: list[int], title: str = "", width: int = 720, height: int = 240) -> str:
+    """Inline SVG bar chart of counts per layer."""
+    n = max(1, len(counts))
+    top = max(max(counts, default=0), 1)
+    left, bottom, pad = 44, 34, 10
+    bw = (width - left - pad) / n
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+             f'role="img" aria-label="{_e(title)}"><rect width="100%" height="100%" fill="#fff"/>']
+    plot_h = height - bottom - pad
+    for frac in (0, 0.5, 1):
+        y = pad + plot_h * (1 - frac)
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - pad}" y2="{y:.1f}" stroke="#e4e7ec"/>'
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end" fill="#475467">{top * frac:.0f}</text>')
+    step = max(1, n // 16)
+    for l, c in enumerate(counts):
+        h = plot_h * c / top
+        x = left + l * bw
+        parts.append(f'<rect x="{x + bw * 0.1:.1f}" y="{pad + plot_h - h:.1f}" width="{bw * 0.8:.1f}" height="{h:.1f}" '
+                     f'fill="#3e6fd8"><title>layer {l}: {c}</title></rect>')
+        if l % step == 0:
+            parts.append(f'<text x="{x + bw / 2:.1f}" y="{height - bottom + 14}" font-size="11" text-anchor="middle" '
+                         f'fill="#475467">{l}</text>')
+    parts.append(f'<text x="{left + (width - left) / 2:.0f}" y="{height - 4}" font-size="12" text-anchor="middle" '
+                 f'fill="#1d2330">layer</text></svg>')
+    return "".join(parts)
+
+
+def _table(header: list[str] | None, rows: list[list], numeric: set[int] = frozenset()) -> str:
+    head = "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr></thead>" if header else ""
+    body = "".join("<tr>" + "".join(f'<td class="n">{c}</td>' if j in numeric else f"<td>{c}</td>"
+                                    for j, c in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table>{head}<tbody>{body}</tbody></table>"
+
+
+def _top_tokens(engine, neurons: list[tuple[int, int]], k: int) -> dict:
+    from ..kernels import vocab_topk_torch
+
+    if engine is None or not neurons:
+        return {}
+    ad = engine.adapter
+    with torch.no_grad():
+        cols = torch.stack([ad.out_weight(l)[:, i] for l, i in neurons], 1)
+        _, ids = vocab_topk_torch(cols, ad.unembed_weight(), k)
+    return {n: engine.tokenizer.convert_ids_to_tokens(ids[j].tolist()) for j, n in enumerate(neurons)}
+
+
+def _examples(engine, res, words: list[str], per_concept: int, n: int, method: str) -> dict:
+    """word -> [(caption, overlay uri, masked uri)] computed now for the first images naming it."""
+    from ..inputs import load_image
+    from .heatmap import maps
+
+    if engine is None or per_concept <= 0:
+        return {}
+    want = {w: [] for w in words}
+    for rec in res:
+        seen = set()
+        for c in rec["concepts"]:
+            w = c["word"].lower()
+            if w in want and w not in seen and len(want[w]) < per_concept and c["neurons"]:
+                seen.add(w)
+                want[w].append((rec, c))
+        if all(len(v) >= per_concept for v in want.values()):
+            break
+    out = {}
+    ro = res.run.get("options", {})
+    for w, pairs in want.items():
+        imgs, items, caps = [], [], []
+        for rec, c in pairs:
+            try:
+                imgs.append(load_image(rec["image"]))
+            except MMNError:
+                continue
+            items.append((len(imgs) - 1, [tuple(x[:2]) for x in c["neurons"][:n]], c["token_id"], rec["output_ids"], c["step"]))
+            caps.append(rec["caption"])
+        if not items:
+            continue
+        try:
+            hms = maps(engine, imgs, items, method, prompt=ro.get("prompt", "Describe the image."),
+                       prefix=ro.get("prefix"), activation=ro.get("activation", "down_proj_input"))
+        except MMNError as e:  # e.g. no patch grid (InstructBLIP): say so once
+            return {"_error": str(e)}
+        out[w] = [(cap, data_uri(hm.overlay(display_min=0)), data_uri(hm.masked(display_min=0))) for cap, hm in zip(caps, hms)]
+    return out
+
+
+def _patches(root: Path) -> list[str]:
+    from ..patch import SUFFIX, load_patch
+
+    found = []
+    for d in (root, root / "edits", root / "patches"):
+        if d.is_dir():
+            found += sorted(d.glob(f"*{SUFFIX}"))
+    blocks = []
+    for p in found:
+        try:
+            patch = load_patch(p)
+        except MMNError as e:
+            blocks.append(f'<div class="card"><b>{_e(p.name)}</b>: cannot read ({_e(e)})</div>')
+            continue
+        ev = patch.params.get("evaluation") if isinstance(patch.params, dict) else None
+        table = ""
+        if ev:
+            rows = [[_e(r.get("method")), _e(r.get("neurons")), _e(r.get("criterion")), _num(r.get("success")),
+                     _num(r.get("generality")), _num(r.get("locality"))] for r in ev]
+            table = _table(["method", "neurons", "criterion", "success", "generality", "locality"], rows, {3, 4, 5})
+        blocks.append(f'<div class="card"><b>{_e(p.name)}</b><pre>{_e(patch.describe())}</pre>{table}</div>')
+    return blocks
+
+
+def _metrics_section(metrics: dict) -> str:
+    def ratio(top, rnd):
+        if top is None or rnd is None:
+            return "-"
+        text = f"{top / rnd:.1f}x" if rnd > 1e-9 else "&infin;"
+        return f'<span class="good">{text}</span>' if top > 1.5 * rnd else text
+
+    rows = [[_e(r["label"]), _num(r["top"]), _num(r["random"]), ratio(r["top"], r["random"])]
+            for r in metrics.get("summary", {}).values()]
+    o = metrics.get("options", {})
+    parts = [f'<p class="muted">top-n = {_e(o.get("n"))} neurons per concept against {_e(o.get("random_sets"))} random sets '
+             f'of as many neurons; {_e(metrics.get("records"))} images. Definitions: docs/metrics.md.</p>',
+             _table(["metric (mean over concepts)", "top-n", "random / other", "top / random"], rows, {1, 2, 3})]
+    per_rows = []
+    for w, v in metrics.get("concepts", {}).items():
+        g = lambda *path: _num(_dig(v, path))  # noqa: E731
+        per_rows.append([_e(w), _e(v.get("images")), g("semantic", "top", "hit_rate"), g("region", "top", "jaccard"),
+                         g("cross_image", "within", "jaccard"), g("cross_image", "across", "jaccard"),
+                         g("specificity", "top", "auroc"), g("causal", "zero", "top", "disappear"),
+                         g("causal", "zero", "random", "disappear")])
+    if per_rows:
+        parts.append("<h3>Per concept</h3>" + _table(
+            ["concept", "images", "semantic hit", "region J", "cross J same", "cross J other", "AUROC",
+             "zero: disappear", "random: disappear"], per_rows, set(range(1, 9))))
+    return "".join(parts)
+
+
+def _dig(d, path):
+    for k in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def build_report(results_dir, engine=None, neurons: int = 10, examples: int = 3, k: int = 8,
+                 method: str = "activation", max_concepts: int = 30) -> str:
+    """The report's HTML text. `engine` (optional) adds top tokens and computed heatmaps."""
+    from .heatmap import read_heatmaps
+
+    root = Path(results_dir)
+    res = open_results(root)
+    run = res.run
+    try:
+        summary = json.loads((root / "concepts.json").read_text())
+    except (OSError, ValueError):
+        raise MMNError(f"'{root}' has no readable concepts.json: is it a finished `mmn find` run?") from None
+    words = list(summary)[:max_concepts]
+    n_layers = (run.get("adapter") or {}).get("n_layers") or (engine.adapter.n_layers if engine else None)
+    neuron_lists = {w: [(x["layer"], x["index"]) for x in summary[w]["neurons"][:neurons]] for w in words}
+    if not n_layers:
+        n_layers = 1 + max((l for ns in neuron_lists.values() for l, _ in ns), default=0)
+    per_layer = [0] * n_layers
+    for ns in neuron_lists.values():
+        for l, _ in ns:
+            per_layer[l] += 1
+    tokens = _top_tokens(engine, list(dict.fromkeys(n for ns in neuron_lists.values() for n in ns)), k)
+    on_disk = {}
+    for hdir in (root / "heatmaps",):
+        for rec in read_heatmaps(hdir) if hdir.is_dir() else []:
+            on_disk.setdefault(rec["concept"], []).append(rec)
+    todo = [w for w in words if w not in on_disk]
+    computed = _examples(engine, res, todo, examples, neurons, method) if todo else {}
+    metrics = None
+    if (root / "metrics.json").is_file():
+        try:
+            metrics = json.loads((root / "metrics.json").read_text())
+        except ValueError:
+            metrics = None
+    totals = run.get("totals", {})
+    opts = run.get("options", {})
+    h = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>mmn report: {_e(root.name)}</title>"
+         f"<style>{CSS}</style></head><body><main>",
+         f"<h1>Multi-modal neurons: {_e(Path(str(run.get('model', '?'))).name)}</h1>",
+         f'<p class="muted">{_e(root.resolve())} &middot; report written {_e(time.strftime("%Y-%m-%d %H:%M"))}</p>',
+         '<nav><a href="#summary">Summary</a><a href="#layers">Layers</a><a href="#concepts">Concepts</a>'
+         + ('<a href="#metrics">Metrics</a>' if metrics else "") + '<a href="#edits">Edits</a></nav>',
+         '<h2 id="summary">Run summary</h2><div class="card">']
+    facts = [("model", run.get("model")), ("adapter", f"{n_layers} layers x {(run.get('adapter') or {}).get('d_mlp', '?')} MLP neurons"),
+             ("images", totals.get("images")), ("skipped", totals.get("skipped")), ("concepts", len(summary)),
+             ("neurons scored", f"{totals.get('neurons_scored', 0):,}"), ("seconds", run.get("seconds")),
+             ("device / dtype / backend", f"{run.get('device')} / {run.get('dtype')} / {run.get('backend')}"),
+             ("corpus", run.get("corpus"))]
+    facts += [(f"option {k}", v) for k, v in opts.items()]
+    h.append(_table(None, [[f"<b>{_e(a)}</b>", _e(b)] for a, b in facts]) + "</div>")
+    h.append(f'<h2 id="layers">Where the multi-modal neurons are</h2><p class="muted">Layers of the top-{neurons} '
+             f"neurons of the {len(words)} most frequent concepts ({sum(per_layer)} neurons).</p>"
+             f'<div class="card">{layer_svg(per_layer, "top neurons per layer")}</div>')
+    h.append('<h2 id="concepts">Concepts</h2>')
+    if "_error" in computed:
+        h.append(f'<p class="muted">No heatmaps: {_e(computed["_error"])}</p>')
+    elif engine is None and todo:
+        h.append('<p class="muted">Model not loaded: no top tokens or computed heatmaps (pass --model).</p>')
+    for w in words:
+        info = summary[w]
+        rows = []
+        for rank, x in enumerate(info["neurons"][:neurons], 1):
+            toks = "".join(f'<span class="tok">{_e(t)}</span>' for t in tokens.get((x["layer"], x["index"]), []))
+            rows.append([rank, x["layer"], x["index"], x["count"], _num(float(x["mean_score"]), 4), toks])
+        h.append(f'<h3 id="c-{_e(w)}">{_e(w)} <span class="muted">({info["images"]} images)</span></h3>'
+                 + _table(["#", "layer", "neuron", "images in top-k", "mean score", "top tokens"], rows, {0, 1, 2, 3, 4}))
+        figs = []
+        for rec in on_disk.get(w, [])[:examples]:
+            d = Path(rec["_dir"])
+            for key, label in (("heatmap", "heatmap"), ("mask", "mask")):
+                if (d / rec[key]).is_file():
+                    figs.append(f'<figure><img alt="{_e(label)}" src="{file_uri(d / rec[key])}"><figcaption>{_e(rec["id"])}: '
+                                f'{_e(label)} ({_e(rec.get("method"))}, top-{len(rec.get("neurons", []))})</figcaption></figure>')
+        for cap, over, masked in computed.get(w, []) if isinstance(computed.get(w), list) else []:
+            figs.append(f'<figure><img alt="heatmap" src="{over}"><figcaption>{_e(cap)}: heatmap ({_e(method)})</figcaption></figure>'
+                        f'<figure><img alt="mask" src="{masked}"><figcaption>mask (top 5% of pixels)</figcaption></figure>')
+        if figs:
+            h.append(f'<div class="figs">{"".join(figs)}</div>')
+    if metrics:
+        h.append(f'<h2 id="metrics">Property metrics</h2><div class="card">{_metrics_section(metrics)}</div>')
+    blocks = _patches(root)
+    h.append('<h2 id="edits">Edits</h2>' + ("".join(blocks) if blocks else '<p class="muted">No patch files in this directory.</p>'))
+    h.append("</main></body></html>")
+    return "\n".join(h)
+
+
+def write_report(results_dir, out=None, engine=None, **kw) -> Path:
+    """Write the report (default `results_dir/report.html`) atomically; returns its path."""
+    text = build_report(results_dir, engine, **kw)
+    path = Path(out) if out else Path(results_dir) / "report.html"
+    with atomic_open(path, "w") as f:
+        f.write(text)
+    return path

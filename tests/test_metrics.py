@@ -1,0 +1,126 @@
+"""Property metrics: the measures themselves, the shuffle experiment's hook, and on the demo model the
+paper's qualitative findings (top neurons far above random neurons) through `mmn metrics`."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mmn_fast.cli import main
+from mmn_fast.demo import make_examples, save_examples
+from mmn_fast.errors import MMNError
+from mmn_fast.explain.heatmap import _language_model
+from mmn_fast.explain.metrics import auroc, compute_metrics, jaccard, rbo, shuffled_image_tokens, summary_table
+from mmn_fast.runner import run_find
+
+
+# ------------------------------------------------------------------------------------ measures
+def test_jaccard_and_rbo():
+    a = [(0, 1), (0, 2), (1, 3), (2, 4)]
+    assert jaccard(a, a) == 1 and jaccard(a, [(9, 9)]) == 0
+    assert jaccard(a, [(0, 1), (5, 5)]) == pytest.approx(1 / 5)
+    assert rbo(a, a) == pytest.approx(1) and rbo(a, [(9, i) for i in range(4)]) == 0
+    b = [(0, 2), (0, 1), (1, 3), (2, 4)]  # top two swapped
+    p = 0.9
+    want = (1 - p) / (1 - p ** 4) * (0 + p * 1 + p ** 2 * 1 + p ** 3 * 1)
+    assert rbo(a, b, p) == pytest.approx(want)
+    assert rbo(a, list(reversed(a))) < rbo(a, b) < 1  # rank-biased: agreement at the top counts most
+
+
+def test_auroc_is_mann_whitney():
+    assert auroc([3, 4, 5], [0, 1, 2]) == 1 and auroc([0, 1], [2, 3]) == 0
+    assert auroc([1, 1], [1, 1]) == 0.5 and auroc([], [1]) is None
+    rng = np.random.default_rng(0)
+    pos, neg = rng.integers(0, 5, 30), rng.integers(0, 4, 40)  # many ties
+    brute = np.mean([(p > q) + 0.5 * (p == q) for p, q in itertools.product(pos, neg)])
+    assert auroc(pos, neg) == pytest.approx(brute)
+
+
+def test_shuffle_permutes_image_token_embeddings_only(demo):
+    imgs = [im for im, _ in make_examples(3, seed=2)]
+    inputs = demo._inputs(imgs, "Describe the image.", None)
+    mask = inputs["input_ids"] == demo.adapter.image_token_id
+    seen = []  # the first decoder layer's input: the embeddings as the decoder sees them
+
+    def keep(_m, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    layer0 = demo.model.model.language_model.layers[0]
+    h = layer0.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            demo.model(**inputs)
+            with shuffled_image_tokens(demo, seed=0):
+                demo.model(**inputs)
+            demo.model(**inputs)  # hooks gone again
+    finally:
+        h.remove()
+    plain, shuf, after = seen
+    assert torch.equal(plain, after) and torch.equal(plain[~mask], shuf[~mask])
+    for b in range(len(imgs)):
+        p, s = plain[b][mask[b]], shuf[b][mask[b]]
+        assert not torch.equal(p, s)
+        assert torch.equal(p[p[:, 0].argsort()], s[s[:, 0].argsort()])  # the same rows in another order
+    assert not _language_model(demo)._forward_pre_hooks
+
+
+# ------------------------------------------------------------------------------------ the science
+@pytest.fixture(scope="module")
+def demo_run(demo, tmp_path_factory):
+    root = tmp_path_factory.mktemp("metrics_run")
+    manifest = save_examples(make_examples(150, seed=4321), root / "images")
+    run_find(demo, manifest, root / "run", progress=False, concepts="all", top_k=20, max_new_tokens=12,
+             batch_size=32, num_workers=0, overwrite=True)
+    return root / "run"
+
+
+def test_metrics_show_the_papers_findings_on_the_demo(demo, demo_run):
+    m = compute_metrics(demo, demo_run, n=10, k=1, random_sets=2, causal_images=10, batch_size=32)
+    print("\n" + summary_table(m))
+    s = {k: (v["top"], v["random"]) for k, v in m["summary"].items()}
+    assert len(m["concepts"]) == 9 and m["records"] == 150
+    assert s["semantic_hit_rate"][0] >= 3 * s["semantic_hit_rate"][1]
+    assert s["semantic_cosine"][0] >= s["semantic_cosine"][1] + 0.2
+    assert s["region_jaccard"][0] >= 0.4 and s["region_jaccard"][0] >= 10 * s["region_jaccard"][1]
+    assert s["region_rbo"][0] >= 0.5 and s["region_rbo"][0] >= 10 * s["region_rbo"][1]
+    assert s["cross_image_jaccard"][0] >= 4 * s["cross_image_jaccard"][1]
+    assert s["cross_image_rbo"][0] >= 4 * s["cross_image_rbo"][1]
+    assert s["specificity_auroc"][0] >= 0.8 and s["specificity_auroc"][1] <= 0.65
+    for mode in ("zero", "noise"):
+        top, rnd = s[f"causal_{mode}_disappear"]
+        assert top >= 0.3 and rnd <= 0.1, (mode, top, rnd)
+        top, rnd = s[f"causal_{mode}_prob_drop"]
+        assert top >= 0.4 and top >= 5 * max(rnd, 0.01), (mode, top, rnd)
+    red = m["concepts"]["red"]
+    assert red["specificity"]["positives"] + red["specificity"]["negatives"] == 150
+    assert red["cross_image"]["within"]["pairs"] > 0 and red["causal"]["images"] == 10
+    assert set(m["seconds"]) == {"semantic", "cross_image", "specificity", "region", "causal"}
+
+
+def test_metrics_subset_and_errors(demo, demo_run):
+    m = compute_metrics(demo, demo_run, concepts=["circle", "red"], metrics=("semantic", "cross_image"), n=5)
+    assert list(m["concepts"]) == ["circle", "red"] and set(m["seconds"]) == {"semantic", "cross_image"}
+    assert "specificity" not in m["concepts"]["red"]
+    corpus = demo_run.parent / "images" / "manifest.jsonl"  # images read from the corpus, matched by id
+    m2 = compute_metrics(demo, demo_run, images=str(corpus), concepts=["red"], metrics=("specificity",), n=5)
+    m3 = compute_metrics(demo, demo_run, concepts=["red"], metrics=("specificity",), n=5)
+    assert m2["concepts"]["red"]["specificity"] == m3["concepts"]["red"]["specificity"]
+    with pytest.raises(MMNError, match="not in the run"):
+        compute_metrics(demo, demo_run, concepts=["zebra"])
+    with pytest.raises(MMNError, match="unknown metric"):
+        compute_metrics(demo, demo_run, metrics=("beauty",))
+
+
+def test_cli_metrics(demo_path, demo_run, tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main(["metrics", "--results", str(demo_run), "--out", str(out), "--neurons", "5", "--top-tokens", "1",
+                 "--concepts", "red,blue", "--causal-images", "4", "--causal-modes", "zero", "--random-sets", "1",
+                 "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["concepts"]) == {"red", "blue"} and "noise" not in m["concepts"]["red"]["causal"]
+    assert "specificity: AUROC" in capsys.readouterr().out
+    assert main(["metrics", "--results", str(tmp_path / "nothing")]) == 2
+    assert main(["metrics", "--results", str(demo_run), "--metrics", "semantic,vibes", "--out", str(out)]) == 2
