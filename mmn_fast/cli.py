@@ -77,7 +77,7 @@ def cmd_find(args, argv=()) -> int:
         prompt=args.prompt, prefix=args.prefix, concepts=_concepts_arg(args.concepts),
         activation=args.activation, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, fold_final_norm=args.fold_final_norm, positions=args.positions,
-        reduce=args.reduce, method=args.method,
+        reduce=args.reduce, method=args.method, heatmaps=args.heatmaps,
     )
     if "concepts_json" not in summary:  # not rank 0
         return 0
@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--overwrite", action="store_true", help="discard an existing run in --out and start again")
     f.add_argument("--aggregate", default="dense", choices=["dense", "sparse"],
                    help="per-concept statistics of every neuron (dense) or of top-k neurons only (sparse)")
+    f.add_argument("--heatmaps", nargs="?", const="activation", default=None, choices=["activation", "occlusion"],
+                   help="also write each concept's heatmap and mask per image to DIR/heatmaps/ (default method: "
+                        "activation)")
     f.add_argument("--nproc", type=int, default=0, help="launch N processes with torchrun (one per GPU)")
     f.add_argument("--device-map", default=None, help='"auto": spread one model over several GPUs (accelerate)')
     f.set_defaults(func=cmd_find)

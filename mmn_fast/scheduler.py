@@ -162,9 +162,13 @@ def _prepare(out: Path, config: dict, overwrite: bool, rank: int, world: int) ->
 def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, *, teacher_forced: bool = False,
                progress: bool = True, num_workers: int = 0, shard_size: int = 1000, checkpoint_every: int = 256,
                checkpoint_seconds: float = 60.0, overwrite: bool = False, aggregate: str = "dense",
-               rank: int | None = None, world: int | None = None, **options) -> dict:
+               rank: int | None = None, world: int | None = None, heatmaps: str | None = None,
+               **options) -> dict:
     """Score a corpus into `out_dir`, resuming a killed run with the same settings. Returns the run
-    summary (images, skipped, concepts, neurons scored, seconds, and concepts.json's content on rank 0)."""
+    summary (images, skipped, concepts, neurons scored, seconds, and concepts.json's content on rank 0).
+
+    heatmaps: None, "activation" or "occlusion": also write each concept's heatmap and mask per image
+    into DIR/heatmaps/<id>/ (see mmn_fast.explain.write_heatmaps)."""
     from .corpus import ShardEnd, iter_samples, open_corpus
 
     opts = FindOptions(**options)
@@ -177,6 +181,8 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, *, teach
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     config = _config(engine, corpus, opts, teacher_forced, aggregate, shard_size, world)
+    if heatmaps:
+        config["heatmaps"] = heatmaps
     parts = _prepare(out, config, overwrite, rank, world)
     ad = engine.adapter
     state = _Rank(parts, rank, world, NeuronStats(aggregate, ad.n_layers, ad.d_mlp))
@@ -187,7 +193,8 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, *, teach
     starts = {s: state.shards[s]["done"] for s in todo if s in state.shards}
     t0, done_before = time.perf_counter(), state.counts["images"] + state.counts["skipped"]
     bar = _progress_bar(corpus, world, done_before, progress and rank == 0)
-    runner = _BatchRunner(engine, opts, teacher_forced, aggregate == "dense", state, bar)
+    runner = _BatchRunner(engine, opts, teacher_forced, aggregate == "dense", state, bar,
+                          (out / "heatmaps", heatmaps) if heatmaps else None)
     last_ckpt, since_ckpt = time.monotonic(), 0
     pending: dict[int, list] = {}
     try:
@@ -234,9 +241,9 @@ def _progress_bar(corpus, world, initial, enabled):
 class _BatchRunner:
     """Runs one shard's batch through the engine and records lines, skips and aggregates."""
 
-    def __init__(self, engine, opts, teacher_forced, keep_scores, state: _Rank, bar):
+    def __init__(self, engine, opts, teacher_forced, keep_scores, state: _Rank, bar, heatmaps=None):
         self.engine, self.opts, self.teacher_forced, self.keep_scores = engine, opts, teacher_forced, keep_scores
-        self.state, self.bar = state, bar
+        self.state, self.bar, self.heatmaps = state, bar, heatmaps  # heatmaps: (dir, method) or None
         self.kwargs = dict(dataclasses.asdict(opts), batch_size=max(1, opts.batch_size))
         self.t0 = time.perf_counter()
 
@@ -250,7 +257,7 @@ class _BatchRunner:
                                  "no caption (teacher-forced mode needs one)")
             (skipped if reason else good).append((s, reason))
         results = self._score([s for s, _ in good], top=True)
-        lines = []
+        lines, scored = [], []
         for s, res in zip([s for s, _ in good], results):
             if isinstance(res, str):
                 skipped.append((s, res))
@@ -258,6 +265,13 @@ class _BatchRunner:
             res.image = s.source
             lines.append(json.dumps(res.to_dict()) + "\n")
             self._aggregate(res)
+            scored.append((s.image, res))
+        if self.heatmaps and scored:  # rewritten identically if a restart redoes this batch
+            from .explain import write_heatmaps
+
+            write_heatmaps(self.engine, [im for im, _ in scored], [r for _, r in scored], self.heatmaps[0],
+                           method=self.heatmaps[1], prompt=self.opts.prompt, prefix=self.opts.prefix,
+                           activation=self.opts.activation)
         skipped.sort(key=lambda x: x[0].position)
         st = self.state
         if lines:

@@ -186,3 +186,15 @@ def test_decoding_in_worker_processes_gives_the_same_output(demo_path, corpus, r
     assert a["results"] == b["results"] and a["skipped"] == b["skipped"]
     for word in a["stats"].dense:
         torch.testing.assert_close(a["stats"].dense[word]["sum"], b["stats"].dense[word]["sum"], rtol=1e-12, atol=1e-12)
+
+
+def test_find_heatmaps_writes_a_map_and_mask_per_concept(demo_path, tmp_path):
+    manifest = save_examples(make_examples(4, seed=12), tmp_path / "imgs")
+    out = tmp_path / "hm"
+    assert _find(demo_path, manifest, out, "--heatmaps") == 0
+    lines = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    for rec in lines:
+        words = {c["word"].lower() for c in rec["concepts"]}
+        d = out / "heatmaps" / rec["id"]
+        assert {p.name.split(".")[0] for p in d.glob("*.heatmap.png")} == words
+        assert len(list(d.glob("*.mask.png"))) == len(words) and (d / "heatmaps.json").is_file()
