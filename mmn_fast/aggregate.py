@@ -135,20 +135,19 @@ class NeuronStats:
                 "topk_sumsq": torch.tensor(cols[5], dtype=torch.float64)}, index
 
     def save(self, stem: str | Path) -> None:
-        """`<stem>.safetensors` then `<stem>.json` (the index, written last), both atomically."""
+        """`<stem>.safetensors` then `<stem>.json` (the index, written last), both atomically. The stem
+        is used as is (no suffix replaced): checkpoints are `rank-000.agg-<seq>`."""
         tensors, index = self.tensors()
-        stem = Path(stem)
-        save_safetensors(stem.with_suffix(".safetensors"), tensors, {"format_version": str(FORMAT_VERSION)})
-        write_json(stem.with_suffix(".json"), index)
+        save_safetensors(f"{stem}.safetensors", tensors, {"format_version": str(FORMAT_VERSION)})
+        write_json(f"{stem}.json", index)
 
     @classmethod
     def load(cls, stem: str | Path) -> "NeuronStats":
         from safetensors.torch import load_file
 
-        stem = Path(stem)
         try:
-            index = json.loads(stem.with_suffix(".json").read_text())
-            tensors = load_file(str(stem.with_suffix(".safetensors")))
+            index = json.loads(Path(f"{stem}.json").read_text())
+            tensors = load_file(f"{stem}.safetensors")
         except (OSError, ValueError) as e:
             raise MMNError(f"cannot read aggregates '{stem}': {e}") from None
         if index.get("format_version") != FORMAT_VERSION:

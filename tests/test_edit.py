@@ -114,7 +114,7 @@ def test_demo_red_to_blue(demo):
     ev = EditEval(demo, "red", "blue", edit, heldout, max_new_tokens=12, batch_size=16)
     assert sum("red" in c.split() for c in ev.edit_base) >= 10
     rows, patches = [], {}
-    for method, params in (("optimize", {}), ("swap", {}), ("suppress", {}), ("perturb", {"sigma": 0.5})):
+    for method, params in (("optimize", {}), ("swap", {}), ("suppress", {}), ("perturb", {"sigma": 2.0})):
         for name, neurons in (("top", top), ("random", rand)):
             patch = make_edit(demo, method, neurons, "red", "blue", edit, ev.edit_base, max_new_tokens=12, **params)
             patches[method, name] = patch

@@ -73,7 +73,8 @@ def _outputs(out: Path) -> dict:
 def _assert_same(a: dict, b: dict) -> None:
     assert a["results"] == b["results"]
     assert a["skipped"] == b["skipped"]
-    assert a["concepts"] == b["concepts"]
+    assert a["concepts"] == b["concepts"], [(w, a["concepts"][w], b["concepts"].get(w)) for w in a["concepts"]
+                                            if a["concepts"][w] != b["concepts"].get(w)][:2]
     sa, sb = a["stats"], b["stats"]
     assert sa.images == sb.images
     for word in sa.dense:
@@ -198,3 +199,18 @@ def test_find_heatmaps_writes_a_map_and_mask_per_concept(demo_path, tmp_path):
         d = out / "heatmaps" / rec["id"]
         assert {p.name.split(".")[0] for p in d.glob("*.heatmap.png")} == words
         assert len(list(d.glob("*.mask.png"))) == len(words) and (d / "heatmaps.json").is_file()
+
+
+def test_checkpoint_aggregates_are_versioned_files(tmp_path):
+    """Each checkpoint's aggregates get their own file, so a kill between writing them and the
+    state that names them leaves the previous pair intact (regression: a dotted stem lost its seq)."""
+    stats = NeuronStats("sparse", 2, 3)
+    stats.add("red", None, [[0, 1, 2.0]])
+    stats.save(tmp_path / "rank-000.agg-1")
+    stats.add("red", None, [[0, 1, 4.0]])
+    stats.save(tmp_path / "rank-000.agg-2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "rank-000.agg-1.json", "rank-000.agg-1.safetensors", "rank-000.agg-2.json", "rank-000.agg-2.safetensors"]
+    assert NeuronStats.load(tmp_path / "rank-000.agg-1").images == {"red": 1}
+    assert NeuronStats.load(tmp_path / "rank-000.agg-2").top_neurons("red") == [
+        {"layer": 0, "index": 1, "count": 2, "mean_score": 3.0}]
