@@ -204,10 +204,9 @@ def test_planted_neuron_heatmap_and_mask_cover_the_object(demo_path):
 
 @pytest.mark.parametrize("colour", ["red", "blue", "green"])
 def test_concept_top_neurons_mask_overlaps_the_object(demo, colour):
-    """Occlusion maps of a colour's top-10 neurons (each image's own ranking) land on the object:
-    IoU with the object's true pixels far above a random mask of the same area, and above the
-    same maps of 10 random neurons. (The activation maps of the demo's found neurons do not: its
-    neurons are not tuned to the image tokens; the figures are printed.)"""
+    """The activation maps (the paper's heatmaps) and the occlusion maps of a colour's top-10 neurons
+    (each image's own ranking) land on the object: IoU with the object's true pixels far above a
+    random mask of the same area; the occlusion maps also above those of 10 random neurons."""
     data = _singles(colour, 12, seed=600)
     imgs = [im for im, _, _ in data]
     res = demo.find(imgs, concepts=[colour], top_k=10, max_new_tokens=12)
@@ -227,6 +226,7 @@ def test_concept_top_neurons_mask_overlaps_the_object(demo, colour):
     print(colour, {k: round(float(v), 3) for k, v in figures.items()})
     assert figures["top"] > 3 * figures["random mask"]
     assert figures["top"] > figures["random neurons"] + 0.03
+    assert figures["top, activation"] > 3 * figures["random mask"]
 
 
 # ------------------------------------------------------------------------------------ files and CLI
