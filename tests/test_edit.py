@@ -1,7 +1,6 @@
 """Edit methods (tiny random LLaVA), neuron selection, and the demo model's red -> blue edit."""
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -14,16 +13,9 @@ from mmn_fast.edit import (concept_neurons, make_edit, optimize, perturb, random
 from mmn_fast.edit_eval import EditEval, report_table
 from mmn_fast.errors import MMNError
 from mmn_fast.patch import gather_rows, load_patch
+from test_patch import model_sha  # tests/ is on sys.path
 
 NEURONS = [(0, 3), (0, 10), (1, 4), (1, 50)]
-
-
-def model_sha(model) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().contiguous().view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 def _originals(engine, patch):
