@@ -9,9 +9,9 @@ Importing this package registers the mPLUG-Owl2-like classes with the transforme
 """
 from .common import random_images, tiny_bert_tokenizer, tiny_tokenizer
 from .instructblip import tiny_instructblip
-from .llava import LLAVA_CHAT_TEMPLATE, llava_model, tiny_llava
+from .llava import LLAVA_CHAT_TEMPLATE, llava_model, tiny_llava, tiny_llava_next
 from .mplug_owl2 import MPLUGOwl2LikeConfig, MPLUGOwl2LikeForCausalLM, MPLUGOwl2LikeModel, tiny_mplug_owl2
 
-__all__ = ["tiny_llava", "llava_model", "tiny_instructblip", "tiny_mplug_owl2", "tiny_tokenizer", "tiny_bert_tokenizer",
+__all__ = ["tiny_llava", "tiny_llava_next", "llava_model", "tiny_instructblip", "tiny_mplug_owl2", "tiny_tokenizer", "tiny_bert_tokenizer",
            "random_images", "MPLUGOwl2LikeConfig", "MPLUGOwl2LikeForCausalLM", "MPLUGOwl2LikeModel",
            "LLAVA_CHAT_TEMPLATE"]

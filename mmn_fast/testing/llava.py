@@ -54,3 +54,40 @@ def tiny_llava(path, **shape) -> Path:
         model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def tiny_llava_next(path, *, seed: int = 0, image_size: int = 32, patch_size: int = 8) -> Path:
+    """Save a random-weight `LlavaNextForConditionalGeneration` + `LlavaNextProcessor` to `path`.
+
+    Any-resolution tiling over the pinpoints 1x2, 2x1 and 2x2 tiles of `image_size`: a wide, a tall and a
+    square image get different numbers of image tokens (52, 56 and 36 at the defaults), so one batch
+    mixes them.
+    """
+    from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor)
+
+    path = out_dir(path)
+    tok = tiny_tokenizer()
+    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+    text = llama_config(tok, num_layers=2, hidden_size=64, intermediate_size=96, num_heads=heads_for(64),
+                        max_positions=2048)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids(IMAGE),
+                             image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
+                             vision_feature_select_strategy="default", tie_word_embeddings=False)
+    for name in ("bos", "eos", "pad"):
+        setattr(config, f"{name}_token_id", getattr(tok, f"{name}_token_id"))
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config = generation_config(tok)
+    image_proc = LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size},
+                                            image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_proc, tokenizer=tok, patch_size=patch_size,
+                                   vision_feature_select_strategy="default", image_token=IMAGE,
+                                   num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
+    with quiet():
+        model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
