@@ -24,7 +24,7 @@ setup(
     extras_require={
         # triton: the kernel tests run it on CPU through its interpreter (Linux wheels only)
         "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0; platform_system == 'Linux'",
-                 "webdataset", "braceexpand", "pyarrow"],
+                 "webdataset", "braceexpand", "pyarrow", "accelerate"],
         "triton": ["triton>=3.0"],
         # corpus readers (mmn_fast.corpus): brace patterns for tar shards, parquet files
         "data": ["webdataset", "braceexpand", "pyarrow"],

@@ -214,3 +214,14 @@ def test_checkpoint_aggregates_are_versioned_files(tmp_path):
     assert NeuronStats.load(tmp_path / "rank-000.agg-1").images == {"red": 1}
     assert NeuronStats.load(tmp_path / "rank-000.agg-2").top_neurons("red") == [
         {"layer": 0, "index": 1, "count": 2, "mean_score": 3.0}]
+
+
+def test_device_map_auto_loads_through_accelerate(llava_path, images):
+    """`--device-map auto` (one replica spread over the available devices; here all on the CPU) gives
+    the same results as a plain load."""
+    pytest.importorskip("accelerate")
+    spread = mmn_fast.load(llava_path, device_map="auto")
+    plain = mmn_fast.load(llava_path, device="cpu")
+    got = spread.find(images[:2], concepts="all", max_new_tokens=5, top_k=5)
+    want = plain.find(images[:2], concepts="all", max_new_tokens=5, top_k=5)
+    assert [r.to_dict() for r in got] == [r.to_dict() for r in want]
