@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from datetime import timedelta
 import sys
 import time
 from pathlib import Path
@@ -50,15 +51,20 @@ def _init_distributed(args) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or dist.is_initialized():
         return
+    if args.device_map is not None:
+        raise MMNError("--device-map spreads one model over this machine's GPUs; do not combine it with --nproc "
+                       "or torchrun (one replica per process)")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() and (args.device is None or args.device.startswith("cuda"))
-    if cuda and args.device_map is None:
+    if cuda:
         torch.cuda.set_device(local_rank)
         args.device = f"cuda:{local_rank}"
     else:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # A rank that runs out of shards waits at the final barrier for the slowest one: hours, on a big
+    # corpus, so the process group's timeout (default 10-30 minutes) must not end the job.
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(days=30))
 
 
 def cmd_find(args, argv=()) -> int:

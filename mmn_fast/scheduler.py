@@ -29,6 +29,7 @@ from .errors import MMNError
 from .io import atomic_open, write_json
 
 STATE_VERSION = 1
+MAX_FAILED_BATCHES = 8  # this many batches in a row with no usable image: a model-wide error, not bad images
 
 
 def _dist_info(rank: int | None, world: int | None) -> tuple[int, int]:
@@ -123,9 +124,12 @@ class _Rank:
                 p.unlink(missing_ok=True)
 
     def close(self) -> None:
-        for f in self.files.values():
-            f.close()
-        self.files.clear()
+        files, self.files = list(self.files.values()), {}
+        for f in files:
+            try:
+                f.close()
+            except OSError:
+                pass  # the last checkpoint is what a restart trusts
 
 
 def _config(engine: Engine, corpus, opts: FindOptions, teacher_forced, aggregate, shard_size, world) -> dict:
@@ -176,6 +180,12 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, *, teach
     if aggregate not in ("dense", "sparse"):
         raise MMNError(f"--aggregate must be 'dense' or 'sparse', got {aggregate!r}")
     rank, world = _dist_info(rank, world)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise MMNError(f"rank {rank} of {world}: no torch.distributed process group; run through `mmn find "
+                           "--nproc N` or torchrun `-m mmn_fast find`, or call init_process_group() first")
     corpus = open_corpus(images, shard_size=shard_size)
     out = Path(out_dir)
     if rank == 0:
@@ -183,6 +193,7 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, *, teach
     config = _config(engine, corpus, opts, teacher_forced, aggregate, shard_size, world)
     if heatmaps:
         config["heatmaps"] = heatmaps
+    config = json.loads(json.dumps(config))  # compared with its JSON copy on resume: tuples become lists
     parts = _prepare(out, config, overwrite, rank, world)
     ad = engine.adapter
     state = _Rank(parts, rank, world, NeuronStats(aggregate, ad.n_layers, ad.d_mlp))
@@ -246,6 +257,7 @@ class _BatchRunner:
         self.state, self.bar, self.heatmaps = state, bar, heatmaps  # heatmaps: (dir, method) or None
         self.kwargs = dict(dataclasses.asdict(opts), batch_size=max(1, opts.batch_size))
         self.t0 = time.perf_counter()
+        self.failed_batches = 0  # consecutive batches in which no image could be scored
 
     def flush(self, shard: int, samples: list) -> int:
         """Process `samples` (one shard, in order); returns the number of samples consumed."""
@@ -295,15 +307,20 @@ class _BatchRunner:
             return []
         caps = [s.caption for s in samples] if self.teacher_forced else None
         try:
-            return list(self.engine.iter_find([s.image for s in samples], captions=caps, ids=[s.key for s in samples],
-                                              keep_scores=self.keep_scores, **self.kwargs))
-        except (MMNError, ValueError) as e:
+            results = list(self.engine.iter_find([s.image for s in samples], captions=caps,
+                                                 ids=[s.key for s in samples], keep_scores=self.keep_scores,
+                                                 **self.kwargs))
+        except Exception as e:  # noqa: BLE001 - one odd image must not stop a corpus run
             if len(samples) == 1:
-                return [f"the model's processor rejected it: {e}"]
-            singles = [r for s in samples for r in self._score([s])]  # find the bad one, keep the rest
-            if top and all(isinstance(r, str) for r in singles):
-                raise
-            return singles
+                results = [f"the model could not take it: {type(e).__name__}: {e}"]
+            else:
+                results = [r for s in samples for r in self._score([s])]  # find the bad ones, keep the rest
+        if top:
+            self.failed_batches = self.failed_batches + 1 if all(isinstance(r, str) for r in results) else 0
+            if self.failed_batches >= MAX_FAILED_BATCHES:  # not the images' fault: stop, a restart resumes here
+                raise MMNError(f"{self.failed_batches} batches in a row failed on every image (last: {results[0]}); "
+                               "fix the cause and rerun the same command to resume")
+        return results
 
     def _aggregate(self, res) -> None:
         st, seen = self.state, set()

@@ -225,3 +225,32 @@ def test_device_map_auto_loads_through_accelerate(llava_path, images):
     got = spread.find(images[:2], concepts="all", max_new_tokens=5, top_k=5)
     want = plain.find(images[:2], concepts="all", max_new_tokens=5, top_k=5)
     assert [r.to_dict() for r in got] == [r.to_dict() for r in want]
+
+
+def test_an_image_the_model_rejects_is_skipped_and_a_broken_model_stops_the_run(demo, tmp_path, monkeypatch):
+    from mmn_fast.scheduler import MAX_FAILED_BATCHES, run_corpus
+
+    manifest = save_examples(make_examples(6, seed=9), tmp_path / "imgs")
+    bad = json.loads(manifest.read_text().splitlines()[3])["id"]
+    real = demo.iter_find
+
+    def picky(images, ids=None, **kw):
+        if bad in (ids or []):
+            raise TypeError("odd image")
+        return real(images, ids=ids, **kw)
+
+    monkeypatch.setattr(demo, "iter_find", picky)
+    kw = dict(progress=False, num_workers=0, concepts="all", max_new_tokens=12, batch_size=2)
+    run_corpus(demo, manifest, tmp_path / "out", **kw)
+    skipped = [json.loads(l) for l in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert [s["key"] for s in skipped] == [bad] and "TypeError: odd image" in skipped[0]["reason"]
+    assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 5
+
+    def broken(images, **kw):
+        raise RuntimeError("CUDA error: device-side assert")
+
+    monkeypatch.setattr(demo, "iter_find", broken)
+    many = save_examples(make_examples(2 * MAX_FAILED_BATCHES + 2, seed=10), tmp_path / "many")
+    with pytest.raises(mmn_fast.MMNError, match="batches in a row failed"):
+        run_corpus(demo, many, tmp_path / "out2", **kw)
+    assert not (tmp_path / "out2" / "run.json").exists()  # not marked finished: a rerun resumes
