@@ -10,8 +10,9 @@ Each (image, concept word) pair counts once (the word's first occurrence in the 
   and sum of squares there. Memory: 32 bytes per distinct (concept, neuron) pair that ever ranked in
   a top-k (at most images x top_k), for corpora with many thousands of concepts.
 
-Stored as `aggregates.safetensors` (stacked tensors, no pickle) plus `aggregates.json` (format
-version, mode, concepts in row order, image counts). `open_results(DIR)` reads a run back.
+Stored as `aggregates.safetensors` (dense: tensors `<row>/<statistic>` [L, F]; sparse: stacked
+columns; no pickle) plus `aggregates.json` (format version, mode, concepts in row order, image
+counts), written straight to disk without an in-memory copy of the table. `open_results(DIR)` reads a run back.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 from .errors import MMNError
 from .io import save_safetensors, write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one tensor per dense concept and statistic
 MODES = ("dense", "sparse")
 
 
@@ -119,12 +120,11 @@ class NeuronStats:
         words = list(self.images)
         index = {"format_version": FORMAT_VERSION, "mode": self.mode, "n_layers": self.n_layers,
                  "d_mlp": self.d_mlp, "concepts": words, "images": [self.images[w] for w in words]}
-        if self.mode == "dense":
+        if self.mode == "dense":  # one tensor per (concept, statistic): no stacked copy of the whole table
             dense_words = [w for w in words if w in self.dense]
             index["dense_rows"] = dense_words
-            if not dense_words:
-                return {}, index
-            return {k: torch.stack([self.dense[w][k] for w in dense_words]) for k in ("sum", "sumsq", "topk_sum", "topk")}, index
+            return {f"{row}/{k}": self.dense[w][k] for row, w in enumerate(dense_words)
+                    for k in ("sum", "sumsq", "topk_sum", "topk")}, index
         cells = [(c, l, i, *v) for c, w in enumerate(words) for (l, i), v in self.sparse.get(w, {}).items()]
         if not cells:
             return {}, index
@@ -158,7 +158,7 @@ class NeuronStats:
         stats.images = dict(zip(words, index["images"]))
         if stats.mode == "dense":
             for row, w in enumerate(index.get("dense_rows", [])):
-                stats.dense[w] = {k: tensors[k][row].clone() for k in ("sum", "sumsq", "topk_sum", "topk")}
+                stats.dense[w] = {k: tensors[f"{row}/{k}"] for k in ("sum", "sumsq", "topk_sum", "topk")}
         elif tensors:
             cols = [tensors[k].tolist() for k in ("concept", "layer", "index", "topk", "topk_sum", "topk_sumsq")]
             for c, l, i, n, s, ss in zip(*cols):

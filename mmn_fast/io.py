@@ -51,12 +51,24 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """safetensors file written atomically; tensors made contiguous and moved to CPU."""
-    from safetensors.torch import save
+    """safetensors file written atomically (temp file, fsync, rename), streamed to disk by safetensors
+    (no second copy of the tensors in memory); tensors made contiguous and moved to CPU."""
+    from safetensors.torch import save_file
 
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    with atomic_open(path, "wb") as f:
-        f.write(data)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def tensor_fingerprint(tensors: list[torch.Tensor], max_elems: int = 1 << 20) -> str:
