@@ -1,7 +1,6 @@
 """Result records (the `results.jsonl` schema) and per-concept aggregation (`concepts.json`)."""
 from __future__ import annotations
 
-from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 
 
@@ -29,36 +28,23 @@ class ImageResult:
 
 
 class ConceptAggregator:
-    """Per concept word over a corpus: the images that name it, and for each neuron the number of
-    those images where it ranks in the concept's top-k, with its mean score over those rankings."""
+    """In memory, per concept word: the images that name it and the neurons that most often rank in
+    its top-k, with their mean score there. The same statistics as a corpus run's sparse aggregates
+    (`mmn_fast.aggregate.NeuronStats`): each (image, word) pair counts once, at the word's first
+    occurrence in the caption."""
 
     def __init__(self):
-        self.images: dict[str, set[str]] = defaultdict(set)
-        self.counts: dict[str, Counter] = defaultdict(Counter)  # images with the neuron in the top-k
-        self.score_sums: dict[str, Counter] = defaultdict(Counter)
-        self.score_n: dict[str, Counter] = defaultdict(Counter)  # rankings summed (a word can recur)
+        from .aggregate import NeuronStats
+
+        self.stats = NeuronStats("sparse", 0, 0)  # sparse statistics need no model sizes
 
     def add(self, result: ImageResult) -> None:
-        seen: dict[str, set] = defaultdict(set)  # word -> neurons already counted for this image
+        seen = set()
         for c in result.concepts:
             word = c.word.lower()
-            self.images[word].add(result.id)
-            for layer, index, score in c.neurons:
-                key = (layer, index)
-                if key not in seen[word]:
-                    seen[word].add(key)
-                    self.counts[word][key] += 1
-                self.score_sums[word][key] += score
-                self.score_n[word][key] += 1
+            if word not in seen:
+                seen.add(word)
+                self.stats.add(word, None, c.neurons)
 
     def summary(self, top_n: int = 50) -> dict:
-        out = {}
-        for word in sorted(self.images, key=lambda w: (-len(self.images[w]), w)):
-            counts, sums, n = self.counts[word], self.score_sums[word], self.score_n[word]
-            ranked = sorted(counts, key=lambda k: (-counts[k], -sums[k] / n[k]))[:top_n]
-            out[word] = {
-                "images": len(self.images[word]),
-                "neurons": [{"layer": l, "index": i, "count": counts[(l, i)],
-                             "mean_score": sums[(l, i)] / n[(l, i)]} for l, i in ranked],
-            }
-        return out
+        return self.stats.summary(top_n)

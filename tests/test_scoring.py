@@ -184,7 +184,8 @@ def test_grad_baseline_equals_direct_effect_without_final_norm(llava_path, image
 
 
 def test_concept_aggregator_counts_images_not_occurrences():
-    """A word named twice in one caption counts its neurons once for that image; scores average."""
+    """A word named twice in one caption counts once for that image, at its first occurrence (as the
+    corpus aggregates do); a neuron's mean score is over the images where it ranked."""
     from mmn_fast.results import ConceptAggregator, ConceptResult, ImageResult
 
     def image(ident, *concepts):
@@ -196,6 +197,6 @@ def test_concept_aggregator_counts_images_not_occurrences():
     red = agg.summary()["red"]
     assert red["images"] == 2
     by = {(n["layer"], n["index"]): n for n in red["neurons"]}
-    assert by[(0, 1)]["count"] == 1 and by[(0, 1)]["mean_score"] == 3.0
+    assert by[(0, 1)]["count"] == 1 and by[(0, 1)]["mean_score"] == 2.0
     assert by[(1, 3)]["count"] == 2 and by[(1, 3)]["mean_score"] == 2.0
     assert [(n["layer"], n["index"]) for n in red["neurons"]] == [(1, 3), (0, 1)]
