@@ -470,3 +470,19 @@ def test_a_model_that_is_never_patched_carries_no_hooks(llava_path):
     assert not eng.model._forward_pre_hooks and not eng.model._forward_hooks
     eng.find(random_images(1), concepts="all", max_new_tokens=3)
     assert not eng.model._forward_pre_hooks and not eng.model._forward_hooks
+
+
+def test_patch_on_a_device_map_model(llava_path, images):
+    """A model loaded with device_map (accelerate's dispatch hooks on its modules) patches and
+    reverts like any other: captions follow the patch, the bytes come back exactly."""
+    pytest.importorskip("accelerate")
+    spread = mmn_fast.load(llava_path, device_map="auto")
+    plain = mmn_fast.load(llava_path, device="cpu")
+    patch = noise_patch(plain, sigma=5.0)
+    before = model_sha(spread.model)
+    with spread.patched(patch), plain.patched(patch):
+        assert model_sha(spread.model) != before
+        got = [r.output_ids for r in spread.find(images[:2], concepts="all", max_new_tokens=5)]
+        want = [r.output_ids for r in plain.find(images[:2], concepts="all", max_new_tokens=5)]
+        assert got == want
+    assert model_sha(spread.model) == before
