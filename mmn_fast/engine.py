@@ -177,6 +177,7 @@ class Engine:
         self.prompter = Prompter(tokenizer, processor, image_processor, self.adapter.spec.prompt_template,
                                  image_token, n_img)
         self._fingerprint = None
+        self._scorers: dict[bool, Scorer] = {}  # per fold_final_norm: projections cached across find calls
         eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
@@ -253,7 +254,9 @@ class Engine:
         """
         opts = FindOptions(**options)
         mode = self.check_options(opts)
-        scorer = Scorer(self.adapter, fold_norm=opts.fold_final_norm)
+        if opts.fold_final_norm not in self._scorers:
+            self._scorers[opts.fold_final_norm] = Scorer(self.adapter, fold_norm=opts.fold_final_norm)
+        scorer = self._scorers[opts.fold_final_norm]
         items = list(images)
         if captions is not None and len(captions) != len(items):
             raise MMNError(f"{len(captions)} captions for {len(items)} images: give one caption per image")

@@ -13,16 +13,33 @@ class Scorer:
     """`score(l, i, t) = a^l_i * <W_out^l[:, i], W_U[t]>`, optionally through the final norm.
 
     The projection column `W_out^T W_U[t]` of each token ([L, F], fp32) is computed once and kept
-    in a small LRU cache: across a corpus the same concept tokens come back again and again.
+    in a small LRU cache: across a corpus the same concept tokens come back again and again. The
+    cache is dropped when any weight it was computed from changes in place (a patch applied or
+    reverted bumps the tensors' version counters).
     """
 
     def __init__(self, adapter: Adapter, fold_norm: bool = False, cache_tokens: int = 256):
         self.adapter, self.fold_norm, self.cache_tokens = adapter, fold_norm, cache_tokens
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._versions: tuple | None = None
+
+    def _weights_version(self) -> tuple | None:
+        ad = self.adapter
+        ws = [ad.out_weight(l) for l in range(ad.n_layers)] + [ad.unembed_weight()]
+        if self.fold_norm and ad.final_norm is not None and getattr(ad.final_norm, "weight", None) is not None:
+            ws.append(ad.final_norm.weight)
+        try:
+            return tuple((w.data_ptr(), w._version) for w in ws)
+        except RuntimeError:  # inference-mode tensors keep no version counter: never trust the cache
+            return None
 
     @torch.no_grad()
     def projection(self, tokens: list[int]) -> torch.Tensor:
         """[C, L, F] fp32: the projection column of each token (in order, repeats allowed)."""
+        versions = self._weights_version()
+        if versions is None or versions != self._versions:
+            self._cache.clear()
+            self._versions = versions
         missing = sorted({t for t in tokens if t not in self._cache})
         if missing:
             ad = self.adapter

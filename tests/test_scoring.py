@@ -200,3 +200,25 @@ def test_concept_aggregator_counts_images_not_occurrences():
     assert by[(0, 1)]["count"] == 1 and by[(0, 1)]["mean_score"] == 2.0
     assert by[(1, 3)]["count"] == 2 and by[(1, 3)]["mean_score"] == 2.0
     assert [(n["layer"], n["index"]) for n in red["neurons"]] == [(1, 3), (0, 1)]
+
+
+def test_projection_cache_follows_in_place_weight_changes(llava64, images):
+    """The engine keeps token projections across find calls; an in-place edit of W_out (as a patch
+    makes) must not leave stale scores. Doubling a last-layer neuron's output vector changes no
+    activation (teacher-forced, same tokens), so exactly its score doubles."""
+    eng = llava64
+    n_all = eng.adapter.n_layers * eng.adapter.d_mlp
+    first = eng.find(images[:1], concepts="all", max_new_tokens=4, top_k=n_all)[0]
+    last = eng.adapter.n_layers - 1
+    layer, index, score = next(n for n in first.concepts[0].neurons if n[0] == last)
+    w = eng.adapter.out_weight(layer)
+    saved = w[:, index].clone()
+    try:
+        with torch.no_grad():
+            w[:, index] *= 2
+        again = eng.find(images[:1], captions=[first.output_ids], concepts="all", top_k=n_all)[0]
+    finally:
+        with torch.no_grad():
+            w[:, index] = saved
+    got = {tuple(n[:2]): n[2] for n in again.concepts[0].neurons}
+    assert got[(layer, index)] == pytest.approx(2 * score, rel=1e-9)
