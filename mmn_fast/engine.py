@@ -14,7 +14,7 @@ from .backend import resolve_backend
 from .capture import capture, gather_positions, last_position
 from .concepts import check_word_list, resolve_mode, select_concepts, split_words
 from .errors import MMNError
-from .inputs import ImageItem, Prompter, load_image
+from .inputs import ImageItem, Prompter, as_image
 from .io import tensor_fingerprint
 from .results import ConceptResult, ImageResult
 from .scoring import Scorer
@@ -278,8 +278,7 @@ class Engine:
 
     def _find_batch(self, batch, caps, batch_ids, opts: FindOptions, mode, scorer: Scorer, offset: int,
                     keep_scores: bool = False):
-        pil = [x if hasattr(x, "convert") and not isinstance(x, (str, Path)) else load_image(x)
-               for x in (b.image if isinstance(b, ImageItem) else b for b in batch)]
+        pil = [as_image(x) for x in batch]
         inputs = self._inputs(pil, opts.prompt, opts.prefix)
         prompt_len = inputs["input_ids"].shape[1]
         if caps is not None:
@@ -378,8 +377,7 @@ class Engine:
         """Greedy captions; each batch is generated under swap_lock, so it sees one patch state."""
         images, out = list(images), []
         for s in range(0, len(images), batch_size):
-            pil = [x if hasattr(x, "convert") and not isinstance(x, (str, Path)) else load_image(x)
-                   for x in images[s : s + batch_size]]
+            pil = [as_image(x) for x in images[s : s + batch_size]]
             inputs = self._inputs(pil, prompt, prefix)
             with torch.no_grad(), self.swap_lock:
                 seq = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,

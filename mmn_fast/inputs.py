@@ -64,6 +64,13 @@ def load_image(item: ImageItem | str):
         raise MMNError(f"cannot read image '{path}' ({type(e).__name__}: {e}); check it is a valid image file") from None
 
 
+def as_image(x):
+    """A PIL image as is; a path or `ImageItem` loaded with `load_image`."""
+    if hasattr(x, "convert") and not isinstance(x, (str, Path, ImageItem)):
+        return x
+    return load_image(x)
+
+
 class Prompter:
     """Turns (prompt, prefix) + images into model inputs, left-padded for batched generation.
 

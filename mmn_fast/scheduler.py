@@ -58,6 +58,10 @@ class _Rank:
         self.files: dict[tuple[int, str], object] = {}
         self.seq = 0
 
+    def info(self, shard: int) -> dict:
+        """The shard's progress: samples done, part-file lengths, complete."""
+        return self.shards.setdefault(shard, {"done": 0, "results": 0, "skipped": 0, "complete": False})
+
     def part(self, shard: int, kind: str) -> Path:
         suffix = ".jsonl" if kind == "results" else ".skipped.jsonl"
         return self.parts / f"shard-{shard:05d}{suffix}"
@@ -93,11 +97,11 @@ class _Rank:
             self.files[key] = open(self.part(shard, kind), "ab")
         f = self.files[key]
         f.write("".join(lines).encode())
-        info = self.shards.setdefault(shard, {"done": 0, "results": 0, "skipped": 0, "complete": False})
+        info = self.info(shard)
         info[kind] = f.tell()
 
     def close_shard(self, shard: int) -> None:
-        info = self.shards.setdefault(shard, {"done": 0, "results": 0, "skipped": 0, "complete": False})
+        info = self.info(shard)
         info["complete"] = True
         for kind in ("results", "skipped"):
             f = self.files.pop((shard, kind), None)
@@ -291,7 +295,7 @@ class _BatchRunner:
         if skipped:
             st.write(shard, "skipped", [json.dumps({"key": s.key, "source": s.source, "shard": s.shard,
                                                     "position": s.position, "reason": r}) + "\n" for s, r in skipped])
-        info = st.shards.setdefault(shard, {"done": 0, "results": 0, "skipped": 0, "complete": False})
+        info = st.info(shard)
         info["done"] = samples[-1].position + 1
         st.counts["images"] += len(lines)
         st.counts["skipped"] += len(skipped)

@@ -26,7 +26,7 @@ import torch
 from ..adapters import get_module
 from ..engine import DEFAULT_PROMPT
 from ..errors import MMNError
-from ..inputs import load_image
+from ..inputs import as_image
 from ..io import atomic_open, write_json
 
 # Colour maps: (position, r, g, b) stops, linearly interpolated.
@@ -170,7 +170,7 @@ class Trace:
 
 
 def _pil(images) -> list:
-    return [x if hasattr(x, "convert") and not isinstance(x, (str, Path)) else load_image(x) for x in images]
+    return [as_image(x) for x in images]
 
 
 def _by_layer(neurons) -> dict[int, list[int]]:
