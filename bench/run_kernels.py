@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from common import median_time  # noqa: E402
 
-from mmn_fast.kernels import act_score, vocab_topk, vocab_topk_torch  # noqa: E402
+from mmn_fast.kernels import act_score, vocab_topk, vocab_topk_torch, vocab_topk_triton  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -90,8 +90,12 @@ def vocab_rows(device, dtype, d, f, v, k, repeats, triton_ok):
     add("matmul + torch.topk", lambda: (w_out.t() @ w_u.t()).float().topk(k, dim=1))
     add("chunked torch (4096-token chunks)", lambda: vocab_topk_torch(w_out, w_u, k))
     if triton_ok:
-        add("triton running top-k", lambda: vocab_topk(w_out, w_u, k, backend="triton"))
-        add("triton top-k + bottom-k", lambda: vocab_topk(w_out, w_u, k, both=True, backend="triton"))
+        add("triton filter: top-k", lambda: vocab_topk(w_out, w_u, k, backend="triton"))
+        add("triton filter: top-k + bottom-k", lambda: vocab_topk(w_out, w_u, k, both=True, backend="triton"))
+        add("triton filter, probe every 16th token: top-k + bottom-k",
+            lambda: vocab_topk_triton(w_out, w_u, k, both=True, probe_stride=16))
+        add("triton bitonic running top-k: top-k + bottom-k",
+            lambda: vocab_topk_triton(w_out, w_u, k, both=True, method="bitonic"))
     return rows
 
 

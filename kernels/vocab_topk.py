@@ -1,8 +1,9 @@
 """Each neuron's top tokens: top-k of each row of `W_out^T W_U^T` [F, V] without forming it.
 
 The vocabulary is walked in chunks with a running top-k, so the extra memory is O(F x chunk).
-`vocab_topk_triton` (kernel in `_vocab_topk_triton.py`, imported only when called) does the same
-walk inside one kernel with the running top-k kept in registers; `vocab_topk` dispatches.
+`vocab_topk_triton` (kernels in `_vocab_filter_triton.py` and `_vocab_topk_triton.py`, imported only
+when called) filters the logits against a per-row threshold inside one GEMM, or keeps a running
+top-k in registers; `vocab_topk` dispatches.
 """
 from __future__ import annotations
 
@@ -68,19 +69,29 @@ def vocab_topk_triton(
     k: int,
     largest: bool = True,
     both: bool = False,
-    block_f: int = 64,
-    block_v: int = 128,
-    block_d: int = 64,
+    method: str = "filter",
+    block_f: int | None = None,
+    block_v: int | None = None,
+    block_d: int | None = None,
+    probe_stride: int = 8,
+    capacity: int | None = None,
     out: tuple[torch.Tensor, ...] | None = None,
 ):
-    """Triton path of `vocab_topk`: one program per BLOCK_F neurons walks the vocabulary in
-    BLOCK_V tiles (logits via tl.dot over BLOCK_D chunks, fp32 accumulation) and keeps the
-    running top-k in registers; F x V is never stored. fp32 / fp16 / bf16 weights of one dtype.
+    """Triton path of `vocab_topk`; F x V is never stored. fp32 / fp16 / bf16 weights of one dtype.
+
+    method="filter" (default): a probe of every `probe_stride`-th token gives each row a threshold
+    under its k-th logit; one tiled GEMM then appends only the logits past it to a per-row buffer
+    of `capacity` slots (about 2 k probe_stride by default), and a top-k of that buffer finishes.
+    No sort runs in the GEMM, so the cost is the matmul plus 1/probe_stride of it for the probe.
+    Rows that overflow the buffer are recomputed exactly by the torch path.
+    method="bitonic": one program per block_f neurons walks the vocabulary in block_v tiles and
+    keeps a running top-k in registers (bitonic merges). (H100, bf16, d=4096, F=11008, V=32000,
+    k=64, both=True: 56 ms with 64/128/64 blocks, against about 4 ms for the bf16 matmul alone:
+    the sorting, not the matmul, bounds it. Kept as the comparison for the filter method.)
     `out` may hold preallocated contiguous (values [F, k] fp32, ids [F, k] int64) buffers, four of
     them for both=True (top values, top ids, bottom values, bottom ids); k here is min(k, V).
-    Returns what `vocab_topk_torch` returns. (H100, bf16, d=4096, F=11008, V=32000, k=64,
-    both=True: 56 ms with the default 64/128/64 blocks, 181 ms with 32/128/32; the chunked torch
-    path took 74 ms. The bitonic top-k, not the matmul, bounds it.)"""
+    Returns what `vocab_topk_torch` returns; ties go to the smaller token id.
+    """
     from ._triton_util import require_triton
 
     _check_topk(w_out, w_u, k)
@@ -88,10 +99,20 @@ def vocab_topk_triton(
         raise ValueError(
             f"the Triton path takes fp32/fp16/bf16 weights of one dtype, got {w_out.dtype} and {w_u.dtype}"
         )
+    if method not in ("filter", "bitonic"):
+        raise ValueError(f"unknown method {method!r}; expected 'filter' or 'bitonic'")
     require_triton(w_out, w_u)
-    from ._vocab_topk_triton import launch_vocab_topk
+    if method == "filter":
+        from ._vocab_filter_triton import launch_vocab_filter
 
-    res = launch_vocab_topk(w_out, w_u, k, largest, both, block_f, block_v, block_d, out)
+        res = launch_vocab_filter(
+            w_out, w_u, k, largest, both, probe_stride, capacity, block_f or 128, block_v or 128, block_d or 64,
+            group_f=8, num_warps=8, num_stages=3, out=out,
+        )
+    else:
+        from ._vocab_topk_triton import launch_vocab_topk
+
+        res = launch_vocab_topk(w_out, w_u, k, largest, both, block_f or 64, block_v or 128, block_d or 64, out)
     return VocabTopK(*res) if both else res
 
 

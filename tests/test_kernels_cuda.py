@@ -10,7 +10,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-from mmn_fast.kernels import act_score, vocab_topk, vocab_topk_torch  # noqa: E402
+from mmn_fast.kernels import act_score, vocab_topk_torch, vocab_topk_triton  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -47,14 +47,25 @@ def test_act_score_matches_torch_on_cuda(dtype, reduce, gated):
     torch.testing.assert_close(fast.captured_act.double(), exact.captured_act, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_vocab_topk_matches_torch_on_cuda(dtype):
+@pytest.mark.parametrize("method", ["filter", "bitonic"])
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 512), (torch.bfloat16, 512), (torch.float16, 520)])
+def test_vocab_topk_matches_torch_on_cuda(dtype, d, method, monkeypatch):
+    """Realistic widths (d = 520: the inner loop's masked tail). The filter method must answer from
+    its own GEMM: at the default capacity no row may fall back to the torch path."""
+    import importlib
+
     torch.manual_seed(1)
-    d, f, v, k = 512, 1000, 32000, 64
+    f, v, k = 1000, 32000, 64
     w_out = (torch.randn(d, f, device="cuda") / d ** 0.5).to(dtype)
     w_u = (torch.randn(v, d, device="cuda") / d ** 0.5).to(dtype)
-    got = vocab_topk(w_out, w_u, k, both=True, backend="triton")
     want = vocab_topk_torch(w_out, w_u, k, both=True)
+    vt = importlib.import_module("mmn_fast.kernels.vocab_topk")
+
+    def refuse(*a, **kw):
+        raise AssertionError("a row fell back to the torch path")
+
+    monkeypatch.setattr(vt, "vocab_topk_torch", refuse)
+    got = vocab_topk_triton(w_out, w_u, k, both=True, method=method)
     for gv, gi, wv, wi in ((got.top_values, got.top_ids, want.top_values, want.top_ids),
                            (got.bottom_values, got.bottom_ids, want.bottom_values, want.bottom_ids)):
         torch.testing.assert_close(gv, wv, rtol=1e-4, atol=1e-4)

@@ -1,5 +1,7 @@
-"""vocab_topk: the Triton kernel (under triton's CPU interpreter unless TRITON_INTERPRET=0 on a GPU)
-against the chunked torch path and a float64 full product, on small awkward shapes."""
+"""vocab_topk: the Triton kernels, filter and bitonic (under triton's CPU interpreter unless
+TRITON_INTERPRET=0 on a GPU), against the chunked torch path and a float64 full product, on small
+awkward shapes."""
+import importlib
 import itertools
 
 import pytest
@@ -29,8 +31,9 @@ def check(values, ids, full, k, largest):
     assert (step >= 0).all() if largest else (step <= 0).all()
 
 
+@pytest.mark.parametrize("method", ["filter", "bitonic"])
 @pytest.mark.parametrize("d,f,v,k,mode,dtype", CASES)
-def test_triton_matches_full_product(d, f, v, k, mode, dtype):
+def test_triton_matches_full_product(d, f, v, k, mode, dtype, method):
     gen = torch.Generator().manual_seed(d * f + v + k)
     w_out, w_u = torch.randn(d, f, generator=gen).to(dtype), torch.randn(v, d, generator=gen).to(dtype)
     full = w_out.double().t() @ w_u.double().t()  # [F, V], exact for half weights' products
@@ -40,7 +43,7 @@ def test_triton_matches_full_product(d, f, v, k, mode, dtype):
            torch.full((f, kk), -7, dtype=torch.int64, device=DEVICE) for i in range(n_out)]  # poisoned
     # small tiles: several F blocks and vocabulary tiles (block_v is raised to k's power of two)
     got = vocab_topk_triton(w_out.to(DEVICE), w_u.to(DEVICE), k, largest=mode != "bottom", both=mode == "both",
-                            block_f=16, block_v=32, block_d=16, out=out)
+                            method=method, block_f=16, block_v=32, block_d=16, probe_stride=3, out=out)
     assert all(g.data_ptr() == o.data_ptr() for g, o in zip(got, out))
     assert not any(g.isnan().any() for g in got[0::2]) and all((g >= 0).all() and (g < v).all() for g in got[1::2])
     if mode == "both":
@@ -51,15 +54,77 @@ def test_triton_matches_full_product(d, f, v, k, mode, dtype):
         check(*got, full, kk, mode == "top")
 
 
-def test_strided_weights_and_default_blocks():
+@pytest.mark.parametrize("method", ["filter", "bitonic"])
+def test_strided_weights_and_default_blocks(method):
     """Transposed (non-contiguous) views go in through their strides."""
     gen = torch.Generator().manual_seed(0)
     w_out = torch.randn(70, 24, generator=gen).t()  # [d=24, F=70], strides (1, 24)
     w_u = torch.randn(24, 200, generator=gen).t()  # [V=200, d=24], strides (1, 200)
     full = w_out.double().t() @ w_u.double().t()
-    got = vocab_topk(w_out.to(DEVICE), w_u.to(DEVICE), 7, both=True, backend="triton")
+    got = vocab_topk_triton(w_out.to(DEVICE), w_u.to(DEVICE), 7, both=True, method=method)
     check(got.top_values, got.top_ids, full, 7, True)
     check(got.bottom_values, got.bottom_ids, full, 7, False)
+
+
+def test_filter_answers_from_the_kernel_without_fallback(monkeypatch):
+    """With the default capacity no row overflows on random weights: the torch path is never called,
+    so the answer is the filtering GEMM's own."""
+    vt = importlib.import_module("mmn_fast.kernels.vocab_topk")  # the package exports a function of that name
+
+    def refuse(*a, **kw):
+        raise AssertionError("a row fell back to the torch path")
+
+    monkeypatch.setattr(vt, "vocab_topk_torch", refuse)
+    gen = torch.Generator().manual_seed(2)
+    w_out, w_u = torch.randn(32, 45, generator=gen), torch.randn(517, 32, generator=gen)
+    full = w_out.double().t() @ w_u.double().t()
+    got = vocab_topk_triton(w_out.to(DEVICE), w_u.to(DEVICE), 9, both=True, block_f=16, block_v=64, block_d=16)
+    check(got.top_values, got.top_ids, full, 9, True)
+    check(got.bottom_values, got.bottom_ids, full, 9, False)
+
+
+@pytest.mark.parametrize("capacity", [1, 9, 20])
+def test_filter_overflowing_rows_are_recomputed(capacity):
+    """A buffer too small for the candidates (capacity is raised to k at least) still gives the
+    exact answer: the rows that overflowed are recomputed."""
+    gen = torch.Generator().manual_seed(3)
+    w_out, w_u = torch.randn(32, 45, generator=gen), torch.randn(517, 32, generator=gen)
+    full = w_out.double().t() @ w_u.double().t()
+    got = vocab_topk_triton(w_out.to(DEVICE), w_u.to(DEVICE), 9, both=True, block_f=16, block_v=64, block_d=16,
+                            capacity=capacity)
+    check(got.top_values, got.top_ids, full, 9, True)
+    check(got.bottom_values, got.bottom_ids, full, 9, False)
+
+
+def test_probe_threshold_is_under_every_true_topk_value():
+    from mmn_fast.kernels._vocab_filter_triton import probe_thresholds
+
+    gen = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        w_out, w_u = torch.randn(64, 50, generator=gen).to(dtype), torch.randn(1000, 64, generator=gen).to(dtype)
+        full = w_out.double().t() @ w_u.double().t()  # [F, V]
+        top, neg_bottom, n_probe = probe_thresholds(w_out, w_u, 16, 8, True, True)
+        assert n_probe == 125
+        assert (full.topk(16, dim=1).values[:, -1] >= top.double()).all()
+        assert (-full.topk(16, dim=1, largest=False).values[:, -1] >= neg_bottom.double()).all()
+        kept = (full >= top.double()[:, None]).sum(1).float()  # candidates: about k * stride = 128
+        assert 16 <= kept.min() and kept.mean() < 400
+
+
+@pytest.mark.parametrize("method", ["filter", "bitonic"])
+def test_ties_go_to_the_smaller_token_id(method):
+    """Small integer weights make exactly equal logits (every sum is exact in fp32), and duplicated
+    unembedding rows add more; the smaller id wins, whatever order the tiles (or atomics) ran in."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randint(-2, 3, (40, 16), generator=gen).float()
+    w_u = torch.cat([base, base, base])  # ids i, i + 40 and i + 80 tie
+    w_out = torch.randint(-2, 3, (16, 20), generator=gen).float()
+    got = vocab_topk_triton(w_out.to(DEVICE), w_u.to(DEVICE), 5, both=True, method=method,
+                            block_f=16, block_v=32, block_d=16, probe_stride=2)
+    full = w_out.double().t() @ w_u.double().t()  # [F, 120]: each value three times
+    want_top = full.sort(dim=1, descending=True, stable=True).indices[:, :5]  # equal values: smaller id first
+    want_bottom = full.sort(dim=1, stable=True).indices[:, :5]
+    assert torch.equal(got.top_ids.cpu(), want_top) and torch.equal(got.bottom_ids.cpu(), want_bottom)
 
 
 def test_torch_both_matches_single_passes():
@@ -85,3 +150,11 @@ def test_torch_both_matches_single_passes():
 def test_validation(w_out, w_u, k, match):
     with pytest.raises(ValueError, match=match):
         vocab_topk_triton(w_out.to(DEVICE), w_u.to(DEVICE), k)
+
+
+@pytest.mark.parametrize("kw,match", [({"method": "heap"}, "unknown method"), ({"probe_stride": 0}, "probe_stride"),
+                                      ({"block_d": 24}, "power of two")])
+def test_option_validation(kw, match):
+    w_out, w_u = torch.randn(8, 4), torch.randn(10, 8)
+    with pytest.raises(ValueError, match=match):
+        vocab_topk_triton(w_out.to(DEVICE), w_u.to(DEVICE), 3, **kw)

@@ -1,0 +1,206 @@
+"""Triton kernel of `vocab_topk`'s filter method (imported only by `vocab_topk_triton`).
+
+A plain tiled GEMM of `W_out^T W_U^T` [F, V] whose epilogue keeps, per row, only the logits at or
+above a per-row threshold (or at or below one, for the bottom-k), appending them with their ids
+to a per-row candidate buffer: one atomic per row per tile reserves the slots, a cumsum along the
+tile gives each kept logit its slot. No sort runs in the kernel, and the epilogue holds no more
+than the accumulator and a mask; the threshold (from a probe of the vocabulary, computed first)
+makes the kept set small, and a `torch.topk` over the [F, capacity] candidates finishes. The
+candidates are ranked as packed int64 keys, the same order as the running top-k kernel's: the
+order-preserving int32 of the fp32 bits in the high half, `2^31 - 1 - id` in the low half, so
+ties go to the smaller id and the result does not depend on the order the atomics ran in.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_util import interpreter_on
+from ._vocab_topk_triton import _buffers
+
+# Relative margin under each row's probe threshold (times the row's largest |probe logit|). The
+# probe runs as a torch matmul in the weights' dtype, so its logits differ from the kernel's fp32
+# accumulators by the output rounding (2^-9 for bf16, 2^-11 for fp16 and TF32) plus summation
+# order; a margin of several of those keeps the threshold under the kernel's own k-th value.
+_MARGIN = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-8, torch.float32: 2.0**-8}
+
+
+@triton.jit
+def _append(x, thr, vs, valid, cnt_ptr, val_ptr, id_ptr, fs, fmask, C):
+    """Append the logits of x [BF, BV] that are >= thr [BF], with their ids, to each row's slots."""
+    keep = (x >= thr[:, None]) & valid & fmask[:, None]  # [BF, BV]
+    keep_i = keep.to(tl.int32)
+    n = tl.sum(keep_i, axis=1)  # [BF]
+    if tl.max(n) > 0:
+        base = tl.atomic_add(cnt_ptr + fs, n, mask=fmask & (n > 0))  # [BF] first free slot
+        slot = base[:, None] + tl.cumsum(keep_i, axis=1) - 1  # [BF, BV]
+        ok = keep & (slot < C)  # a full row only counts; the caller recomputes it
+        offs = fs[:, None].to(tl.int64) * C + slot
+        tl.store(val_ptr + offs, x, mask=ok)
+        tl.store(id_ptr + offs, tl.broadcast_to(vs[None, :], x.shape), mask=ok)
+
+
+@triton.jit
+def _vocab_filter_kernel(
+    wo_ptr,  # [d, F], strides (s_wo_d, s_wo_f)
+    wu_ptr,  # [V, d], strides (s_wu_v, s_wu_d)
+    top_thr_ptr,  # [F] fp32: keep logits >= this
+    bot_thr_ptr,  # [F] fp32: keep -logits >= this (the negated bottom threshold)
+    top_cnt_ptr,  # [F] int32 zeroed: candidates seen per row (may exceed C)
+    bot_cnt_ptr,
+    top_val_ptr,  # [F, C] fp32 candidate logits (bottom: negated), slots past the count unwritten
+    top_id_ptr,  # [F, C] int32 their token ids
+    bot_val_ptr,
+    bot_id_ptr,
+    D,
+    F,
+    V,
+    C,
+    s_wo_d,
+    s_wo_f,
+    s_wu_v,
+    s_wu_d,
+    TOP: tl.constexpr,
+    BOTTOM: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUP_F: tl.constexpr,  # programs grouped along F so neighbouring ones share W_U tiles in L2
+    EVEN_D: tl.constexpr,  # D % BLOCK_D == 0: no masks in the inner loop
+    UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (the interpreter's half dot is wrong)
+    PRECISION: tl.constexpr,  # "ieee" for fp32 weights: no TF32 rounding in the ranking
+):
+    pid = tl.program_id(0)
+    n_f = tl.cdiv(F, BLOCK_F)
+    n_v = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_F * n_v
+    first_f = (pid // per_group) * GROUP_F
+    group_size = tl.minimum(n_f - first_f, GROUP_F)
+    pid_f = first_f + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+
+    fs = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)  # [BF]
+    vs = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # [BV]
+    fmask = fs < F
+    vmask = vs < V
+    fs_load = tl.where(fmask, fs, 0).to(tl.int64)  # clamped rows/columns: loads stay in bounds
+    vs_load = tl.where(vmask, vs, 0).to(tl.int64)  # without masks; int64: V x d may pass 2^31
+    acc = tl.zeros([BLOCK_F, BLOCK_V], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        a_ptr = wo_ptr + ds[None, :] * s_wo_d + fs_load[:, None] * s_wo_f  # [BF, BD] = W_out^T tile
+        b_ptr = wu_ptr + vs_load[None, :] * s_wu_v + ds[:, None] * s_wu_d  # [BD, BV] = W_U^T tile
+        if EVEN_D:
+            a = tl.load(a_ptr)
+            b = tl.load(b_ptr)
+        else:
+            dmask = ds < D
+            a = tl.load(a_ptr, mask=dmask[None, :], other=0.0)
+            b = tl.load(b_ptr, mask=dmask[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)  # [BF, BV]
+
+    valid = vmask[None, :]
+    if TOP:
+        thr = tl.load(top_thr_ptr + fs, mask=fmask, other=0.0)
+        _append(acc, thr, vs, valid, top_cnt_ptr, top_val_ptr, top_id_ptr, fs, fmask, C)
+    if BOTTOM:
+        thr = tl.load(bot_thr_ptr + fs, mask=fmask, other=0.0)
+        _append(-acc, thr, vs, valid, bot_cnt_ptr, bot_val_ptr, bot_id_ptr, fs, fmask, C)
+
+
+def probe_thresholds(w_out, w_u, k, probe_stride, top, bottom, chunk=4096):
+    """Per-row thresholds from the logits of every `probe_stride`-th token (at least k of them).
+
+    The k-th largest logit of any subset of a row is at most the row's k-th largest, so every true
+    top-k logit is >= the probe's k-th (less a margin for the probe's own rounding). Returns
+    (top [F] fp32 or None, negated bottom [F] fp32 or None) and the probe's size."""
+    d, f = w_out.shape
+    v = w_u.shape[0]
+    n_probe = min(v, max(k, -(-v // probe_stride)))
+    cols = torch.arange(n_probe, device=w_u.device) * v // n_probe  # distinct, evenly spread ids
+    probe_u = w_u.index_select(0, cols)  # [P, d]
+    margin = _MARGIN[w_out.dtype]
+    tops, bots = [], []
+    for s in range(0, f, chunk):
+        logits = (w_out[:, s : s + chunk].t() @ probe_u.t()).float()  # [Fc, P]
+        slack = logits.abs().amax(dim=1) * margin  # [Fc]
+        if top:
+            tops.append(logits.topk(k, dim=1).values[:, -1] - slack)
+        if bottom:
+            bots.append(-logits.topk(k, dim=1, largest=False).values[:, -1] - slack)
+    cat = lambda parts: torch.cat(parts).contiguous() if parts else None  # noqa: E731
+    return cat(tops), cat(bots), n_probe
+
+
+def pack_keys(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 values + int ids -> int64 keys whose signed order is (value, then smaller id)."""
+    bits = values.view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: flip the magnitude bits
+    return (ordered.to(torch.int64) << 32) | (2147483647 - ids.to(torch.int64))
+
+
+def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 keys -> (fp32 values, int64 ids), the inverse of `pack_keys`."""
+    ordered = (keys >> 32).to(torch.int32)
+    bits = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
+    return bits.view(torch.float32), 2147483647 - (keys & 0xFFFFFFFF)
+
+
+def launch_vocab_filter(w_out, w_u, k, largest, both, probe_stride, capacity, block_f, block_v, block_d,
+                        group_f, num_warps, num_stages, out):
+    """Probe thresholds, one filtering GEMM, then a top-k of each row's candidates. Rows whose
+    candidates overflowed `capacity` (or, defensively, came out under k) are recomputed exactly by
+    the chunked torch path, so the result never depends on the capacity. Shapes are validated by
+    `vocab_topk_triton`."""
+    from .vocab_topk import vocab_topk_torch
+
+    for name, b in (("block_f", block_f), ("block_v", block_v), ("block_d", block_d)):
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {b}")
+    if probe_stride < 1:
+        raise ValueError(f"probe_stride must be >= 1, got {probe_stride}")
+    d, f = w_out.shape
+    v = w_u.shape[0]
+    k = min(k, v)
+    top, bottom = (True, True) if both else (largest, not largest)
+    bufs = _buffers(out, 4 if both else 2, f, k, w_out.device)
+    if f == 0:
+        return tuple(bufs)
+    top_thr, bot_thr, n_probe = probe_thresholds(w_out, w_u, k, probe_stride, top, bottom)
+    if capacity is None:  # about k * V / n_probe candidates per row are expected; room for twice that
+        capacity = 2 * k * -(-v // n_probe) + 256
+    capacity = max(k, min(int(capacity), v))
+    dev = w_out.device
+    sides = [(top, top_thr, False), (bottom, bot_thr, True)]
+    cnts = [torch.zeros(f, dtype=torch.int32, device=dev) if on else None for on, _, _ in sides]
+    vals = [torch.full((f, capacity), float("-inf"), device=dev) if on else None for on, _, _ in sides]
+    ids = [torch.zeros((f, capacity), dtype=torch.int32, device=dev) if on else None for on, _, _ in sides]
+    pick = lambda ts, i: ts[i] if ts[i] is not None else ts[1 - i]  # noqa: E731  (an unused side's stand-in)
+    fp32 = w_out.dtype == torch.float32
+    grid = (triton.cdiv(f, block_f) * triton.cdiv(v, block_v),)
+    _vocab_filter_kernel[grid](
+        w_out, w_u, pick([top_thr, bot_thr], 0), pick([top_thr, bot_thr], 1), pick(cnts, 0), pick(cnts, 1),
+        pick(vals, 0), pick(ids, 0), pick(vals, 1), pick(ids, 1), d, f, v, capacity,
+        w_out.stride(0), w_out.stride(1), w_u.stride(0), w_u.stride(1),
+        TOP=top, BOTTOM=bottom, BLOCK_F=block_f, BLOCK_V=block_v, BLOCK_D=block_d, GROUP_F=group_f,
+        EVEN_D=d % block_d == 0, UPCAST=interpreter_on() and not fp32,
+        PRECISION="ieee" if fp32 or interpreter_on() else "tf32", num_warps=num_warps, num_stages=num_stages,
+    )
+    pairs = iter(bufs)
+    for (on, _, negate), cnt, val, idx in zip(sides, cnts, vals, ids):
+        if not on:
+            continue
+        values_out, ids_out = next(pairs), next(pairs)
+        best, best_ids = decode_keys(pack_keys(val, idx).topk(k, dim=1).values)  # [F, k] best first
+        values_out.copy_(-best if negate else best)
+        ids_out.copy_(best_ids)
+        redo = ((cnt > capacity) | (cnt < k)).nonzero().flatten()
+        if redo.numel():  # exact, for the few rows the buffer could not hold
+            rv, ri = vocab_topk_torch(w_out.index_select(1, redo), w_u, k, largest=not negate)
+            values_out.index_copy_(0, redo, rv)
+            ids_out.index_copy_(0, redo, ri)
+    return tuple(bufs)
