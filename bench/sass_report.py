@@ -1,0 +1,121 @@
+"""Static resource report of the Triton kernels for an H100 (sm_90), without a GPU.
+
+Compiles each kernel ahead of time with triton's bundled ptxas and reads the SASS with its
+cuobjdump: registers per thread, stack bytes (register spills), shared memory, and how many
+local-memory (spill) instructions sit inside loops. A spill inside a GEMM's main loop costs on
+every K step; one in the epilogue costs once per tile. This is how the `vocab_topk` filter kernel's
+epilogue was chosen in a session with no GPU (see docs/benchmarks.md); timings still need one.
+
+    python bench/sass_report.py            # about a minute on 2 CPU cores
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"  # compile for real, even where conftest-like code set it
+warnings.filterwarnings("ignore")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mmn_fast.kernels._act_score_triton import _act_score_kernel  # noqa: E402
+from mmn_fast.kernels._vocab_filter_triton import _vocab_filter_kernel  # noqa: E402
+from mmn_fast.kernels._vocab_topk_triton import _vocab_topk_kernel  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def _compile(fn, types: dict, consts: dict, num_warps: int, num_stages: int = 3):
+    sig = {**types, **{c: "constexpr" for c in consts}}
+    return triton.compile(ASTSource(fn, sig, consts), target=TARGET,
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _sass(kernel) -> list[str]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        res = subprocess.run([str(BIN / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([str(BIN / "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    usage = next(line for line in res.splitlines() if "REG:" in line).split()
+    lines = [line for line in sass.splitlines() if "/*" in line and ";" in line]
+    return usage, lines
+
+
+def report(name: str, kernel) -> str:
+    usage, lines = _sass(kernel)
+    fields = dict(u.split(":", 1) for u in usage if ":" in u)
+    addr = {}
+    for i, line in enumerate(lines):
+        head = line.strip().split("*/")[0].lstrip("/*")
+        addr[int(head, 16)] = i
+    in_loop = set()
+    for i, line in enumerate(lines):  # a backward branch closes a loop
+        if " BRA " in line:
+            target = int(line.split("BRA")[1].split(";")[0].strip(), 16)
+            if target in addr and addr[target] < i:
+                in_loop.update(range(addr[target], i + 1))
+    local = [i for i, line in enumerate(lines) if "LDL" in line or "STL" in line]
+    loop_local = sum(1 for i in local if i in in_loop)
+    mma = sum(1 for line in lines if "HGMMA" in line)
+    return (f"| {name} | {fields['REG']} | {fields['STACK']} | {kernel.metadata.shared // 1024} KiB | "
+            f"{len(lines)} | {len(local)} | {loop_local} | {'yes' if mma else 'no'} |")
+
+
+def filter_kernel(top, bottom, bf=128, bv=128, bd=64, warps=8):
+    types = {"wo_ptr": "*bf16", "wu_ptr": "*bf16", "top_thr_ptr": "*fp32", "bot_thr_ptr": "*fp32",
+             "top_cnt_ptr": "*i32", "bot_cnt_ptr": "*i32", "top_val_ptr": "*fp32", "top_id_ptr": "*i32",
+             "bot_val_ptr": "*fp32", "bot_id_ptr": "*i32", **{a: "i32" for a in
+             ("D", "F", "V", "C", "s_wo_d", "s_wo_f", "s_wu_v", "s_wu_d")}}
+    consts = dict(TOP=top, BOTTOM=bottom, BLOCK_F=bf, BLOCK_V=bv, BLOCK_D=bd, GROUP_F=8, EVEN_D=True,
+                  UPCAST=False, PRECISION="tf32")
+    return _compile(_vocab_filter_kernel, types, consts, warps)
+
+
+def bitonic_kernel(bf=64, bv=128, bd=64, kp=64):
+    types = {"wo_ptr": "*bf16", "wu_ptr": "*bf16", "top_v_ptr": "*fp32", "top_i_ptr": "*i64",
+             "bot_v_ptr": "*fp32", "bot_i_ptr": "*i64",
+             **{a: "i32" for a in ("D", "F", "V", "K", "s_wo_d", "s_wo_f", "s_wu_v", "s_wu_d")}}
+    consts = dict(TOP=True, BOTTOM=True, KP=kp, BLOCK_F=bf, BLOCK_V=bv, BLOCK_D=bd, UPCAST=False, PRECISION="tf32")
+    return _compile(_vocab_topk_kernel, types, consts, 4)
+
+
+def act_score_kernel(reduce_max, block_f=1024):
+    types = {"gate_ptr": "*bf16", "up_ptr": "*bf16", "h_ptr": "*bf16", "red_ptr": "*fp32", "cap_dst_ptr": "*i64",
+             "cap_ptr": "*bf16", "cap_act_ptr": "*bf16", "chunk_start_ptr": "*i64", "chunk_end_ptr": "*i64",
+             "chunk_group_ptr": "*i64", "F": "i32", "G": "i32"}
+    consts = dict(ACT="silu", HAS_UP=True, HAS_PROJ=True, REDUCE_MAX=reduce_max, HAS_CAPTURE=True,
+                  CAPTURE_ACT=False, BLOCK_N=1, BLOCK_F=block_f, RNE_BF16=False)
+    return _compile(_act_score_kernel, types, consts, 4)
+
+
+def main():
+    print(f"# sm_90 (H100) SASS, bf16 inputs, triton {triton.__version__}, compiled on CPU\n")
+    print("| kernel | registers | stack bytes | shared | SASS instructions | local (spill) ops | in loops | wgmma |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = [
+        ("vocab_topk filter, top-k, 128x128x64, 8 warps", lambda: filter_kernel(True, False)),
+        ("vocab_topk filter, top + bottom, 128x128x64, 8 warps", lambda: filter_kernel(True, True)),
+        ("vocab_topk filter, top + bottom, 128x128x64, 4 warps", lambda: filter_kernel(True, True, warps=4)),
+        ("vocab_topk filter, top + bottom, 128x256x64, 8 warps", lambda: filter_kernel(True, True, bv=256)),
+        ("vocab_topk bitonic, top + bottom, 64x128x64, k=64", bitonic_kernel),
+        ("act_score, SiLU, sums, capture", lambda: act_score_kernel(False)),
+        ("act_score, SiLU, max/min, capture", lambda: act_score_kernel(True)),
+    ]
+    for name, make in rows:
+        try:
+            print(report(name, make()), flush=True)
+        except Exception as e:  # a compiler failure is a finding, not a crash of the report
+            print(f"| {name} | compile failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} |||||||")
+
+
+if __name__ == "__main__":
+    main()
