@@ -3,7 +3,7 @@ the test suite). On CUDA the Triton variants run too; the ratio table is `bench/
 import pytest
 import torch
 
-from mmn_fast.kernels import act_score, vocab_topk, vocab_topk_torch
+from mmn_fast.kernels import act_score, vocab_topk_torch, vocab_topk_triton
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -62,7 +62,9 @@ def test_vocab_topk_chunked_torch(benchmark, vocab_weights):
     benchmark(_run, lambda: vocab_topk_torch(w_out, w_u, 64))
 
 
-@pytest.mark.skipif(not CUDA, reason="the Triton kernel is benchmarked on CUDA only")
-def test_vocab_topk_triton(benchmark, vocab_weights):
+@pytest.mark.skipif(not CUDA, reason="the Triton kernels are benchmarked on CUDA only")
+@pytest.mark.parametrize("variant", [dict(method="filter"), dict(method="filter", gemm="torch"), dict(method="bitonic")],
+                         ids=["filter", "filter-cublas", "bitonic"])
+def test_vocab_topk_triton(benchmark, vocab_weights, variant):
     w_out, w_u = vocab_weights
-    benchmark(_run, lambda: vocab_topk(w_out, w_u, 64, backend="triton"))
+    benchmark(_run, lambda: vocab_topk_triton(w_out, w_u, 64, **variant))

@@ -92,6 +92,8 @@ def vocab_rows(device, dtype, d, f, v, k, repeats, triton_ok):
     if triton_ok:
         add("triton filter: top-k", lambda: vocab_topk(w_out, w_u, k, backend="triton"))
         add("triton filter: top-k + bottom-k", lambda: vocab_topk(w_out, w_u, k, both=True, backend="triton"))
+        add("triton filter on cuBLAS fp32 logits (8192-token chunks): top-k + bottom-k",
+            lambda: vocab_topk_triton(w_out, w_u, k, both=True, gemm="torch"))
         add("triton filter, probe every 16th token: top-k + bottom-k",
             lambda: vocab_topk_triton(w_out, w_u, k, both=True, probe_stride=16))
         add("triton bitonic running top-k: top-k + bottom-k",

@@ -44,9 +44,33 @@ def _append(x, thr, vs, valid, cnt_ptr, val_ptr, id_ptr, fs, fmask, C):
 
 
 @triton.jit
+def _logits_tile(wo_ptr, wu_ptr, fs, vs, D, s_wo_d, s_wo_f, s_wu_v, s_wu_d, BLOCK_F: tl.constexpr,
+                 BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """[BLOCK_F, BLOCK_V] fp32 tile of W_out^T W_U^T for rows fs and columns vs (both in bounds)."""
+    acc = tl.zeros([BLOCK_F, BLOCK_V], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        a_ptr = wo_ptr + ds[None, :] * s_wo_d + fs[:, None] * s_wo_f  # [BF, BD] = W_out^T tile
+        b_ptr = wu_ptr + vs[None, :] * s_wu_v + ds[:, None] * s_wu_d  # [BD, BV] = W_U^T tile
+        if EVEN_D:
+            a = tl.load(a_ptr)
+            b = tl.load(b_ptr)
+        else:
+            dmask = ds < D
+            a = tl.load(a_ptr, mask=dmask[None, :], other=0.0)
+            b = tl.load(b_ptr, mask=dmask[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)  # [BF, BV]
+    return acc
+
+
+@triton.jit
 def _vocab_filter_kernel(
-    wo_ptr,  # [d, F], strides (s_wo_d, s_wo_f)
-    wu_ptr,  # [V, d], strides (s_wu_v, s_wu_d)
+    wo_ptr,  # [d, F], strides (s_wo_d, s_wo_f); FROM_LOGITS: fp32 logits [F, V - V0], strides (s_wo_f, s_wo_d)
+    wu_ptr,  # [V, d], strides (s_wu_v, s_wu_d); unused with FROM_LOGITS
     top_thr_ptr,  # [F] fp32: keep logits >= this
     bot_thr_ptr,  # [F] fp32: keep -logits >= this (the negated bottom threshold)
     top_cnt_ptr,  # [F] int32 zeroed: candidates seen per row (may exceed C)
@@ -57,7 +81,8 @@ def _vocab_filter_kernel(
     bot_id_ptr,
     D,
     F,
-    V,
+    V0,  # first token id this launch covers (0 unless FROM_LOGITS walks vocabulary chunks)
+    V,  # one past the last
     C,
     s_wo_d,
     s_wo_f,
@@ -72,10 +97,11 @@ def _vocab_filter_kernel(
     EVEN_D: tl.constexpr,  # D % BLOCK_D == 0: no masks in the inner loop
     UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (the interpreter's half dot is wrong)
     PRECISION: tl.constexpr,  # "ieee" for fp32 weights: no TF32 rounding in the ranking
+    FROM_LOGITS: tl.constexpr,  # the logits come precomputed (a cuBLAS chunk): only the epilogue runs
 ):
     pid = tl.program_id(0)
     n_f = tl.cdiv(F, BLOCK_F)
-    n_v = tl.cdiv(V, BLOCK_V)
+    n_v = tl.cdiv(V - V0, BLOCK_V)
     per_group = GROUP_F * n_v
     first_f = (pid // per_group) * GROUP_F
     group_size = tl.minimum(n_f - first_f, GROUP_F)
@@ -83,27 +109,16 @@ def _vocab_filter_kernel(
     pid_v = (pid % per_group) // group_size
 
     fs = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)  # [BF]
-    vs = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # [BV]
+    vs = V0 + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # [BV]
     fmask = fs < F
     vmask = vs < V
     fs_load = tl.where(fmask, fs, 0).to(tl.int64)  # clamped rows/columns: loads stay in bounds
-    vs_load = tl.where(vmask, vs, 0).to(tl.int64)  # without masks; int64: V x d may pass 2^31
-    acc = tl.zeros([BLOCK_F, BLOCK_V], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        a_ptr = wo_ptr + ds[None, :] * s_wo_d + fs_load[:, None] * s_wo_f  # [BF, BD] = W_out^T tile
-        b_ptr = wu_ptr + vs_load[None, :] * s_wu_v + ds[:, None] * s_wu_d  # [BD, BV] = W_U^T tile
-        if EVEN_D:
-            a = tl.load(a_ptr)
-            b = tl.load(b_ptr)
-        else:
-            dmask = ds < D
-            a = tl.load(a_ptr, mask=dmask[None, :], other=0.0)
-            b = tl.load(b_ptr, mask=dmask[:, None], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)  # [BF, BV]
+    vs_load = tl.where(vmask, vs, V0).to(tl.int64)  # without masks; int64: V x d may pass 2^31
+    if FROM_LOGITS:
+        acc = tl.load(wo_ptr + fs_load[:, None] * s_wo_f + (vs_load - V0)[None, :] * s_wo_d)  # [BF, BV]
+    else:
+        acc = _logits_tile(wo_ptr, wu_ptr, fs_load, vs_load, D, s_wo_d, s_wo_f, s_wu_v, s_wu_d,
+                           BLOCK_F, BLOCK_V, BLOCK_D, EVEN_D, UPCAST, PRECISION)
 
     valid = vmask[None, :]
     if TOP:
@@ -152,11 +167,24 @@ def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return bits.view(torch.float32), 2147483647 - (keys & 0xFFFFFFFF)
 
 
-def launch_vocab_filter(w_out, w_u, k, largest, both, probe_stride, capacity, block_f, block_v, block_d,
-                        group_f, num_warps, num_stages, out):
-    """Probe thresholds, one filtering GEMM, then a top-k of each row's candidates. Rows whose
+def _logits_chunk(w_out, w_u, v0, v1):
+    """fp32 logits [F, v1 - v0] by cuBLAS: half weights in, fp32 out where torch offers it (CUDA)."""
+    a, b = w_out.t(), w_u[v0:v1].t()
+    if a.dtype != torch.float32 and a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch without mm(out_dtype=)
+            pass
+    return a.float() @ b.float()
+
+
+def launch_vocab_filter(w_out, w_u, k, largest, both, probe_stride, capacity, gemm, chunk, block_f, block_v,
+                        block_d, group_f, num_warps, num_stages, out):
+    """Probe thresholds, the filtering pass, then a top-k of each row's candidates. Rows whose
     candidates overflowed `capacity` (or, defensively, came out under k) are recomputed exactly by
-    the chunked torch path, so the result never depends on the capacity. Shapes are validated by
+    the chunked torch path, so the result never depends on the capacity. gemm="triton": one kernel
+    computes the logits and filters them; gemm="torch": cuBLAS computes `chunk`-token slices of the
+    logits (extra memory F x chunk x 4 bytes) and the kernel only filters. Shapes are validated by
     `vocab_topk_triton`."""
     from .vocab_topk import vocab_topk_torch
 
@@ -165,6 +193,10 @@ def launch_vocab_filter(w_out, w_u, k, largest, both, probe_stride, capacity, bl
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {b}")
     if probe_stride < 1:
         raise ValueError(f"probe_stride must be >= 1, got {probe_stride}")
+    if gemm not in ("triton", "torch"):
+        raise ValueError(f"unknown gemm {gemm!r}; expected 'triton' or 'torch'")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     d, f = w_out.shape
     v = w_u.shape[0]
     k = min(k, v)
@@ -183,15 +215,24 @@ def launch_vocab_filter(w_out, w_u, k, largest, both, probe_stride, capacity, bl
     ids = [torch.zeros((f, capacity), dtype=torch.int32, device=dev) if on else None for on, _, _ in sides]
     pick = lambda ts, i: ts[i] if ts[i] is not None else ts[1 - i]  # noqa: E731  (an unused side's stand-in)
     fp32 = w_out.dtype == torch.float32
-    grid = (triton.cdiv(f, block_f) * triton.cdiv(v, block_v),)
-    _vocab_filter_kernel[grid](
-        w_out, w_u, pick([top_thr, bot_thr], 0), pick([top_thr, bot_thr], 1), pick(cnts, 0), pick(cnts, 1),
-        pick(vals, 0), pick(ids, 0), pick(vals, 1), pick(ids, 1), d, f, v, capacity,
-        w_out.stride(0), w_out.stride(1), w_u.stride(0), w_u.stride(1),
-        TOP=top, BOTTOM=bottom, BLOCK_F=block_f, BLOCK_V=block_v, BLOCK_D=block_d, GROUP_F=group_f,
-        EVEN_D=d % block_d == 0, UPCAST=interpreter_on() and not fp32,
-        PRECISION="ieee" if fp32 or interpreter_on() else "tf32", num_warps=num_warps, num_stages=num_stages,
-    )
+
+    def launch(src, v0, v1, strides, from_logits):
+        grid = (triton.cdiv(f, block_f) * triton.cdiv(v1 - v0, block_v),)
+        _vocab_filter_kernel[grid](
+            src, w_u, pick([top_thr, bot_thr], 0), pick([top_thr, bot_thr], 1), pick(cnts, 0), pick(cnts, 1),
+            pick(vals, 0), pick(ids, 0), pick(vals, 1), pick(ids, 1), d, f, v0, v1, capacity, *strides,
+            TOP=top, BOTTOM=bottom, BLOCK_F=block_f, BLOCK_V=block_v, BLOCK_D=block_d, GROUP_F=group_f,
+            EVEN_D=d % block_d == 0, UPCAST=interpreter_on() and not fp32,
+            PRECISION="ieee" if fp32 or interpreter_on() else "tf32", FROM_LOGITS=from_logits,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+    if gemm == "triton":
+        launch(w_out, 0, v, (w_out.stride(0), w_out.stride(1), w_u.stride(0), w_u.stride(1)), False)
+    else:
+        for v0 in range(0, v, chunk):
+            logits = _logits_chunk(w_out, w_u, v0, min(v, v0 + chunk))  # [F, chunk] fp32
+            launch(logits, v0, min(v, v0 + chunk), (logits.stride(1), logits.stride(0), 0, 0), True)
     pairs = iter(bufs)
     for (on, _, negate), cnt, val, idx in zip(sides, cnts, vals, ids):
         if not on:

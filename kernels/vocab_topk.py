@@ -75,6 +75,8 @@ def vocab_topk_triton(
     block_d: int | None = None,
     probe_stride: int = 8,
     capacity: int | None = None,
+    gemm: str = "triton",
+    chunk: int = 8192,
     out: tuple[torch.Tensor, ...] | None = None,
 ):
     """Triton path of `vocab_topk`; F x V is never stored. fp32 / fp16 / bf16 weights of one dtype.
@@ -83,7 +85,9 @@ def vocab_topk_triton(
     under its k-th logit; one tiled GEMM then appends only the logits past it to a per-row buffer
     of `capacity` slots (about 2 k probe_stride by default), and a top-k of that buffer finishes.
     No sort runs in the GEMM, so the cost is the matmul plus 1/probe_stride of it for the probe.
-    Rows that overflow the buffer are recomputed exactly by the torch path.
+    Rows that overflow the buffer are recomputed exactly by the torch path. gemm="torch" leaves
+    the logits to cuBLAS, `chunk` tokens at a time in fp32 (extra memory F x chunk x 4 bytes), and
+    runs only the filter in Triton: the yardstick for the fused GEMM's own efficiency.
     method="bitonic": one program per block_f neurons walks the vocabulary in block_v tiles and
     keeps a running top-k in registers (bitonic merges). (H100, bf16, d=4096, F=11008, V=32000,
     k=64, both=True: 56 ms with 64/128/64 blocks, against about 4 ms for the bf16 matmul alone:
@@ -106,8 +110,8 @@ def vocab_topk_triton(
         from ._vocab_filter_triton import launch_vocab_filter
 
         res = launch_vocab_filter(
-            w_out, w_u, k, largest, both, probe_stride, capacity, block_f or 128, block_v or 128, block_d or 64,
-            group_f=8, num_warps=8, num_stages=3, out=out,
+            w_out, w_u, k, largest, both, probe_stride, capacity, gemm, chunk, block_f or 128, block_v or 128,
+            block_d or 64, group_f=8, num_warps=8, num_stages=3, out=out,
         )
     else:
         from ._vocab_topk_triton import launch_vocab_topk

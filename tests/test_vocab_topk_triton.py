@@ -31,7 +31,10 @@ def check(values, ids, full, k, largest):
     assert (step >= 0).all() if largest else (step <= 0).all()
 
 
-@pytest.mark.parametrize("method", ["filter", "bitonic"])
+METHODS = [dict(method="filter"), dict(method="filter", gemm="torch", chunk=100), dict(method="bitonic")]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=["filter", "filter-cublas", "bitonic"])
 @pytest.mark.parametrize("d,f,v,k,mode,dtype", CASES)
 def test_triton_matches_full_product(d, f, v, k, mode, dtype, method):
     gen = torch.Generator().manual_seed(d * f + v + k)
@@ -43,7 +46,7 @@ def test_triton_matches_full_product(d, f, v, k, mode, dtype, method):
            torch.full((f, kk), -7, dtype=torch.int64, device=DEVICE) for i in range(n_out)]  # poisoned
     # small tiles: several F blocks and vocabulary tiles (block_v is raised to k's power of two)
     got = vocab_topk_triton(w_out.to(DEVICE), w_u.to(DEVICE), k, largest=mode != "bottom", both=mode == "both",
-                            method=method, block_f=16, block_v=32, block_d=16, probe_stride=3, out=out)
+                            block_f=16, block_v=32, block_d=16, probe_stride=3, out=out, **method)
     assert all(g.data_ptr() == o.data_ptr() for g, o in zip(got, out))
     assert not any(g.isnan().any() for g in got[0::2]) and all((g >= 0).all() and (g < v).all() for g in got[1::2])
     if mode == "both":
@@ -54,14 +57,14 @@ def test_triton_matches_full_product(d, f, v, k, mode, dtype, method):
         check(*got, full, kk, mode == "top")
 
 
-@pytest.mark.parametrize("method", ["filter", "bitonic"])
+@pytest.mark.parametrize("method", METHODS, ids=["filter", "filter-cublas", "bitonic"])
 def test_strided_weights_and_default_blocks(method):
     """Transposed (non-contiguous) views go in through their strides."""
     gen = torch.Generator().manual_seed(0)
     w_out = torch.randn(70, 24, generator=gen).t()  # [d=24, F=70], strides (1, 24)
     w_u = torch.randn(24, 200, generator=gen).t()  # [V=200, d=24], strides (1, 200)
     full = w_out.double().t() @ w_u.double().t()
-    got = vocab_topk_triton(w_out.to(DEVICE), w_u.to(DEVICE), 7, both=True, method=method)
+    got = vocab_topk_triton(w_out.to(DEVICE), w_u.to(DEVICE), 7, both=True, **method)
     check(got.top_values, got.top_ids, full, 7, True)
     check(got.bottom_values, got.bottom_ids, full, 7, False)
 
@@ -83,15 +86,16 @@ def test_filter_answers_from_the_kernel_without_fallback(monkeypatch):
     check(got.bottom_values, got.bottom_ids, full, 9, False)
 
 
+@pytest.mark.parametrize("gemm", ["triton", "torch"])
 @pytest.mark.parametrize("capacity", [1, 9, 20])
-def test_filter_overflowing_rows_are_recomputed(capacity):
+def test_filter_overflowing_rows_are_recomputed(capacity, gemm):
     """A buffer too small for the candidates (capacity is raised to k at least) still gives the
     exact answer: the rows that overflowed are recomputed."""
     gen = torch.Generator().manual_seed(3)
     w_out, w_u = torch.randn(32, 45, generator=gen), torch.randn(517, 32, generator=gen)
     full = w_out.double().t() @ w_u.double().t()
     got = vocab_topk_triton(w_out.to(DEVICE), w_u.to(DEVICE), 9, both=True, block_f=16, block_v=64, block_d=16,
-                            capacity=capacity)
+                            capacity=capacity, gemm=gemm, chunk=200)
     check(got.top_values, got.top_ids, full, 9, True)
     check(got.bottom_values, got.bottom_ids, full, 9, False)
 
@@ -111,7 +115,7 @@ def test_probe_threshold_is_under_every_true_topk_value():
         assert 16 <= kept.min() and kept.mean() < 400
 
 
-@pytest.mark.parametrize("method", ["filter", "bitonic"])
+@pytest.mark.parametrize("method", METHODS, ids=["filter", "filter-cublas", "bitonic"])
 def test_ties_go_to_the_smaller_token_id(method):
     """Small integer weights make exactly equal logits (every sum is exact in fp32), and duplicated
     unembedding rows add more; the smaller id wins, whatever order the tiles (or atomics) ran in."""
@@ -119,8 +123,8 @@ def test_ties_go_to_the_smaller_token_id(method):
     base = torch.randint(-2, 3, (40, 16), generator=gen).float()
     w_u = torch.cat([base, base, base])  # ids i, i + 40 and i + 80 tie
     w_out = torch.randint(-2, 3, (16, 20), generator=gen).float()
-    got = vocab_topk_triton(w_out.to(DEVICE), w_u.to(DEVICE), 5, both=True, method=method,
-                            block_f=16, block_v=32, block_d=16, probe_stride=2)
+    got = vocab_topk_triton(w_out.to(DEVICE), w_u.to(DEVICE), 5, both=True, block_f=16, block_v=32, block_d=16,
+                            probe_stride=2, **method)
     full = w_out.double().t() @ w_u.double().t()  # [F, 120]: each value three times
     want_top = full.sort(dim=1, descending=True, stable=True).indices[:, :5]  # equal values: smaller id first
     want_bottom = full.sort(dim=1, stable=True).indices[:, :5]
@@ -153,7 +157,8 @@ def test_validation(w_out, w_u, k, match):
 
 
 @pytest.mark.parametrize("kw,match", [({"method": "heap"}, "unknown method"), ({"probe_stride": 0}, "probe_stride"),
-                                      ({"block_d": 24}, "power of two")])
+                                      ({"block_d": 24}, "power of two"),
+                                      ({"gemm": "cutlass"}, "unknown gemm"), ({"gemm": "torch", "chunk": 0}, "chunk")])
 def test_option_validation(kw, match):
     w_out, w_u = torch.randn(8, 4), torch.randn(10, 8)
     with pytest.raises(ValueError, match=match):
