@@ -2,7 +2,7 @@
 
 Compiles each kernel ahead of time with triton's bundled ptxas and reads the SASS with its
 cuobjdump: registers per thread, stack bytes (register spills), shared memory, and how many
-local-memory (spill) instructions sit inside loops. A spill inside a GEMM's main loop costs on
+local-memory (spill) instructions sit inside loops, and the widths of the global loads. A spill inside a GEMM's main loop costs on
 every K step; one in the epilogue costs once per tile. This is how the `vocab_topk` filter kernel's
 epilogue was chosen in a session with no GPU (see docs/benchmarks.md); timings still need one.
 
@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections import Counter
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"  # compile for real, even where conftest-like code set it
@@ -34,8 +35,14 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
 def _compile(fn, types: dict, consts: dict, num_warps: int, num_stages: int = 3):
+    """Compile as triton's JIT would for contiguous, 16-byte aligned tensors whose sizes are
+    multiples of 16 (LLaMA widths): pointers and the remaining integer arguments get
+    `tt.divisibility=16`, as the JIT gives them at launch; strides of 1 come in `consts`, as the
+    JIT makes them constants. Without these hints loads would not vectorize."""
     sig = {**types, **{c: "constexpr" for c in consts}}
-    return triton.compile(ASTSource(fn, sig, consts), target=TARGET,
+    names = list(fn.arg_names)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, t in types.items() if t.startswith("*") or t == "i32"}
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=TARGET,
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
@@ -66,18 +73,25 @@ def report(name: str, kernel) -> str:
     local = [i for i, line in enumerate(lines) if "LDL" in line or "STL" in line]
     loop_local = sum(1 for i in local if i in in_loop)
     mma = sum(1 for line in lines if "HGMMA" in line)
+    loads = Counter()
+    for line in lines:  # global loads by width: a 16-bit LDG where a 128-bit one fits is lost bandwidth
+        ops = line.split("*/")[1].split()
+        op = ops[1] if ops[0].startswith("@") else ops[0]
+        if op.startswith(("LDG.", "LDGSTS.")) and op != "LDGDEPBAR":
+            loads[op.replace(".E", "").replace(".BYPASS", "")] += 1
+    load_s = ", ".join(f"{op} x{n}" for op, n in sorted(loads.items()))
     return (f"| {name} | {fields['REG']} | {fields['STACK']} | {kernel.metadata.shared // 1024} KiB | "
-            f"{len(lines)} | {len(local)} | {loop_local} | {'yes' if mma else 'no'} |")
+            f"{len(lines)} | {len(local)} | {loop_local} | {'yes' if mma else 'no'} | {load_s} |")
 
 
 def filter_kernel(top, bottom, bf=128, bv=128, bd=64, warps=8, from_logits=False):
     types = {"wo_ptr": "*bf16", "wu_ptr": "*bf16", "top_thr_ptr": "*fp32", "bot_thr_ptr": "*fp32",
              "top_cnt_ptr": "*i32", "bot_cnt_ptr": "*i32", "top_val_ptr": "*fp32", "top_id_ptr": "*i32",
              "bot_val_ptr": "*fp32", "bot_id_ptr": "*i32", **{a: "i32" for a in
-             ("D", "F", "V0", "V", "C", "s_wo_d", "s_wo_f", "s_wu_v", "s_wu_d")}}
-    if from_logits:
+             ("D", "F", "V0", "V", "C", "s_wo_d", "s_wu_v")}}
+    if from_logits:  # logits [F, chunk]: the row stride is the chunk, the column stride 1
         types["wo_ptr"] = "*fp32"
-    consts = dict(TOP=top, BOTTOM=bottom, BLOCK_F=bf, BLOCK_V=bv, BLOCK_D=bd, GROUP_F=8, EVEN_D=True,
+    consts = dict(s_wo_f=1, s_wu_d=1, TOP=top, BOTTOM=bottom, BLOCK_F=bf, BLOCK_V=bv, BLOCK_D=bd, GROUP_F=8, EVEN_D=True,
                   UPCAST=False, PRECISION="tf32", FROM_LOGITS=from_logits)
     return _compile(_vocab_filter_kernel, types, consts, warps)
 
@@ -85,24 +99,25 @@ def filter_kernel(top, bottom, bf=128, bv=128, bd=64, warps=8, from_logits=False
 def bitonic_kernel(bf=64, bv=128, bd=64, kp=64):
     types = {"wo_ptr": "*bf16", "wu_ptr": "*bf16", "top_v_ptr": "*fp32", "top_i_ptr": "*i64",
              "bot_v_ptr": "*fp32", "bot_i_ptr": "*i64",
-             **{a: "i32" for a in ("D", "F", "V", "K", "s_wo_d", "s_wo_f", "s_wu_v", "s_wu_d")}}
-    consts = dict(TOP=True, BOTTOM=True, KP=kp, BLOCK_F=bf, BLOCK_V=bv, BLOCK_D=bd, UPCAST=False, PRECISION="tf32")
+             **{a: "i32" for a in ("D", "F", "V", "K", "s_wo_d", "s_wu_v")}}
+    consts = dict(s_wo_f=1, s_wu_d=1, TOP=True, BOTTOM=True, KP=kp, BLOCK_F=bf, BLOCK_V=bv, BLOCK_D=bd, UPCAST=False, PRECISION="tf32")
     return _compile(_vocab_topk_kernel, types, consts, 4)
 
 
 def act_score_kernel(reduce_max, block_f=1024):
     types = {"gate_ptr": "*bf16", "up_ptr": "*bf16", "h_ptr": "*bf16", "red_ptr": "*fp32", "cap_dst_ptr": "*i64",
              "cap_ptr": "*bf16", "cap_act_ptr": "*bf16", "chunk_start_ptr": "*i64", "chunk_end_ptr": "*i64",
-             "chunk_group_ptr": "*i64", "F": "i32", "G": "i32"}
-    consts = dict(ACT="silu", HAS_UP=True, HAS_PROJ=True, REDUCE_MAX=reduce_max, HAS_CAPTURE=True,
+             "chunk_group_ptr": "*i64", "F": "i32"}
+    consts = dict(G=1, ACT="silu", HAS_UP=True, HAS_PROJ=True, REDUCE_MAX=reduce_max, HAS_CAPTURE=True,
                   CAPTURE_ACT=False, BLOCK_N=1, BLOCK_F=block_f, RNE_BF16=False)
     return _compile(_act_score_kernel, types, consts, 4)
 
 
 def main():
     print(f"# sm_90 (H100) SASS, bf16 inputs, triton {triton.__version__}, compiled on CPU\n")
-    print("| kernel | registers | stack bytes | shared | SASS instructions | local (spill) ops | in loops | wgmma |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| kernel | registers | stack bytes | shared | SASS instructions | local (spill) ops | in loops | wgmma "
+          "| global loads |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = [
         ("vocab_topk filter, top-k, 128x128x64, 8 warps", lambda: filter_kernel(True, False)),
         ("vocab_topk filter, top + bottom, 128x128x64, 8 warps", lambda: filter_kernel(True, True)),

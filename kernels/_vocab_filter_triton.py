@@ -109,16 +109,20 @@ def _vocab_filter_kernel(
     pid_v = (pid % per_group) // group_size
 
     fs = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)  # [BF]
-    vs = V0 + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # [BV]
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # [BV] columns of this launch's vocabulary range
+    vs = V0 + cols  # token ids
     fmask = fs < F
     vmask = vs < V
-    fs_load = tl.where(fmask, fs, 0).to(tl.int64)  # clamped rows/columns: loads stay in bounds
-    vs_load = tl.where(vmask, vs, V0).to(tl.int64)  # without masks; int64: V x d may pass 2^31
+    # Out-of-range rows / columns wrap around so loads stay in bounds without masks; the hints (as
+    # in triton's matmul tutorial) keep the contiguity a clamp would hide, so loads along F and
+    # along the logits' columns vectorize (a tl.where clamp made them 16-bit scalar loads).
+    fs_load = tl.max_contiguous(tl.multiple_of(fs % F, BLOCK_F), BLOCK_F)
+    cols_load = tl.max_contiguous(tl.multiple_of(cols % (V - V0), BLOCK_V), BLOCK_V)
     if FROM_LOGITS:
-        acc = tl.load(wo_ptr + fs_load[:, None] * s_wo_f + (vs_load - V0)[None, :] * s_wo_d)  # [BF, BV]
-    else:
-        acc = _logits_tile(wo_ptr, wu_ptr, fs_load, vs_load, D, s_wo_d, s_wo_f, s_wu_v, s_wu_d,
-                           BLOCK_F, BLOCK_V, BLOCK_D, EVEN_D, UPCAST, PRECISION)
+        acc = tl.load(wo_ptr + fs_load[:, None] * s_wo_f + cols_load[None, :] * s_wo_d)  # [BF, BV]
+    else:  # int64 token ids: V x d may pass 2^31
+        acc = _logits_tile(wo_ptr, wu_ptr, fs_load, (V0 + cols_load).to(tl.int64), D, s_wo_d, s_wo_f, s_wu_v,
+                           s_wu_d, BLOCK_F, BLOCK_V, BLOCK_D, EVEN_D, UPCAST, PRECISION)
 
     valid = vmask[None, :]
     if TOP:
