@@ -142,23 +142,25 @@ def _row_chunks(row_group: torch.Tensor, block_n: int) -> tuple[torch.Tensor, to
     return start, end, row_group[run_start][run]
 
 
-_plans: dict[str, tuple] = {}  # name -> (key object, its _version or None, extra key, value)
+_plans: dict[tuple, tuple] = {}  # (name, device) -> (key object, its _version or None, extra key, value)
 
 
-def _cached(name: str, obj, extra: tuple, make):
-    """A single-entry cache per name, keyed by object identity plus its _version for tensors (a
-    tensor kept here cannot be freed, so its identity cannot be reused by another). Inference-mode
-    tensors have no version counter: never cached."""
+def _cached(name: str, obj, device: torch.device, extra: tuple, make):
+    """A single-entry cache per name and device, keyed by object identity plus its _version for
+    tensors (a tensor kept here cannot be freed, so its identity cannot be reused by another).
+    One entry per device: a model spread over GPUs alternates devices layer by layer, and one
+    shared entry would rebuild (with device syncs) at every boundary. Inference-mode tensors have
+    no version counter: never cached."""
     version = None
     if isinstance(obj, torch.Tensor):
         if obj.is_inference():
             return make()
         version = obj._version
-    last = _plans.get(name)
+    last = _plans.get((name, device))
     if last is not None and last[0] is obj and last[1] == version and last[2] == extra:
         return last[3]
     value = make()
-    _plans[name] = (obj, version, extra, value)
+    _plans[(name, device)] = (obj, version, extra, value)
     return value
 
 
@@ -225,10 +227,10 @@ def launch_act_score(
             captured_act = _buffer(out.captured_act, (r, f), dtype, dev, "captured_act")
     cap_dst, slot = gate, None  # placeholder pointer when nothing is captured
     if has_capture:
-        cap_dst, slot = _cached("capture", capture_rows, (n, dev), lambda: _capture_slots(rows, n))
+        cap_dst, slot = _cached("capture", capture_rows, dev, (n,), lambda: _capture_slots(rows, n))
 
     if n > 0 and f > 0:
-        start, end, chunk_group = _cached("rows", plan_key, (n, chunk_rows, dev), lambda: _row_chunks(groups, chunk_rows))
+        start, end, chunk_group = _cached("rows", plan_key, dev, (n, chunk_rows), lambda: _row_chunks(groups, chunk_rows))
         grid = (start.shape[0], triton.cdiv(f, block_f))
         _act_score_kernel[grid](
             gate, up if up is not None else gate, h, red if has_proj else h,

@@ -99,16 +99,15 @@ def fused_capture(
     if activation not in ("down_proj_input", "act_fn"):
         raise MMNError(f"unknown activation '{activation}': use 'down_proj_input' or 'act_fn'")
     store = CaptureStore(adapter.n_layers)
-    row_cache: dict[tuple, torch.Tensor] = {}  # (B, T, device) -> capture rows, one tensor for all layers
+    row_cache: dict[torch.device, tuple] = {}  # device -> ((B, T), capture rows), one tensor for its layers
 
     def capture_rows(b: int, t: int, device: torch.device) -> torch.Tensor:
-        """The same tensor object for every layer of a call, so the kernel's launch plan is reused
-        (building it needs a device sync)."""
-        key = (b, t, device)
-        if key not in row_cache:
-            row_cache.clear()
-            row_cache[key] = _rows(select, b, t, device)
-        return row_cache[key]
+        """The same tensor object for every layer of a call on a device, so the kernel's launch
+        plan is reused (building it needs a device sync), also when layers alternate devices."""
+        hit = row_cache.get(device)
+        if hit is None or hit[0] != (b, t):
+            hit = row_cache[device] = ((b, t), _rows(select, b, t, device))
+        return hit[1]
     signs: dict[tuple, torch.Tensor] = {}  # (F, device, dtype, reduce) -> [F, K] +-1 columns
 
     def image_proj(f: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """act_score: the Triton kernel (under triton's CPU interpreter unless TRITON_INTERPRET=0 on a GPU)
 against the torch path and a float64 reference, on small awkward shapes."""
+import importlib
 import itertools
 import os
 import subprocess
@@ -277,3 +278,20 @@ def test_cached_plans_follow_in_place_changes():
         tri, tor = both()
         torch.testing.assert_close(tri.scores, tor.scores, rtol=1e-5, atol=1e-5)
         assert torch.equal(tri.captured, tri.h[rows])
+
+
+def test_plan_cache_keeps_one_entry_per_device(monkeypatch):
+    """Layers that alternate devices (a device_map over GPUs) reuse each device's plan instead of
+    rebuilding it at every boundary."""
+    mod = importlib.import_module("mmn_fast.kernels._act_score_triton")
+    monkeypatch.setattr(mod, "_plans", {})
+    made = []
+    rows_a, rows_b = torch.arange(3), torch.arange(4)
+    for _ in range(3):
+        for dev, rows in (("cuda:0", rows_a), ("cuda:1", rows_b)):
+            mod._cached("rows", rows, torch.device(dev), (7,), lambda d=dev: made.append(d) or d)
+    assert made == ["cuda:0", "cuda:1"]
+    rows_a.add_(1)  # in place: that device's entry is rebuilt, the other is kept
+    for dev, rows in (("cuda:0", rows_a), ("cuda:1", rows_b)):
+        mod._cached("rows", rows, torch.device(dev), (7,), lambda d=dev: made.append(d) or d)
+    assert made == ["cuda:0", "cuda:1", "cuda:0"]
