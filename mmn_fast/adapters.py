@@ -146,6 +146,12 @@ def spec_for(model: nn.Module, overrides: dict | None = None) -> ModelSpec:
     return dataclasses.replace(spec, **overrides)
 
 
+
+def output_matrix(out_proj: nn.Module) -> torch.Tensor:
+    """An output projection's weight as [d_model, F] (a view: GPT-2's Conv1D stores [F, d])."""
+    w = out_proj.weight
+    return w.t() if type(out_proj).__name__ == "Conv1D" else w
+
 class Adapter:
     """A `ModelSpec` bound to a loaded model: modules and weights ready to use."""
 
@@ -174,9 +180,7 @@ class Adapter:
 
     def out_weight(self, layer: int) -> torch.Tensor:
         """W_out of `layer` as [d_model, F] (column i is neuron i's output vector)."""
-        mod = self.out_projs[layer]
-        w = mod.weight
-        return w.t() if type(mod).__name__ == "Conv1D" else w
+        return output_matrix(self.out_projs[layer])
 
     def unembed_weight(self) -> torch.Tensor:
         """W_U as [V, d_model]."""

@@ -22,7 +22,7 @@ import weakref
 import torch
 from torch import nn
 
-from .adapters import Adapter, spec_for
+from .adapters import Adapter, output_matrix, spec_for
 from .errors import MMNError
 from .patch import Patch, PatchError, as_patch, gather_rows, rows_sha256, write_rows
 
@@ -128,7 +128,8 @@ class PatchHandle:
     def __init__(self, patch: Patch, model: nn.Module, saved: list):
         self.patch = patch
         self._model = weakref.ref(model)
-        self._saved = saved  # [(layer, weight [d, F] view, idx [n], original rows [n, d], new rows [n, d])]
+        # [(layer, out_proj module (weakref), weight [d, F] view, idx [n], original rows [n, d], new rows [n, d])]
+        self._saved = saved
         self.neurons = frozenset(patch.neurons)
         self.active = True
 
@@ -152,14 +153,15 @@ class PatchHandle:
             if blocking:
                 raise PatchError(f"revert refused: {blocking[0]!r}, applied later, changes "
                                  f"{len(blocking[0].neurons & self.neurons)} of the same neurons; revert it first")
-            changed = [l for l, w, idx, _, new in self._saved
+            now = [_current(*item) for item in self._saved]  # the weights as they are now
+            changed = [l for l, w, idx, _, new in now
                        if not st.untouched_since(w) and not torch.equal(gather_rows(w, idx), new)]
             if changed and not force:
                 raise PatchError(f"revert refused: the patched neurons of layer(s) {changed} were changed since "
                                  "the patch was applied; force=True overwrites them with the originals")
-            for _, w, idx, orig, _ in self._saved:
+            for _, w, idx, orig, _ in now:
                 write_rows(w, idx, orig)
-            st.wrote(w for _, w, _, _, _ in self._saved)
+            st.wrote(w for _, w, _, _, _ in now)
             st.handles.remove(self)
             self.active = False
             self._saved = []
@@ -170,6 +172,26 @@ class PatchHandle:
     def __exit__(self, *exc) -> None:
         if self.active:
             self.revert()
+
+
+def _current(layer: int, module_ref, w: torch.Tensor, idx, orig, new):
+    """(layer, weight, idx, original rows, new rows) as the model holds them now. `model.half()` or
+    `.to(device)` after the patch gives the weight new storage (GPT-2's Conv1D view then points at
+    the old one): the weight is looked up again and the saved rows are cast and moved to match.
+    A cast is elementwise, so the reverted weight is exactly the unpatched one, cast."""
+    mod = module_ref()
+    if mod is None:
+        raise PatchError(f"layer {layer}: the output projection this patch was applied to no longer exists")
+    cur = output_matrix(mod)
+    if cur.shape != w.shape:
+        raise PatchError(f"layer {layer}: the output projection is {tuple(cur.shape)} now, "
+                         f"{tuple(w.shape)} when the patch was applied; cannot revert")
+    if cur.device.type == "meta":
+        raise PatchError(f"layer {layer}: weights are offloaded (meta device) now; load them back to revert")
+    if cur.dtype != orig.dtype or cur.device != orig.device:
+        orig, new = orig.to(cur.device, cur.dtype), new.to(cur.device, cur.dtype)
+        idx = idx.to(cur.device)
+    return layer, cur, idx, orig, new
 
 
 def _prepare(adapter: Adapter, patch: Patch) -> list:
@@ -221,7 +243,7 @@ def apply_patch(target, patch, force: bool = False, **spec_overrides) -> PatchHa
             if e.orig_sha256.get(dt) != rows_sha256(cur):
                 overlap = [(l, i) for i in e.indices.tolist() if (l, i) in touched]
                 problems.append((l, overlap))
-            saved.append((l, w, idx, cur, new))
+            saved.append((l, weakref.ref(adapter.out_projs[l]), w, idx, cur, new))
         if problems and not force:
             conflicts = [n for _, o in problems for n in o]
             if conflicts:
@@ -233,14 +255,14 @@ def apply_patch(target, patch, force: bool = False, **spec_overrides) -> PatchHa
         done = []
         try:
             for item in saved:
-                _, w, idx, _, new = item
+                _, _, w, idx, _, new = item
                 write_rows(w, idx, new)
                 done.append(item)
         except BaseException:  # e.g. out of device memory halfway: put back what was written
-            for _, w, idx, cur, _ in done:
+            for _, _, w, idx, cur, _ in done:
                 write_rows(w, idx, cur)
             raise
-        st.wrote(w for _, w, _, _, _ in saved)
+        st.wrote(w for _, _, w, _, _, _ in saved)
         handle = PatchHandle(patch, model, saved)
         st.handles.append(handle)
     return handle

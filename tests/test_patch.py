@@ -318,6 +318,43 @@ def test_gpt2_conv1d_layout_and_plain_module_with_spec():
         apply_patch(model, patch, force=True)
 
 
+@pytest.mark.parametrize("conv1d", [True, False])
+def test_revert_after_the_model_was_cast(conv1d):
+    """model.half() after a patch gives the weights new storage (a Conv1D's [d, F] view then points
+    at the old one). Revert finds the current weights and writes the originals cast: exactly the
+    model that was never patched, cast."""
+    torch.manual_seed(1)
+    if conv1d:
+        model, spec = _conv1d_model(), dict(layers="layers", mlp="mlp", out_proj="c_proj", gated=False)
+    else:
+        model = nn.Module()
+        model.layers = nn.ModuleList([nn.Module() for _ in range(2)])
+        for b in model.layers:
+            b.mlp = nn.Module()
+            b.mlp.up_proj, b.mlp.down_proj = nn.Linear(16, 24), nn.Linear(24, 16)
+        model.lm_head = nn.Linear(16, 10)
+        spec = dict(layers="layers", mlp="mlp", out_proj="down_proj", gated=False)
+    adapter = mmn_fast.live._resolve(model, spec)[1]
+    never_patched = [adapter.out_weight(l).detach().half() for l in range(2)]
+    patch = make_patch(adapter, {1: (torch.tensor([2, 5, 7]), torch.randn(3, 16))}, "test")
+    handle = apply_patch(model, patch)
+    model.half()
+    assert adapter.out_weight(1).dtype == torch.float16
+    assert torch.equal(adapter.out_weight(1)[:, [2, 5, 7]].t(), patch.entries[1].vectors.half())
+    handle.revert()
+    for l in range(2):
+        assert torch.equal(adapter.out_weight(l), never_patched[l])
+    # changed by other means after the cast: refused, as without one
+    handle = apply_patch(model, patch, force=True)
+    model.float()
+    with torch.no_grad():
+        adapter.out_weight(1)[:, 2] += 1
+    with pytest.raises(PatchError, match="changed since"):
+        handle.revert()
+    handle.revert(force=True)
+    assert torch.equal(adapter.out_weight(1), never_patched[1].float())
+
+
 # ------------------------------------------------------------------------------------ concurrency
 def test_no_forward_or_caption_sees_half_a_patch(llava_path, images):
     e = mmn_fast.load(llava_path, device="cpu")
