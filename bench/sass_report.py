@@ -84,7 +84,7 @@ def report(name: str, kernel) -> str:
             f"{len(lines)} | {len(local)} | {loop_local} | {'yes' if mma else 'no'} | {load_s} |")
 
 
-def filter_kernel(top, bottom, bf=128, bv=128, bd=64, warps=8, from_logits=False):
+def filter_kernel(top, bottom, bf=128, bv=128, bd=64, warps=8, from_logits=False, hints=True):
     types = {"wo_ptr": "*bf16", "wu_ptr": "*bf16", "top_thr_ptr": "*fp32", "bot_thr_ptr": "*fp32",
              "top_cnt_ptr": "*i32", "bot_cnt_ptr": "*i32", "top_val_ptr": "*fp32", "top_id_ptr": "*i32",
              "bot_val_ptr": "*fp32", "bot_id_ptr": "*i32", **{a: "i32" for a in
@@ -92,7 +92,7 @@ def filter_kernel(top, bottom, bf=128, bv=128, bd=64, warps=8, from_logits=False
     if from_logits:  # logits [F, chunk]: the row stride is the chunk, the column stride 1
         types["wo_ptr"] = "*fp32"
     consts = dict(s_wo_f=1, s_wu_d=1, TOP=top, BOTTOM=bottom, BLOCK_F=bf, BLOCK_V=bv, BLOCK_D=bd, GROUP_F=8, EVEN_D=True,
-                  UPCAST=False, PRECISION="tf32", FROM_LOGITS=from_logits)
+                  UPCAST=False, PRECISION="tf32", FROM_LOGITS=from_logits, HINT_F=hints, HINT_V=hints)
     return _compile(_vocab_filter_kernel, types, consts, warps)
 
 
@@ -123,6 +123,8 @@ def main():
         ("vocab_topk filter, top + bottom, 128x128x64, 8 warps", lambda: filter_kernel(True, True)),
         ("vocab_topk filter, top + bottom, 128x128x64, 4 warps", lambda: filter_kernel(True, True, warps=4)),
         ("vocab_topk filter, top + bottom, 128x256x64, 8 warps", lambda: filter_kernel(True, True, bv=256)),
+        ("vocab_topk filter, top + bottom, F % 16 != 0 (no contiguity hints)",
+         lambda: filter_kernel(True, True, hints=False)),
         ("vocab_topk filter on cuBLAS logits, top + bottom", lambda: filter_kernel(True, True, from_logits=True)),
         ("vocab_topk bitonic, top + bottom, 64x128x64, k=64", bitonic_kernel),
         ("act_score, SiLU, sums, capture", lambda: act_score_kernel(False)),

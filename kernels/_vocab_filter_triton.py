@@ -23,6 +23,7 @@ from ._vocab_topk_triton import _buffers
 # accumulators by the output rounding (2^-9 for bf16, 2^-11 for fp16 and TF32) plus summation
 # order; a margin of several of those keeps the threshold under the kernel's own k-th value.
 _MARGIN = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-8, torch.float32: 2.0**-8}
+_FLOOR = 1e-30  # absolute slack: near-zero rows, where rounding error is not relative
 
 
 @triton.jit
@@ -50,7 +51,7 @@ def _logits_tile(wo_ptr, wu_ptr, fs, vs, D, s_wo_d, s_wo_f, s_wu_v, s_wu_d, BLOC
     """[BLOCK_F, BLOCK_V] fp32 tile of W_out^T W_U^T for rows fs and columns vs (both in bounds)."""
     acc = tl.zeros([BLOCK_F, BLOCK_V], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
+        ds = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         a_ptr = wo_ptr + ds[None, :] * s_wo_d + fs[:, None] * s_wo_f  # [BF, BD] = W_out^T tile
         b_ptr = wu_ptr + vs[None, :] * s_wu_v + ds[:, None] * s_wu_d  # [BD, BV] = W_U^T tile
         if EVEN_D:
@@ -98,6 +99,8 @@ def _vocab_filter_kernel(
     UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (the interpreter's half dot is wrong)
     PRECISION: tl.constexpr,  # "ieee" for fp32 weights: no TF32 rounding in the ranking
     FROM_LOGITS: tl.constexpr,  # the logits come precomputed (a cuBLAS chunk): only the epilogue runs
+    HINT_F: tl.constexpr,  # F % 16 == 0: the wrapped row index may be declared contiguous (see below)
+    HINT_V: tl.constexpr,  # (V - V0) % 16 == 0: the same for the columns
 ):
     pid = tl.program_id(0)
     n_f = tl.cdiv(F, BLOCK_F)
@@ -113,14 +116,23 @@ def _vocab_filter_kernel(
     vs = V0 + cols  # token ids
     fmask = fs < F
     vmask = vs < V
-    # Out-of-range rows / columns wrap around so loads stay in bounds without masks; the hints (as
+    # Out-of-range rows / columns wrap around so loads stay in bounds without masks. The hints (as
     # in triton's matmul tutorial) keep the contiguity a clamp would hide, so loads along F and
-    # along the logits' columns vectorize (a tl.where clamp made them 16-bit scalar loads).
-    fs_load = tl.max_contiguous(tl.multiple_of(fs % F, BLOCK_F), BLOCK_F)
-    cols_load = tl.max_contiguous(tl.multiple_of(cols % (V - V0), BLOCK_V), BLOCK_V)
+    # along the logits' columns vectorize (a tl.where clamp made them 16-bit scalar loads). They
+    # claim whole contiguous blocks, which the wrap breaks in the last block: harmless only when
+    # the wrap point is a multiple of 16 (no 16-byte vector straddles it), so the launcher sets
+    # HINT_F / HINT_V from the sizes (a column slice W_out[:, :100] would otherwise load
+    # misaligned vectors across the wrap).
+    fs_load = fs % F
+    if HINT_F:
+        fs_load = tl.max_contiguous(tl.multiple_of(fs_load, BLOCK_F), BLOCK_F)
+    cols_load = cols % (V - V0)
+    if HINT_V:
+        cols_load = tl.max_contiguous(tl.multiple_of(cols_load, BLOCK_V), BLOCK_V)
+    fs_load = fs_load.to(tl.int64)  # int64 offsets: F x chunk, or d x V for a transposed W_U, may pass 2^31
     if FROM_LOGITS:
-        acc = tl.load(wo_ptr + fs_load[:, None] * s_wo_f + cols_load[None, :] * s_wo_d)  # [BF, BV]
-    else:  # int64 token ids: V x d may pass 2^31
+        acc = tl.load(wo_ptr + fs_load[:, None] * s_wo_f + cols_load.to(tl.int64)[None, :] * s_wo_d)  # [BF, BV]
+    else:
         acc = _logits_tile(wo_ptr, wu_ptr, fs_load, (V0 + cols_load).to(tl.int64), D, s_wo_d, s_wo_f, s_wu_v,
                            s_wu_d, BLOCK_F, BLOCK_V, BLOCK_D, EVEN_D, UPCAST, PRECISION)
 
@@ -147,8 +159,8 @@ def probe_thresholds(w_out, w_u, k, probe_stride, top, bottom, chunk=4096):
     margin = _MARGIN[w_out.dtype]
     tops, bots = [], []
     for s in range(0, f, chunk):
-        logits = (w_out[:, s : s + chunk].t() @ probe_u.t()).float()  # [Fc, P]
-        slack = logits.abs().amax(dim=1) * margin  # [Fc]
+        logits = _matmul_fp32(w_out[:, s : s + chunk].t(), probe_u.t())  # [Fc, P]
+        slack = logits.abs().amax(dim=1) * margin + _FLOOR  # [Fc]
         if top:
             tops.append(logits.topk(k, dim=1).values[:, -1] - slack)
         if bottom:
@@ -171,9 +183,9 @@ def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return bits.view(torch.float32), 2147483647 - (keys & 0xFFFFFFFF)
 
 
-def _logits_chunk(w_out, w_u, v0, v1):
-    """fp32 logits [F, v1 - v0] by cuBLAS: half weights in, fp32 out where torch offers it (CUDA)."""
-    a, b = w_out.t(), w_u[v0:v1].t()
+def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 output: half inputs through cuBLAS with fp32 out where torch offers it (CUDA),
+    else upcast first (exact products, fp32 sums). No rounding of the logits to half precision."""
     if a.dtype != torch.float32 and a.is_cuda:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
@@ -182,16 +194,29 @@ def _logits_chunk(w_out, w_u, v0, v1):
     return a.float() @ b.float()
 
 
+def _exact_rows(w_out: torch.Tensor, w_u: torch.Tensor, k: int, negate: bool, chunk: int = 4096):
+    """Top-k of -logits if negate else logits, for the few rows the candidate buffer could not
+    hold, ranked by the same packed keys (so ties still go to the smaller id): a running top-k
+    over vocabulary chunks. Returns (values [n, k] fp32 of the logits, ids [n, k] int64)."""
+    best = None
+    for v0 in range(0, w_u.shape[0], chunk):
+        logits = _matmul_fp32(w_out.t(), w_u[v0 : v0 + chunk].t())  # [n, chunk]
+        ids = torch.arange(v0, v0 + logits.shape[1], device=logits.device).expand_as(logits)
+        keys = pack_keys(-logits if negate else logits, ids)
+        keys = keys if best is None else torch.cat([best, keys], dim=1)
+        best = keys.topk(min(k, keys.shape[1]), dim=1).values
+    values, ids = decode_keys(best)
+    return (-values if negate else values), ids
+
+
 def launch_vocab_filter(w_out, w_u, k, largest, both, probe_stride, capacity, gemm, chunk, block_f, block_v,
                         block_d, group_f, num_warps, num_stages, out):
     """Probe thresholds, the filtering pass, then a top-k of each row's candidates. Rows whose
-    candidates overflowed `capacity` (or, defensively, came out under k) are recomputed exactly by
-    the chunked torch path, so the result never depends on the capacity. gemm="triton": one kernel
+    candidates overflowed `capacity` (or, defensively, came out under k) are recomputed exactly in
+    torch with the same ranking (`_exact_rows`), so the result never depends on the capacity. gemm="triton": one kernel
     computes the logits and filters them; gemm="torch": cuBLAS computes `chunk`-token slices of the
     logits (extra memory F x chunk x 4 bytes) and the kernel only filters. Shapes are validated by
     `vocab_topk_triton`."""
-    from .vocab_topk import vocab_topk_torch
-
     for name, b in (("block_f", block_f), ("block_v", block_v), ("block_d", block_d)):
         if b < 16 or b & (b - 1):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {b}")
@@ -228,6 +253,7 @@ def launch_vocab_filter(w_out, w_u, k, largest, both, probe_stride, capacity, ge
             TOP=top, BOTTOM=bottom, BLOCK_F=block_f, BLOCK_V=block_v, BLOCK_D=block_d, GROUP_F=group_f,
             EVEN_D=d % block_d == 0, UPCAST=interpreter_on() and not fp32,
             PRECISION="ieee" if fp32 or interpreter_on() else "tf32", FROM_LOGITS=from_logits,
+            HINT_F=f % 16 == 0, HINT_V=(v1 - v0) % 16 == 0,
             num_warps=num_warps, num_stages=num_stages,
         )
 
@@ -235,7 +261,7 @@ def launch_vocab_filter(w_out, w_u, k, largest, both, probe_stride, capacity, ge
         launch(w_out, 0, v, (w_out.stride(0), w_out.stride(1), w_u.stride(0), w_u.stride(1)), False)
     else:
         for v0 in range(0, v, chunk):
-            logits = _logits_chunk(w_out, w_u, v0, min(v, v0 + chunk))  # [F, chunk] fp32
+            logits = _matmul_fp32(w_out.t(), w_u[v0 : min(v, v0 + chunk)].t())  # [F, chunk]
             launch(logits, v0, min(v, v0 + chunk), (logits.stride(1), logits.stride(0), 0, 0), True)
     pairs = iter(bufs)
     for (on, _, negate), cnt, val, idx in zip(sides, cnts, vals, ids):
@@ -246,8 +272,9 @@ def launch_vocab_filter(w_out, w_u, k, largest, both, probe_stride, capacity, ge
         values_out.copy_(-best if negate else best)
         ids_out.copy_(best_ids)
         redo = ((cnt > capacity) | (cnt < k)).nonzero().flatten()
-        if redo.numel():  # exact, for the few rows the buffer could not hold
-            rv, ri = vocab_topk_torch(w_out.index_select(1, redo), w_u, k, largest=not negate)
-            values_out.index_copy_(0, redo, rv)
-            ids_out.index_copy_(0, redo, ri)
+        for r0 in range(0, redo.numel(), 1024):  # exact, for the few rows the buffer could not hold
+            rows = redo[r0 : r0 + 1024]
+            rv, ri = _exact_rows(w_out.index_select(1, rows), w_u, k, negate)
+            values_out.index_copy_(0, rows, rv)
+            ids_out.index_copy_(0, rows, ri)
     return tuple(bufs)

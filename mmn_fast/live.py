@@ -52,28 +52,10 @@ class _State:
         self.handles: list[PatchHandle] = []  # applied, in order
         self.adapter: Adapter | None = None  # for plain modules: built from spec_overrides
         self.spec_overrides: dict = {}
-        self.versions: dict = {}  # weight storage -> its version counter after our last write
-
-    def wrote(self, weights) -> None:
-        for w in weights:
-            self.versions[_key(w)] = _version(w)
-
-    def untouched_since(self, w: torch.Tensor) -> bool:
-        """True when nothing but this module wrote into `w` since it last did (the version counter,
-        shared by every view of a tensor, is bumped by each in-place op)."""
-        v = _version(w)
-        return v is not None and self.versions.get(_key(w)) == v
 
 
 def _key(w: torch.Tensor):
     return (w.device, w.untyped_storage().data_ptr())
-
-
-def _version(w: torch.Tensor) -> int | None:
-    try:
-        return w._version
-    except RuntimeError:  # inference tensors keep no version counter
-        return None
 
 
 _STATES: "weakref.WeakKeyDictionary[nn.Module, _State]" = weakref.WeakKeyDictionary()
@@ -128,7 +110,8 @@ class PatchHandle:
     def __init__(self, patch: Patch, model: nn.Module, saved: list):
         self.patch = patch
         self._model = weakref.ref(model)
-        # [(layer, out_proj module (weakref), weight [d, F] view, idx [n], original rows [n, d], new rows [n, d])]
+        # [(layer, out_proj module (weakref), (weight shape, storage key), idx [n], original rows [n, d],
+        #   new rows [n, d])]: no reference to the weight itself, which a later cast or move replaces
         self._saved = saved
         self.neurons = frozenset(patch.neurons)
         self.active = True
@@ -154,14 +137,17 @@ class PatchHandle:
                 raise PatchError(f"revert refused: {blocking[0]!r}, applied later, changes "
                                  f"{len(blocking[0].neurons & self.neurons)} of the same neurons; revert it first")
             now = [_current(*item) for item in self._saved]  # the weights as they are now
-            changed = [l for l, w, idx, _, new in now
-                       if not st.untouched_since(w) and not torch.equal(gather_rows(w, idx), new)]
+            # Always compared: a version-counter shortcut cannot see `model.half(); model.float()`
+            # (the counter survives `param.data = ...`, and the allocator may reuse the address).
+            changed = [l for l, w, idx, _, new, _ in now if not torch.equal(gather_rows(w, idx), new)]
             if changed and not force:
+                moved = any(item[5] for item in now if item[0] in changed)
                 raise PatchError(f"revert refused: the patched neurons of layer(s) {changed} were changed since "
-                                 "the patch was applied; force=True overwrites them with the originals")
-            for _, w, idx, orig, _ in now:
+                                 "the patch was applied" + (" (the weights were also cast or moved since: a round "
+                                 "trip through a lower precision changes them too)" if moved else "") +
+                                 "; force=True overwrites them with the originals")
+            for _, w, idx, orig, _, _ in now:
                 write_rows(w, idx, orig)
-            st.wrote(w for _, w, _, _, _ in now)
             st.handles.remove(self)
             self.active = False
             self._saved = []
@@ -174,24 +160,27 @@ class PatchHandle:
             self.revert()
 
 
-def _current(layer: int, module_ref, w: torch.Tensor, idx, orig, new):
-    """(layer, weight, idx, original rows, new rows) as the model holds them now. `model.half()` or
-    `.to(device)` after the patch gives the weight new storage (GPT-2's Conv1D view then points at
-    the old one): the weight is looked up again and the saved rows are cast and moved to match.
-    A cast is elementwise, so the reverted weight is exactly the unpatched one, cast."""
+def _current(layer: int, module_ref, where: tuple, idx, orig, new):
+    """(layer, weight, idx, original rows, new rows, moved) as the model holds them now.
+    `model.half()` or `.to(device)` after the patch gives the weight new storage (GPT-2's Conv1D
+    view then points at the old one): the weight is looked up again and the saved rows are cast
+    and moved to match. A cast is elementwise, so the reverted weight is exactly the unpatched one,
+    cast. moved: the weight's dtype, device or storage changed (for the error message)."""
+    shape, key = where
     mod = module_ref()
     if mod is None:
         raise PatchError(f"layer {layer}: the output projection this patch was applied to no longer exists")
     cur = output_matrix(mod)
-    if cur.shape != w.shape:
+    if tuple(cur.shape) != shape:
         raise PatchError(f"layer {layer}: the output projection is {tuple(cur.shape)} now, "
-                         f"{tuple(w.shape)} when the patch was applied; cannot revert")
+                         f"{shape} when the patch was applied; cannot revert")
     if cur.device.type == "meta":
         raise PatchError(f"layer {layer}: weights are offloaded (meta device) now; load them back to revert")
+    moved = cur.dtype != orig.dtype or cur.device != orig.device or _key(cur) != key
     if cur.dtype != orig.dtype or cur.device != orig.device:
         orig, new = orig.to(cur.device, cur.dtype), new.to(cur.device, cur.dtype)
         idx = idx.to(cur.device)
-    return layer, cur, idx, orig, new
+    return layer, cur, idx, orig, new, moved
 
 
 def _prepare(adapter: Adapter, patch: Patch) -> list:
@@ -262,8 +251,8 @@ def apply_patch(target, patch, force: bool = False, **spec_overrides) -> PatchHa
             for _, _, w, idx, cur, _ in done:
                 write_rows(w, idx, cur)
             raise
-        st.wrote(w for _, _, w, _, _, _ in saved)
-        handle = PatchHandle(patch, model, saved)
+        handle = PatchHandle(patch, model, [(l, ref, (tuple(w.shape), _key(w)), idx, cur, new)
+                                            for l, ref, w, idx, cur, new in saved])
         st.handles.append(handle)
     return handle
 

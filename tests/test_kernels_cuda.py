@@ -10,7 +10,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-from mmn_fast.kernels import act_score, vocab_topk_torch, vocab_topk_triton  # noqa: E402
+from mmn_fast.kernels import act_score, vocab_topk_triton  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -47,31 +47,64 @@ def test_act_score_matches_torch_on_cuda(dtype, reduce, gated):
     torch.testing.assert_close(fast.captured_act.double(), exact.captured_act, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("method", ["filter", "bitonic"])
-@pytest.mark.parametrize("dtype,d", [(torch.float32, 512), (torch.bfloat16, 512), (torch.float16, 520)])
-def test_vocab_topk_matches_torch_on_cuda(dtype, d, method, monkeypatch):
-    """Realistic widths (d = 520: the inner loop's masked tail). The filter method must answer from
-    its own GEMM: at the default capacity no row may fall back to the torch path."""
+VOCAB_CASES = [  # (dtype, d, F, V, k, options): realistic widths and the awkward ones
+    (torch.float32, 512, 1000, 32000, 64, dict(method="filter")),
+    (torch.bfloat16, 512, 1008, 32003, 64, dict(method="filter")),  # F % 16 == 0 (hinted loads), V wraps
+    (torch.float16, 520, 1000, 32000, 64, dict(method="filter")),  # d % 64 != 0: masked inner loop tail
+    (torch.bfloat16, 512, 1008, 32003, 7, dict(method="filter", gemm="torch", chunk=5000)),
+    (torch.bfloat16, 512, 1000, 32000, 64, dict(method="bitonic")),
+    (torch.float16, 512, 1000, 32003, 1, dict(method="bitonic")),
+]
+
+
+def _check_topk(values, ids, exact, k, largest):
+    """values/ids [F, k] against the float64 logits: each id's exact logit matches its value, and the
+    exact logits at the returned ids are the row's top-k (up to rounding-level near-ties)."""
+    got_exact = exact.gather(1, ids)  # [F, k]
+    torch.testing.assert_close(values.double(), got_exact, rtol=1e-4, atol=1e-4)
+    want = exact.topk(k, dim=1, largest=largest).values
+    torch.testing.assert_close(got_exact.sort(1, descending=largest).values, want, rtol=1e-4, atol=1e-4)
+    assert (ids.sort(1).values.diff(dim=1) > 0).all()  # no id twice in a row
+
+
+@pytest.mark.parametrize("dtype,d,f,v,k,opts", VOCAB_CASES)
+@pytest.mark.parametrize("mode", ["both", "top"])
+def test_vocab_topk_matches_exact_on_cuda(dtype, d, f, v, k, opts, mode, monkeypatch):
+    """The filter method must answer from its own pass: at the default capacity no row may fall
+    back to the exact recomputation."""
     import importlib
 
     torch.manual_seed(1)
-    f, v, k = 1000, 32000, 64
     w_out = (torch.randn(d, f, device="cuda") / d ** 0.5).to(dtype)
     w_u = (torch.randn(v, d, device="cuda") / d ** 0.5).to(dtype)
-    want = vocab_topk_torch(w_out, w_u, k, both=True)
-    vt = importlib.import_module("mmn_fast.kernels.vocab_topk")
+    exact = w_out.double().t() @ w_u.double().t()  # [F, V]
+    mod = importlib.import_module("mmn_fast.kernels._vocab_filter_triton")
 
     def refuse(*a, **kw):
-        raise AssertionError("a row fell back to the torch path")
+        raise AssertionError("a row fell back to the exact recomputation")
 
-    monkeypatch.setattr(vt, "vocab_topk_torch", refuse)
-    got = vocab_topk_triton(w_out, w_u, k, both=True, method=method)
-    for gv, gi, wv, wi in ((got.top_values, got.top_ids, want.top_values, want.top_ids),
-                           (got.bottom_values, got.bottom_ids, want.bottom_values, want.bottom_ids)):
-        torch.testing.assert_close(gv, wv, rtol=1e-4, atol=1e-4)
-        # ids agree except where two values tie to within rounding
-        agree = (gi == wi).float().mean().item()
-        assert agree > 0.999, agree
+    monkeypatch.setattr(mod, "_exact_rows", refuse)
+    got = vocab_topk_triton(w_out, w_u, k, both=mode == "both", **opts)
+    if mode == "both":
+        _check_topk(got.top_values, got.top_ids, exact, k, True)
+        _check_topk(got.bottom_values, got.bottom_ids, exact, k, False)
+    else:
+        _check_topk(*got, exact, k, True)
+
+
+def test_vocab_topk_on_a_column_slice_on_cuda():
+    """W_out[:, :100]: F % 16 != 0 with a row stride that is a multiple of 16. Declaring the wrapped
+    rows contiguous here would load misaligned vectors across the wrap; the launcher must not."""
+    torch.manual_seed(2)
+    full_out = (torch.randn(512, 1024, device="cuda") / 512 ** 0.5).to(torch.bfloat16)
+    w_u = (torch.randn(32000, 512, device="cuda") / 512 ** 0.5).to(torch.bfloat16)
+    w_out = full_out[:, :100]
+    exact = w_out.double().t() @ w_u.double().t()
+    for opts in (dict(), dict(gemm="torch", chunk=7000)):
+        got = vocab_topk_triton(w_out, w_u, 64, both=True, **opts)
+        torch.cuda.synchronize()
+        _check_topk(got.top_values, got.top_ids, exact, 64, True)
+        _check_topk(got.bottom_values, got.bottom_ids, exact, 64, False)
 
 
 def test_find_on_cuda_triton_matches_torch_backend():

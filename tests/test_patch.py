@@ -353,6 +353,14 @@ def test_revert_after_the_model_was_cast(conv1d):
         handle.revert()
     handle.revert(force=True)
     assert torch.equal(adapter.out_weight(1), never_patched[1].float())
+    # a round trip through half precision changes the patched values: refused, with the reason
+    handle = apply_patch(model, patch, force=True)
+    model.half()
+    model.float()
+    with pytest.raises(PatchError, match="changed since"):  # whatever address the allocator gave
+        handle.revert()
+    handle.revert(force=True)
+    assert torch.equal(adapter.out_weight(1), never_patched[1].float())
 
 
 # ------------------------------------------------------------------------------------ concurrency

@@ -34,9 +34,20 @@ def check(values, ids, full, k, largest):
 METHODS = [dict(method="filter"), dict(method="filter", gemm="torch", chunk=100), dict(method="bitonic")]
 
 
+def refuse_fallback(monkeypatch):
+    """Make the filter method's exact per-row recomputation an error: the kernel must answer."""
+    mod = importlib.import_module("mmn_fast.kernels._vocab_filter_triton")
+
+    def refuse(*a, **kw):
+        raise AssertionError("a row fell back to the exact recomputation")
+
+    monkeypatch.setattr(mod, "_exact_rows", refuse)
+
+
 @pytest.mark.parametrize("method", METHODS, ids=["filter", "filter-cublas", "bitonic"])
 @pytest.mark.parametrize("d,f,v,k,mode,dtype", CASES)
-def test_triton_matches_full_product(d, f, v, k, mode, dtype, method):
+def test_triton_matches_full_product(d, f, v, k, mode, dtype, method, monkeypatch):
+    refuse_fallback(monkeypatch)  # default capacity: no row may overflow on random weights
     gen = torch.Generator().manual_seed(d * f + v + k)
     w_out, w_u = torch.randn(d, f, generator=gen).to(dtype), torch.randn(v, d, generator=gen).to(dtype)
     full = w_out.double().t() @ w_u.double().t()  # [F, V], exact for half weights' products
@@ -70,14 +81,9 @@ def test_strided_weights_and_default_blocks(method):
 
 
 def test_filter_answers_from_the_kernel_without_fallback(monkeypatch):
-    """With the default capacity no row overflows on random weights: the torch path is never called,
-    so the answer is the filtering GEMM's own."""
-    vt = importlib.import_module("mmn_fast.kernels.vocab_topk")  # the package exports a function of that name
-
-    def refuse(*a, **kw):
-        raise AssertionError("a row fell back to the torch path")
-
-    monkeypatch.setattr(vt, "vocab_topk_torch", refuse)
+    """With the default capacity no row overflows on random weights: the exact recomputation is
+    never called, so the answer is the filtering GEMM's own (1-D tiles over a longer vocabulary)."""
+    refuse_fallback(monkeypatch)
     gen = torch.Generator().manual_seed(2)
     w_out, w_u = torch.randn(32, 45, generator=gen), torch.randn(517, 32, generator=gen)
     full = w_out.double().t() @ w_u.double().t()
@@ -100,6 +106,22 @@ def test_filter_overflowing_rows_are_recomputed(capacity, gemm):
     check(got.bottom_values, got.bottom_ids, full, 9, False)
 
 
+@pytest.mark.parametrize("method", METHODS, ids=["filter", "filter-cublas", "bitonic"])
+def test_dead_neuron_ties_everywhere(method):
+    """A zero output vector (a dead neuron) gives V equal logits: its rows overflow any buffer and are
+    recomputed, and still come back as ids 0..k-1, like every other tie."""
+    gen = torch.Generator().manual_seed(6)
+    w_out, w_u = torch.randn(16, 12, generator=gen), torch.randn(300, 16, generator=gen)
+    w_out[:, [3, 11]] = 0
+    got = vocab_topk_triton(w_out.to(DEVICE), w_u.to(DEVICE), 6, both=True, block_f=16, block_v=32, block_d=16,
+                            **method)
+    for ids, values in ((got.top_ids, got.top_values), (got.bottom_ids, got.bottom_values)):
+        assert torch.equal(ids[[3, 11]].cpu(), torch.arange(6).expand(2, 6)) and (values[[3, 11]] == 0).all()
+    full = w_out.double().t() @ w_u.double().t()
+    live = [i for i in range(12) if i not in (3, 11)]
+    check(got.top_values[live], got.top_ids[live], full[live], 6, True)
+
+
 def test_probe_threshold_is_under_every_true_topk_value():
     from mmn_fast.kernels._vocab_filter_triton import probe_thresholds
 
@@ -115,7 +137,8 @@ def test_probe_threshold_is_under_every_true_topk_value():
         assert 16 <= kept.min() and kept.mean() < 400
 
 
-@pytest.mark.parametrize("method", METHODS, ids=["filter", "filter-cublas", "bitonic"])
+@pytest.mark.parametrize("method", METHODS + [dict(method="filter", capacity=5)],
+                         ids=["filter", "filter-cublas", "bitonic", "filter-overflowing"])
 def test_ties_go_to_the_smaller_token_id(method):
     """Small integer weights make exactly equal logits (every sum is exact in fp32), and duplicated
     unembedding rows add more; the smaller id wins, whatever order the tiles (or atomics) ran in."""
