@@ -91,7 +91,7 @@ def measure(name, target, adapter, n, repeats, device, **spec):
         handle = apply_patch(target, patch, **spec)
         sync()
         t1 = time.perf_counter()
-        held = sum(o.numel() * o.element_size() + w.numel() * w.element_size() for _, _, _, o, w in handle._saved)
+        held = sum(o.numel() * o.element_size() + w.numel() * w.element_size() for *_, o, w in handle._saved)
         handle.revert()
         sync()
         t_apply.append(t1 - t0)
