@@ -19,9 +19,10 @@ from ._triton_util import interpreter_on
 from ._vocab_topk_triton import _buffers
 
 # Relative margin under each row's probe threshold (times the row's largest |probe logit|). The
-# probe runs as a torch matmul in the weights' dtype, so its logits differ from the kernel's fp32
-# accumulators by the output rounding (2^-9 for bf16, 2^-11 for fp16 and TF32) plus summation
-# order; a margin of several of those keeps the threshold under the kernel's own k-th value.
+# probe is a torch matmul with fp32 output, so its logits differ from the kernel's fp32 accumulators
+# by summation order only, unless torch cannot give fp32 output from half inputs (then 2^-9 bf16 /
+# 2^-11 fp16 output rounding), cuBLAS reduces in half precision (split-K), or TF32 is enabled for
+# fp32 weights (2^-11 per product). The margins cover several of the worst of those.
 _MARGIN = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-8, torch.float32: 2.0**-8}
 _FLOOR = 1e-30  # absolute slack: near-zero rows, where rounding error is not relative
 
