@@ -101,6 +101,55 @@ def vocab_rows(device, dtype, d, f, v, k, repeats, triton_ok):
     return rows
 
 
+def host_rows(device, dtype, f, calls=2000):
+    """Host cost of one decode-step MLP call (batch 8, one new token: the kernels are tiny, so the
+    Python and launch overhead is what a decode step pays per layer). On CUDA: `calls` launches
+    timed with one sync at the end. On CPU the Triton launch is replaced by a no-op (the
+    interpreter would time itself), so that row is our own Python only."""
+    import time
+
+    import mmn_fast.kernels._act_score_triton as kmod
+
+    g = torch.randn(8, f, device=device, dtype=dtype)
+    u = torch.randn_like(g)
+    rows = torch.arange(8, device=device)
+    silu = torch.nn.SiLU()
+
+    def per_call(fn):
+        for _ in range(50):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / calls
+
+    out = [("model's own act(gate) * up", per_call(lambda: silu(g) * u)),
+           ("torch path: h + capture of the last rows",
+            per_call(lambda: act_score(g, u, "silu", capture_rows=rows, backend="torch", act_module=silu)))]
+    real, env = kmod._act_score_kernel, os.environ.get("TRITON_INTERPRET")
+    if device.type != "cuda":  # CPU tensors pass the device check only with the interpreter flag set
+
+        class _NoLaunch:
+            def __getitem__(self, grid):
+                return lambda *a, **k: None
+
+        kmod._act_score_kernel, os.environ["TRITON_INTERPRET"] = _NoLaunch(), "1"
+    try:
+        name = "triton path: h + capture" + ("" if device.type == "cuda" else " (launch stubbed: our Python only)")
+        out.append((name, per_call(lambda: act_score(g, u, "silu", capture_rows=rows, backend="triton"))))
+    finally:
+        kmod._act_score_kernel = real
+        if env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = env
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
@@ -135,6 +184,13 @@ def main():
         for r, t, bw in rows:
             print(f"| {r} | {t * 1e3:.3f} | {bw / 1e9:.0f} | {100 * bw / copy_bw:.0f}% | {t / base:.2f} |")
         print()
+    host = host_rows(device, dtype, act_shapes[-1][-1], calls=200 if args.smoke else 2000)
+    print(f"host cost per decode-step MLP call (batch 8, F={act_shapes[-1][-1]})")
+    print("| variant | us per call |")
+    print("|---|---|")
+    for r, t in host:
+        print(f"| {r} | {t * 1e6:.1f} |")
+    print()
     label, d, f, v, k = vocab_shape
     rows = vocab_rows(device, dtype, d, f, v, k, args.repeats, triton_ok)
     base = rows[0][1]

@@ -213,8 +213,8 @@ def launch_act_score(
         else:
             red = torch.zeros((g, f), dtype=torch.float32, device=dev)  # [G, F] sums
         groups = row_group.long() if row_group is not None else torch.zeros(n, dtype=torch.long, device=dev)
-    else:
-        groups = torch.full((n,), -1, dtype=torch.long, device=dev)
+    else:  # every row unscored; built only when the (cached) row plan is
+        groups = None
     plan_key = row_group if has_proj and row_group is not None else ("all" if has_proj else "none")
 
     captured = captured_act = None
@@ -230,7 +230,8 @@ def launch_act_score(
         cap_dst, slot = _cached("capture", capture_rows, dev, (n,), lambda: _capture_slots(rows, n))
 
     if n > 0 and f > 0:
-        start, end, chunk_group = _cached("rows", plan_key, dev, (n, chunk_rows), lambda: _row_chunks(groups, chunk_rows))
+        start, end, chunk_group = _cached("rows", plan_key, dev, (n, chunk_rows), lambda: _row_chunks(
+            groups if groups is not None else torch.full((n,), -1, dtype=torch.long, device=dev), chunk_rows))
         grid = (start.shape[0], triton.cdiv(f, block_f))
         _act_score_kernel[grid](
             gate, up if up is not None else gate, h, red if has_proj else h,
