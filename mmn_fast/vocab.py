@@ -13,6 +13,16 @@ from .kernels.vocab_topk import MAX_K as TRITON_MAX_K
 FORMAT_VERSION = "1"
 
 
+def neuron_topk(engine, w_out: torch.Tensor, k: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k tokens of the output vectors w_out [d, N] on the engine's backend: the Triton kernel
+    on the Triton backend (k <= 64), the chunked torch walk otherwise. (values, ids) [N, k]."""
+    if engine.backend == "triton" and k <= TRITON_MAX_K:
+        from .kernels import vocab_topk_triton
+
+        return vocab_topk_triton(w_out, engine.adapter.unembed_weight(), k)
+    return vocab_topk_torch(w_out, engine.adapter.unembed_weight(), k, chunk)
+
+
 def top_tokens(engine, layer: int, index: int, k: int = 10) -> list[tuple[str, int, float]]:
     """(token, id, logit) of the k tokens neuron (layer, index) promotes most."""
     ad = engine.adapter
@@ -21,7 +31,7 @@ def top_tokens(engine, layer: int, index: int, k: int = 10) -> list[tuple[str, i
                        f"neurons 0..{ad.d_mlp - 1}")
     with torch.no_grad():
         col = ad.out_weight(layer)[:, index : index + 1]  # [d, 1]
-        values, ids = vocab_topk_torch(col, ad.unembed_weight(), k)
+        values, ids = neuron_topk(engine, col, k)
     toks = engine.tokenizer.convert_ids_to_tokens(ids[0].tolist())
     return list(zip(toks, ids[0].tolist(), values[0].tolist()))
 
@@ -48,12 +58,7 @@ def vocab_table(engine, k: int = 10, chunk: int = 4096, cache_dir: str | Path | 
     values, ids = [], []
     with torch.no_grad():
         for layer in tqdm(range(ad.n_layers), desc="top tokens", unit="layer", disable=not progress):
-            if engine.backend == "triton" and k <= TRITON_MAX_K:
-                from .kernels import vocab_topk_triton
-
-                v, i = vocab_topk_triton(ad.out_weight(layer), ad.unembed_weight(), k)
-            else:
-                v, i = vocab_topk_torch(ad.out_weight(layer), ad.unembed_weight(), k, chunk)
+            v, i = neuron_topk(engine, ad.out_weight(layer), k, chunk)
             values.append(v.cpu())
             ids.append(i.cpu())
     values_t, ids_t = torch.stack(values), torch.stack(ids)

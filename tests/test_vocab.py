@@ -49,3 +49,10 @@ def test_vocab_table_on_the_triton_backend_matches_torch(llava_path, llava):
     v_ref, i_ref = vocab_table(llava, k=5)
     assert torch.equal(i_fast, i_ref)
     torch.testing.assert_close(v_fast, v_ref, rtol=1e-5, atol=1e-6)
+    # subsets of neurons (what metrics and reports rank) go the same way, and single neurons too
+    from mmn_fast.vocab import neuron_topk, top_tokens
+
+    cols = torch.stack([fast.adapter.out_weight(1)[:, i] for i in (0, 3, 7)], 1)  # [d, 3]
+    got, want = neuron_topk(fast, cols, 6), neuron_topk(llava, cols, 6)
+    assert torch.equal(got[1], want[1])
+    assert [t[1] for t in top_tokens(fast, 1, 3, k=6)] == want[1][1].tolist()

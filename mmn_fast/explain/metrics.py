@@ -22,7 +22,7 @@ from ..edit import names, perturb, random_neurons, suppress, word_token
 from ..engine import DEFAULT_PROMPT
 from ..errors import MMNError
 from ..inputs import load_image
-from ..kernels import vocab_topk_torch
+from ..vocab import neuron_topk
 from .heatmap import _language_model, concept_signs, trace
 
 FORMAT_VERSION = 1
@@ -245,7 +245,7 @@ def _semantic(ctx, per) -> None:
     union = list(dict.fromkeys([n for w in ctx["words"] for n in ctx["top"][w]] + [n for s in ctx["rand"] for n in s]))
     with torch.no_grad():
         cols = torch.stack([ad.out_weight(l)[:, i] for l, i in union], 1)  # [d, N]
-        _, ids = vocab_topk_torch(cols, ad.unembed_weight(), opts.k)  # [N, k]
+        _, ids = neuron_topk(engine, cols, opts.k)  # [N, k]
         emb = engine.model.get_input_embeddings().weight.detach()  # rows cast to fp32 when used
     topk = {n: ids[j].tolist() for j, n in enumerate(union)}
 

@@ -94,14 +94,14 @@ def _table(header: list[str] | None, rows: list[list], numeric: set[int] = froze
 
 
 def _top_tokens(engine, neurons: list[tuple[int, int]], k: int) -> dict:
-    from ..kernels import vocab_topk_torch
+    from ..vocab import neuron_topk
 
     if engine is None or not neurons:
         return {}
     ad = engine.adapter
     with torch.no_grad():
         cols = torch.stack([ad.out_weight(l)[:, i] for l, i in neurons], 1)
-        _, ids = vocab_topk_torch(cols, ad.unembed_weight(), k)
+        _, ids = neuron_topk(engine, cols, k)
     return {n: engine.tokenizer.convert_ids_to_tokens(ids[j].tolist()) for j, n in enumerate(neurons)}
 
 
