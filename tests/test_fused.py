@@ -130,4 +130,5 @@ def test_find_with_the_triton_backend_matches_torch(llava_path, images, kwargs, 
                                        torch.tensor([x[2] for x in cw.neurons]), rtol=1e-4, atol=1e-6)
             n += 1
     assert n > 0
-    assert len(launches) >= 2 * fast.adapter.n_layers  # the kernel ran, layer by layer, step by step
+    # the kernel ran for every layer's prefill (the one-position decode steps take the torch ops)
+    assert len(launches) == fast.adapter.n_layers
