@@ -33,25 +33,40 @@ def measure(name, eng, images, max_new_tokens, repeats):
 
 
 def measure_gpu(repeats):
-    """find (triton and torch backends) vs plain generate, same weights, interleaved, per image."""
+    """find (triton and torch backends, and triton with the kernel at decode steps too) vs plain
+    generate, same weights, interleaved, per image."""
+    from mmn_fast import fused
+
     engines, images = gpu_llava_engines()
     eng = engines["triton"]
     n = len(images)
     for e in engines.values():
         find(e, images, NEW_TOKENS)  # warm-up (Triton compiles here)
     plain_generate(eng, images, NEW_TOKENS)
-    t = {"generate": [], **{b: [] for b in engines}}
+    t = {"generate": [], **{b: [] for b in engines}, "kernel_decode": []}
+
+    def kernel_at_decode():
+        fused.DECODE_WITH_KERNEL = True
+        try:
+            return find(eng, images, NEW_TOKENS)
+        finally:
+            fused.DECODE_WITH_KERNEL = False
+
+    kernel_at_decode()  # warm-up of the decode-shaped kernel
     for _ in range(repeats):  # interleaved, so drifting clocks hit every variant alike
         t["generate"].append(median_time(lambda: plain_generate(eng, images, NEW_TOKENS), 1))
         for b, e in engines.items():
             t[b].append(median_time(lambda: find(e, images, NEW_TOKENS), 1))
+        t["kernel_decode"].append(median_time(kernel_at_decode, 1))
     med = {k: sorted(v)[len(v) // 2] / n for k, v in t.items()}
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; random LLaVA, 8 LLaMA-7B-shaped layers "
           f"(4096/11008), 576 image tokens, bf16, batch 8, {NEW_TOKENS} new tokens; seconds per image (medians of {repeats})")
-    print("| generate s | find (triton) s | find/generate | find (torch hooks) s | find/generate |")
-    print("|---|---|---|---|---|")
+    print("| generate s | find (triton) s | find/generate | find (torch hooks) s | find/generate "
+          "| find (triton, kernel at decode steps too) s | find/generate |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {med['generate']:.4f} | {med['triton']:.4f} | {med['triton'] / med['generate']:.3f} | "
-          f"{med['torch']:.4f} | {med['torch'] / med['generate']:.3f} |")
+          f"{med['torch']:.4f} | {med['torch'] / med['generate']:.3f} | "
+          f"{med['kernel_decode']:.4f} | {med['kernel_decode'] / med['generate']:.3f} |")
 
 
 def main():

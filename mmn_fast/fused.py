@@ -32,6 +32,11 @@ _GATED = ("gate_proj", "up_proj", "down_proj", "act_fn")
 _PLAIN = (("fc1", "fc2", "activation_fn"), ("fc1", "fc2", "act_fn"))
 
 
+# Decode steps run the model's own torch ops (see the forward below); True runs the kernel there
+# too. `bench/run_bench.py --gpu` times both, which is what should settle this default.
+DECODE_WITH_KERNEL = False
+
+
 def activation_name(module: nn.Module) -> str | None:
     """The kernel's name for an activation module, or None if the kernel does not implement it."""
     if isinstance(module, nn.GELU):
@@ -148,7 +153,7 @@ def fused_capture(
             # saves no memory traffic worth a Triton launch there, and the host time per layer is
             # what a decode step pays (bench/run_kernels.py, host table). Its torch ops are also
             # the model's own, so decode captures are bit-identical to plain hooks.
-            step_backend = "torch" if t == 1 and not kwargs else backend
+            step_backend = "torch" if t == 1 and not kwargs and not DECODE_WITH_KERNEL else backend
             out = act_score(gate.reshape(-1, f), None if up is None else up.reshape(-1, f), act,
                             capture_rows=capture_rows(b, t, x.device), capture_act=activation == "act_fn",
                             backend=step_backend, act_module=act_module, **kwargs)

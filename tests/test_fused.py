@@ -132,3 +132,26 @@ def test_find_with_the_triton_backend_matches_torch(llava_path, images, kwargs, 
     assert n > 0
     # the kernel ran for every layer's prefill (the one-position decode steps take the torch ops)
     assert len(launches) == fast.adapter.n_layers
+
+
+@needs_interpreter
+def test_kernel_at_decode_steps_when_asked(llava_path, images, monkeypatch):
+    """fused.DECODE_WITH_KERNEL runs the kernel at every decode step too, with the same result."""
+    pytest.importorskip("triton")
+    from mmn_fast import fused
+
+    module = sys.modules["mmn_fast.kernels.act_score"]
+    launches = []
+    real = module.act_score_triton
+    monkeypatch.setattr(module, "act_score_triton", lambda *a, **k: launches.append(1) or real(*a, **k))
+    fast = mmn_fast.load(llava_path, device="cpu", backend="triton")
+    want = fast.find(images[:2], batch_size=2, **ALL)
+    assert len(launches) == fast.adapter.n_layers
+    monkeypatch.setattr(fused, "DECODE_WITH_KERNEL", True)
+    got = fast.find(images[:2], batch_size=2, **ALL)
+    steps = max(len(r.output_ids) for r in got)
+    assert steps >= 2 and len(launches) - fast.adapter.n_layers >= fast.adapter.n_layers * (steps - 1)  # + each step
+    assert [r.output_ids for r in got] == [r.output_ids for r in want]
+    for g, w in zip(got, want):
+        for cg, cw in zip(g.concepts, w.concepts, strict=True):
+            assert {tuple(x[:2]) for x in cg.neurons} == {tuple(x[:2]) for x in cw.neurons}
