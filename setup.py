@@ -16,7 +16,7 @@ setup(
     install_requires=[
         "torch>=2.1",
         "transformers>=5.0,<6",
-        "safetensors>=0.4",
+        "safetensors>=0.8",  # save_file writes from the tensors' memory (older versions copy every tensor first)
         "numpy",
         "pillow",
         "tqdm",
