@@ -149,14 +149,19 @@ def fused_capture(
                 acc = torch.float64 if gate.dtype == torch.float64 else torch.float32
                 kwargs = dict(proj=image_proj(f, x.device, acc), row_group=group, n_groups=b,
                               reduce="sum" if reduce == "mean" else "max")
-            # A decode step (one new position per sample, nothing scored) has B rows: the kernel
-            # saves no memory traffic worth a Triton launch there, and the host time per layer is
-            # what a decode step pays (bench/run_kernels.py, host table). Its torch ops are also
-            # the model's own, so decode captures are bit-identical to plain hooks.
-            step_backend = "torch" if t == 1 and not kwargs and not DECODE_WITH_KERNEL else backend
+            if t == 1 and not kwargs and not DECODE_WITH_KERNEL:
+                # A decode step (one new position per sample, nothing scored) has B rows: the
+                # kernel saves no memory traffic worth a Triton launch and our argument checks
+                # there, and host time per layer is what a decode step pays (bench/run_kernels.py,
+                # host table). The model's own ops, so captures are bit-identical to plain hooks.
+                a = act_module(gate)  # [B, 1, F]
+                h = a * up if up is not None else a
+                rows = (a if activation == "act_fn" else h).reshape(-1, f)[capture_rows(b, t, x.device)]
+                store.rows[layer].append(rows.view(b, -1, f))
+                return getattr(self, out_name)(h)
             out = act_score(gate.reshape(-1, f), None if up is None else up.reshape(-1, f), act,
                             capture_rows=capture_rows(b, t, x.device), capture_act=activation == "act_fn",
-                            backend=step_backend, act_module=act_module, **kwargs)
+                            backend=backend, act_module=act_module, **kwargs)
             rows = out.captured_act if activation == "act_fn" else out.captured  # [B*S, F]
             store.rows[layer].append(rows.view(b, -1, f))
             if image_call:

@@ -42,6 +42,23 @@ def test_torch_path_keeps_logits_bit_identical_and_captures_what_hooks_capture(l
     assert torch.equal(act_only.acts(), act_hooked.acts())
 
 
+@pytest.mark.parametrize("activation", ["down_proj_input", "act_fn"])
+def test_decode_steps_keep_logits_and_captures_bit_identical(llava, images, activation):
+    """Through generate: the prefill and every one-position decode step (the model's own ops there)."""
+    inputs = llava._inputs(images[:2], DEFAULT_PROMPT, None)
+    gen = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        plain = llava.model.generate(**inputs, **gen)
+        with fused_capture(llava.adapter, "torch", activation=activation) as fused:
+            out = llava.model.generate(**inputs, **gen)
+        with capture(llava.adapter, activation=activation) as hooked:
+            llava.model.generate(**inputs, **gen)
+    assert torch.equal(plain.sequences, out.sequences) and len(out.logits) >= 2
+    assert all(torch.equal(a, b) for a, b in zip(plain.logits, out.logits))
+    assert len(fused.rows[0]) == len(out.logits)  # one capture per forward: the prefill, then each step
+    assert torch.equal(fused.acts(), hooked.acts())
+
+
 def test_forwards_are_restored_even_after_an_error(llava, images):
     mlps = llava.adapter.mlps
     assert all("forward" not in m.__dict__ for m in mlps)
