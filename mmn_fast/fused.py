@@ -3,8 +3,10 @@
 The MLP's own input projections run as usual; `act_score` then computes `h` (what the output
 projection consumes), copies the rows the score needs into the capture store and, for
 `positions="image"`, reduces h over the image tokens, in one pass over the activations (one
-Triton kernel on the "triton" backend). The original forward is restored exactly on exit:
-nothing stays patched and there is no overhead outside a capture.
+Triton kernel on the "triton" backend). One-position decode steps, which score nothing, run the
+model's own ops and index the captured rows instead (`DECODE_WITH_KERNEL` below). The original
+forward is restored exactly on exit: nothing stays patched and there is no overhead outside a
+capture.
 
 Only MLPs whose forward is known are fused: LLaMA-style `down_proj(act_fn(gate_proj(x)) * up_proj(x))`
 (LLaMA, Vicuna, Mistral, Qwen2, Gemma) and CLIP/Phi-style `fc2(activation_fn(fc1(x)))`, with
@@ -149,14 +151,14 @@ def fused_capture(
                 acc = torch.float64 if gate.dtype == torch.float64 else torch.float32
                 kwargs = dict(proj=image_proj(f, x.device, acc), row_group=group, n_groups=b,
                               reduce="sum" if reduce == "mean" else "max")
-            if t == 1 and not kwargs and not DECODE_WITH_KERNEL:
+            if t == 1 and not image_call and not DECODE_WITH_KERNEL:
                 # A decode step (one new position per sample, nothing scored) has B rows: the
                 # kernel saves no memory traffic worth a Triton launch and our argument checks
                 # there, and host time per layer is what a decode step pays (bench/run_kernels.py,
                 # host table). The model's own ops, so captures are bit-identical to plain hooks.
                 a = act_module(gate)  # [B, 1, F]
                 h = a * up if up is not None else a
-                rows = (a if activation == "act_fn" else h).reshape(-1, f)[capture_rows(b, t, x.device)]
+                rows = (a if activation == "act_fn" else h).detach().reshape(-1, f)[capture_rows(b, t, x.device)]
                 store.rows[layer].append(rows.view(b, -1, f))
                 return getattr(self, out_name)(h)
             out = act_score(gate.reshape(-1, f), None if up is None else up.reshape(-1, f), act,

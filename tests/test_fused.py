@@ -174,3 +174,19 @@ def test_kernel_at_decode_steps_when_asked(llava_path, images, monkeypatch):
     for g, w in zip(got, want):
         for cg, cw in zip(g.concepts, w.concepts, strict=True):
             assert {tuple(x[:2]) for x in cg.neurons} == {tuple(x[:2]) for x in cw.neurons}
+
+
+def test_a_one_position_prompt_still_gets_its_image_stats(llava):
+    """t == 1 is the prefill when the prompt has one position: its image statistics are still kept
+    (the decode-step shortcut must not take that call)."""
+    x = torch.randn(2, 1, llava.adapter.unembed_weight().shape[1])  # [B, T=1, d]
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    for activation in ("down_proj_input", "act_fn"):
+        with torch.no_grad():
+            with fused_capture(llava.adapter, "torch", activation=activation, image_mask=mask) as fused:
+                llava.adapter.mlps[0](x)
+            with capture(llava.adapter, activation=activation, image_mask=mask) as hooked:
+                llava.adapter.mlps[0](x)
+        assert fused.image[0] is not None
+        for k in fused.image[0]:  # sum + count (reduce="mean"), from the full stats the hooks keep
+            torch.testing.assert_close(fused.image[0][k], hooked.image[0][k], rtol=1e-6, atol=1e-7)
