@@ -108,7 +108,7 @@ def host_rows(device, dtype, f, calls=2000):
     interpreter would time itself), so that row is our own Python only."""
     import time
 
-    import mmn_fast.kernels._act_score_triton as kmod
+    from mmn_fast.kernels._triton_util import triton_available
 
     g = torch.randn(8, f, device=device, dtype=dtype)
     u = torch.randn_like(g)
@@ -128,8 +128,14 @@ def host_rows(device, dtype, f, calls=2000):
         return (time.perf_counter() - t0) / calls
 
     out = [("model's own act(gate) * up", per_call(lambda: silu(g) * u)),
+           ("fused decode step as find runs it (last position: the step's own rows)",
+            per_call(lambda: (silu(g) * u).detach())),
            ("torch path: h + capture of the last rows",
             per_call(lambda: act_score(g, u, "silu", capture_rows=rows, backend="torch", act_module=silu)))]
+    if not triton_available():
+        return out
+    import mmn_fast.kernels._act_score_triton as kmod
+
     real, env = kmod._act_score_kernel, os.environ.get("TRITON_INTERPRET")
     if device.type != "cuda":  # CPU tensors pass the device check only with the interpreter flag set
 

@@ -158,8 +158,10 @@ def fused_capture(
                 # host table). The model's own ops, so captures are bit-identical to plain hooks.
                 a = act_module(gate)  # [B, 1, F]
                 h = a * up if up is not None else a
-                rows = (a if activation == "act_fn" else h).detach().reshape(-1, f)[capture_rows(b, t, x.device)]
-                store.rows[layer].append(rows.view(b, -1, f))
+                kept = (a if activation == "act_fn" else h).detach()
+                if select is not last_position:  # the last position of a one-position step is all of it
+                    kept = kept.reshape(-1, f).index_select(0, capture_rows(b, t, x.device)).view(b, -1, f)
+                store.rows[layer].append(kept)
                 return getattr(self, out_name)(h)
             out = act_score(gate.reshape(-1, f), None if up is None else up.reshape(-1, f), act,
                             capture_rows=capture_rows(b, t, x.device), capture_act=activation == "act_fn",

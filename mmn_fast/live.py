@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 import weakref
 
 import torch
@@ -110,8 +111,9 @@ class PatchHandle:
     def __init__(self, patch: Patch, model: nn.Module, saved: list):
         self.patch = patch
         self._model = weakref.ref(model)
-        # [(layer, out_proj module (weakref), (weight shape, storage key), idx [n], original rows [n, d],
-        #   new rows [n, d])]: no reference to the weight itself, which a later cast or move replaces
+        # [(layer, out_proj module (weakref), its qualified name, (weight shape, storage key), idx [n],
+        #   original rows [n, d], new rows [n, d])]: no reference to the weight itself, which a later
+        #   cast or move replaces
         self._saved = saved
         self.neurons = frozenset(patch.neurons)
         self.active = True
@@ -122,8 +124,10 @@ class PatchHandle:
 
     def revert(self, force: bool = False) -> None:
         """Restore the original vectors exactly. Refused (nothing changes) when a patch applied later
-        changes some of the same neurons (revert that one first), or when the neurons were changed
-        since by other means (force=True discards those changes)."""
+        changes some of the same neurons (revert that one first), when the neurons were changed
+        since by other means (force=True discards those changes), or when a patched output
+        projection was replaced, reshaped or offloaded since (force=True then restores the layers
+        it still can, drops the patch with a warning, and so unblocks the patches under it)."""
         model = self._model()
         if model is None:
             raise PatchError("the model this patch was applied to no longer exists")
@@ -136,7 +140,15 @@ class PatchHandle:
             if blocking:
                 raise PatchError(f"revert refused: {blocking[0]!r}, applied later, changes "
                                  f"{len(blocking[0].neurons & self.neurons)} of the same neurons; revert it first")
-            now = [_current(*item) for item in self._saved]  # the weights as they are now
+            now, lost = [], []  # the weights as they are now; layers that cannot be restored
+            for item in self._saved:
+                try:
+                    now.append(_current(model, *item))
+                except PatchError as e:
+                    if not force:
+                        raise PatchError(f"revert refused: {e}; revert(force=True) restores the other layers "
+                                         "and drops this patch") from None
+                    lost.append(str(e))
             # Always compared: a version-counter shortcut cannot see `model.half(); model.float()`
             # (the counter survives `param.data = ...`, and the allocator may reuse the address).
             changed = [l for l, w, idx, _, new, _ in now if not torch.equal(gather_rows(w, idx), new)]
@@ -148,6 +160,8 @@ class PatchHandle:
                                  "; force=True overwrites them with the originals")
             for _, w, idx, orig, _, _ in now:
                 write_rows(w, idx, orig)
+            if lost:
+                warnings.warn("patch dropped without restoring: " + "; ".join(lost), stacklevel=2)
             st.handles.remove(self)
             self.active = False
             self._saved = []
@@ -160,7 +174,7 @@ class PatchHandle:
             self.revert()
 
 
-def _current(layer: int, module_ref, where: tuple, idx, orig, new):
+def _current(model: nn.Module, layer: int, module_ref, name: str | None, where: tuple, idx, orig, new):
     """(layer, weight, idx, original rows, new rows, moved) as the model holds them now.
     `model.half()` or `.to(device)` after the patch gives the weight new storage (GPT-2's Conv1D
     view then points at the old one): the weight is looked up again and the saved rows are cast
@@ -168,8 +182,13 @@ def _current(layer: int, module_ref, where: tuple, idx, orig, new):
     cast. moved: the weight's dtype, device or storage changed (for the error message)."""
     shape, key = where
     mod = module_ref()
-    if mod is None:
-        raise PatchError(f"layer {layer}: the output projection this patch was applied to no longer exists")
+    try:
+        now = model.get_submodule(name) if name is not None else mod
+    except AttributeError:
+        now = None
+    if mod is None or now is not mod:
+        raise PatchError(f"layer {layer}: the output projection this patch was applied to "
+                         f"({name or 'unnamed'}) was replaced or removed since")
     cur = output_matrix(mod)
     if tuple(cur.shape) != shape:
         raise PatchError(f"layer {layer}: the output projection is {tuple(cur.shape)} now, "
@@ -225,6 +244,7 @@ def apply_patch(target, patch, force: bool = False, **spec_overrides) -> PatchHa
     prepared = _prepare(adapter, patch)
     with st.lock:
         touched = {n: h for h in st.handles for n in h.neurons}
+        names = {id(m): name for name, m in model.named_modules()}  # to find the module again at revert
         saved, problems = [], []
         for l, w, idx, new, e in prepared:
             cur = gather_rows(w, idx)  # [n, d] in the model's dtype
@@ -232,7 +252,7 @@ def apply_patch(target, patch, force: bool = False, **spec_overrides) -> PatchHa
             if e.orig_sha256.get(dt) != rows_sha256(cur):
                 overlap = [(l, i) for i in e.indices.tolist() if (l, i) in touched]
                 problems.append((l, overlap))
-            saved.append((l, weakref.ref(adapter.out_projs[l]), w, idx, cur, new))
+            saved.append((l, weakref.ref(adapter.out_projs[l]), names.get(id(adapter.out_projs[l])), w, idx, cur, new))
         if problems and not force:
             conflicts = [n for _, o in problems for n in o]
             if conflicts:
@@ -244,15 +264,15 @@ def apply_patch(target, patch, force: bool = False, **spec_overrides) -> PatchHa
         done = []
         try:
             for item in saved:
-                _, _, w, idx, _, new = item
+                *_, w, idx, _, new = item
                 write_rows(w, idx, new)
                 done.append(item)
         except BaseException:  # e.g. out of device memory halfway: put back what was written
-            for _, _, w, idx, cur, _ in done:
+            for *_, w, idx, cur, _ in done:
                 write_rows(w, idx, cur)
             raise
-        handle = PatchHandle(patch, model, [(l, ref, (tuple(w.shape), _key(w)), idx, cur, new)
-                                            for l, ref, w, idx, cur, new in saved])
+        handle = PatchHandle(patch, model, [(l, ref, name, (tuple(w.shape), _key(w)), idx, cur, new)
+                                            for l, ref, name, w, idx, cur, new in saved])
         st.handles.append(handle)
     return handle
 

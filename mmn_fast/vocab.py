@@ -15,12 +15,15 @@ FORMAT_VERSION = "1"
 
 def neuron_topk(engine, w_out: torch.Tensor, k: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k tokens of the output vectors w_out [d, N] on the engine's backend: the Triton kernel
-    on the Triton backend (k <= 64), the chunked torch walk otherwise. (values, ids) [N, k]."""
-    if engine.backend == "triton" and k <= TRITON_MAX_K:
+    on the Triton backend (1 <= k <= 64, fp32/fp16/bf16 weights of one dtype), the chunked torch
+    walk otherwise. (values, ids) [N, k]."""
+    w_u = engine.adapter.unembed_weight()
+    if (engine.backend == "triton" and 1 <= k <= TRITON_MAX_K and w_out.dtype == w_u.dtype
+            and w_out.dtype in (torch.float32, torch.float16, torch.bfloat16)):
         from .kernels import vocab_topk_triton
 
-        return vocab_topk_triton(w_out, engine.adapter.unembed_weight(), k)
-    return vocab_topk_torch(w_out, engine.adapter.unembed_weight(), k, chunk)
+        return vocab_topk_triton(w_out, w_u, k)
+    return vocab_topk_torch(w_out, w_u, k, chunk)
 
 
 def top_tokens(engine, layer: int, index: int, k: int = 10) -> list[tuple[str, int, float]]:
@@ -42,7 +45,7 @@ def vocab_table(engine, k: int = 10, chunk: int = 4096, cache_dir: str | Path | 
 
     Computed layer by layer over vocabulary chunks (extra memory O(F x chunk), never F x V), and
     cached as safetensors keyed by the weights' fingerprint when `cache_dir` is given. On the
-    engine's Triton backend (k <= 64) one kernel per layer keeps the running top-k in registers.
+    engine's Triton backend (k <= 64) one filtering GEMM per layer (`vocab_topk_triton`).
     """
     ad = engine.adapter
     path = Path(cache_dir) / f"vocab-{engine.fingerprint}-k{k}.safetensors" if cache_dir else None

@@ -190,3 +190,16 @@ def test_a_one_position_prompt_still_gets_its_image_stats(llava):
         assert fused.image[0] is not None
         for k in fused.image[0]:  # sum + count (reduce="mean"), from the full stats the hooks keep
             torch.testing.assert_close(fused.image[0][k], hooked.image[0][k], rtol=1e-6, atol=1e-7)
+
+
+def test_one_position_steps_with_a_gather_selector_match_hooks(llava):
+    """The decode-step shortcut with a position selector (not last_position) keeps the same rows."""
+    x = torch.randn(3, 1, llava.adapter.unembed_weight().shape[1])  # [B, T=1, d]
+    select = gather_positions(torch.zeros(3, 2, dtype=torch.long))  # position 0, twice per sample
+    with torch.no_grad():
+        with fused_capture(llava.adapter, "torch", select=select) as fused:
+            llava.adapter.mlps[1](x)
+        with capture(llava.adapter, select=select) as hooked:
+            llava.adapter.mlps[1](x)
+    assert fused.rows[1][0].shape == (3, 2, hooked.rows[1][0].shape[-1])
+    assert torch.equal(fused.rows[1][0], hooked.rows[1][0])

@@ -363,6 +363,35 @@ def test_revert_after_the_model_was_cast(conv1d):
     assert torch.equal(adapter.out_weight(1), never_patched[1].float())
 
 
+def test_revert_after_the_output_projection_was_replaced():
+    """A replaced out_proj cannot be restored: revert refuses (naming the module); force restores
+    the other layers, drops the patch with a warning and unblocks the patch under it."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(2)
+    model = _conv1d_model()
+    spec = dict(layers="layers", mlp="mlp", out_proj="c_proj", gated=False)
+    adapter = mmn_fast.live._resolve(model, spec)[1]
+    before = [adapter.out_weight(l).detach().clone() for l in range(2)]
+    under = apply_patch(model, make_patch(adapter, {1: (torch.tensor([4]), torch.randn(1, 16))}, "under"))
+    top = apply_patch(model, make_patch(adapter, {0: (torch.tensor([1]), torch.randn(1, 16)),
+                                                  1: (torch.tensor([4]), torch.randn(1, 16))}, "top"))
+    model.layers[1].mlp.c_proj = Conv1D(16, 24)  # a fresh module where the patched one was
+    with pytest.raises(PatchError, match="layers.1.mlp.c_proj.*replaced"):
+        top.revert()
+    assert top.active and torch.equal(adapter.out_weight(0)[:, 1], top.patch.entries[0].vectors[0])
+    with pytest.raises(PatchError, match="revert it first"):
+        under.revert()
+    with pytest.warns(UserWarning, match="dropped without restoring"):
+        top.revert(force=True)
+    assert not top.active and torch.equal(adapter.out_weight(0), before[0])  # layer 0 restored
+    with pytest.raises(PatchError, match="replaced"):  # `under` patched the same replaced module
+        under.revert()
+    with pytest.warns(UserWarning):
+        under.revert(force=True)
+    assert mmn_fast.live.active_patches(model) == []
+
+
 # ------------------------------------------------------------------------------------ concurrency
 def test_no_forward_or_caption_sees_half_a_patch(llava_path, images):
     e = mmn_fast.load(llava_path, device="cpu")

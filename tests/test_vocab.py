@@ -52,7 +52,16 @@ def test_vocab_table_on_the_triton_backend_matches_torch(llava_path, llava):
     # subsets of neurons (what metrics and reports rank) go the same way, and single neurons too
     from mmn_fast.vocab import neuron_topk, top_tokens
 
-    cols = torch.stack([fast.adapter.out_weight(1)[:, i] for i in (0, 3, 7)], 1)  # [d, 3]
-    got, want = neuron_topk(fast, cols, 6), neuron_topk(llava, cols, 6)
+    import mmn_fast.kernels as kernels_pkg
+
+    calls = []
+    real = kernels_pkg.vocab_topk_triton
+    kernels_pkg.vocab_topk_triton = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        cols = torch.stack([fast.adapter.out_weight(1)[:, i] for i in (0, 3, 7)], 1)  # [d, 3]
+        got, want = neuron_topk(fast, cols, 6), neuron_topk(llava, cols, 6)
+        assert calls == [1]  # the Triton backend's engine took the kernel, the torch one did not
+    finally:
+        kernels_pkg.vocab_topk_triton = real
     assert torch.equal(got[1], want[1])
     assert [t[1] for t in top_tokens(fast, 1, 3, k=6)] == want[1][1].tolist()
