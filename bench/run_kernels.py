@@ -94,6 +94,10 @@ def vocab_rows(device, dtype, d, f, v, k, repeats, triton_ok):
         add("triton filter: top-k + bottom-k", lambda: vocab_topk(w_out, w_u, k, both=True, backend="triton"))
         add("triton filter on cuBLAS fp32 logits (8192-token chunks): top-k + bottom-k",
             lambda: vocab_topk_triton(w_out, w_u, k, both=True, gemm="torch"))
+        for bf, bv, warps, stages in ((128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4)):  # tuning data
+            add(f"triton filter {bf}x{bv}x64, {warps} warps, {stages} stages: top-k + bottom-k",
+                lambda bf=bf, bv=bv, w=warps, st=stages: vocab_topk_triton(
+                    w_out, w_u, k, both=True, block_f=bf, block_v=bv, num_warps=w, num_stages=st))
         add("triton filter, probe every 16th token: top-k + bottom-k",
             lambda: vocab_topk_triton(w_out, w_u, k, both=True, probe_stride=16))
         add("triton bitonic running top-k: top-k + bottom-k",

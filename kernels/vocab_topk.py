@@ -77,6 +77,8 @@ def vocab_topk_triton(
     capacity: int | None = None,
     gemm: str = "triton",
     chunk: int = 8192,
+    num_warps: int = 8,
+    num_stages: int = 3,
     out: tuple[torch.Tensor, ...] | None = None,
 ):
     """Triton path of `vocab_topk`; F x V is never stored. fp32 / fp16 / bf16 weights of one dtype.
@@ -88,6 +90,8 @@ def vocab_topk_triton(
     Rows that overflow the buffer are recomputed exactly by the torch path. gemm="torch" leaves
     the logits to cuBLAS, `chunk` tokens at a time in fp32 (extra memory F x chunk x 4 bytes), and
     runs only the filter in Triton: the yardstick for the fused GEMM's own efficiency.
+    num_warps / num_stages: the filter kernel's launch configuration (128x128x64 tiles, 8 warps and
+    3 stages by default: the largest that keep its main loop free of register spills on sm_90).
     method="bitonic": one program per block_f neurons walks the vocabulary in block_v tiles and
     keeps a running top-k in registers (bitonic merges). (H100, bf16, d=4096, F=11008, V=32000,
     k=64, both=True: 56 ms with 64/128/64 blocks, against about 4 ms for the bf16 matmul alone:
@@ -111,7 +115,7 @@ def vocab_topk_triton(
 
         res = launch_vocab_filter(
             w_out, w_u, k, largest, both, probe_stride, capacity, gemm, chunk, block_f or 128, block_v or 128,
-            block_d or 64, group_f=8, num_warps=8, num_stages=3, out=out,
+            block_d or 64, group_f=8, num_warps=num_warps, num_stages=num_stages, out=out,
         )
     else:
         from ._vocab_topk_triton import launch_vocab_topk
