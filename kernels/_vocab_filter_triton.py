@@ -3,8 +3,9 @@
 A plain tiled GEMM of `W_out^T W_U^T` [F, V] whose epilogue keeps, per row, only the logits at or
 above a per-row threshold (or at or below one, for the bottom-k), appending them with their ids
 to a per-row candidate buffer, one atomic per kept logit reserving its slot. No sort runs in the
-kernel, and the epilogue does almost nothing for the logits it drops; the threshold (from a probe of the vocabulary, computed first)
-makes the kept set small, and a `torch.topk` over the [F, capacity] candidates finishes. The
+kernel, and the epilogue does almost nothing for the logits it drops; the threshold (from a probe
+of the vocabulary, computed first) makes the kept set small, and a `torch.topk` over the
+[F, capacity] candidates finishes. The
 candidates are ranked as packed int64 keys, the same order as the running top-k kernel's: the
 order-preserving int32 of the fp32 bits in the high half, `2^31 - 1 - id` in the low half, so
 ties go to the smaller id and the result does not depend on the order the atomics ran in.
@@ -214,10 +215,10 @@ def launch_vocab_filter(w_out, w_u, k, largest, both, probe_stride, capacity, ge
                         block_d, group_f, num_warps, num_stages, out):
     """Probe thresholds, the filtering pass, then a top-k of each row's candidates. Rows whose
     candidates overflowed `capacity` (or, defensively, came out under k) are recomputed exactly in
-    torch with the same ranking (`_exact_rows`), so the result never depends on the capacity. gemm="triton": one kernel
-    computes the logits and filters them; gemm="torch": cuBLAS computes `chunk`-token slices of the
-    logits (extra memory F x chunk x 4 bytes) and the kernel only filters. Shapes are validated by
-    `vocab_topk_triton`."""
+    torch with the same ranking (`_exact_rows`), so the result never depends on the capacity.
+    gemm="triton": one kernel computes the logits and filters them; gemm="torch": cuBLAS computes
+    `chunk`-token slices of the logits (extra memory F x chunk x 4 bytes) and the kernel only
+    filters. Shapes are validated by `vocab_topk_triton`."""
     for name, b in (("block_f", block_f), ("block_v", block_v), ("block_d", block_d)):
         if b < 16 or b & (b - 1):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {b}")
