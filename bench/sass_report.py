@@ -6,7 +6,8 @@ local-memory (spill) instructions sit inside loops, and the widths of the global
 every K step; one in the epilogue costs once per tile. This is how the `vocab_topk` filter kernel's
 epilogue was chosen in a session with no GPU (see docs/benchmarks.md); timings still need one.
 
-    python bench/sass_report.py            # about a minute on 2 CPU cores
+    python bench/sass_report.py            # the table, about 20 s on 2 CPU cores
+    python bench/sass_report.py --check    # exit 1 if a default configuration spills in a loop
 """
 from __future__ import annotations
 
@@ -59,7 +60,9 @@ def _sass(kernel) -> list[str]:
     return usage, lines
 
 
-def report(name: str, kernel) -> str:
+def stats(kernel) -> dict:
+    """Registers, stack bytes, shared memory, instruction count, local (spill) instructions in all
+    and inside loops, whether wgmma is used, and the global loads counted by opcode."""
     usage, lines = _sass(kernel)
     fields = dict(u.split(":", 1) for u in usage if ":" in u)
     addr = {}
@@ -73,17 +76,39 @@ def report(name: str, kernel) -> str:
             if target in addr and addr[target] < i:
                 in_loop.update(range(addr[target], i + 1))
     local = [i for i, line in enumerate(lines) if "LDL" in line or "STL" in line]
-    loop_local = sum(1 for i in local if i in in_loop)
-    mma = sum(1 for line in lines if "HGMMA" in line)
     loads = Counter()
     for line in lines:  # global loads by width: a 16-bit LDG where a 128-bit one fits is lost bandwidth
         ops = line.split("*/")[1].split()
         op = ops[1] if ops[0].startswith("@") else ops[0]
         if op.startswith(("LDG.", "LDGSTS.")) and op != "LDGDEPBAR":
             loads[op.replace(".E", "").replace(".BYPASS", "")] += 1
-    load_s = ", ".join(f"{op} x{n}" for op, n in sorted(loads.items()))
-    return (f"| {name} | {fields['REG']} | {fields['STACK']} | {kernel.metadata.shared // 1024} KiB | "
-            f"{len(lines)} | {len(local)} | {loop_local} | {'yes' if mma else 'no'} | {load_s} |")
+    return dict(regs=int(fields["REG"]), stack=int(fields["STACK"]), shared=kernel.metadata.shared,
+                instructions=len(lines), local=len(local), loop_local=sum(1 for i in local if i in in_loop),
+                wgmma=any("HGMMA" in line for line in lines), loads=dict(loads))
+
+
+def report(name: str, kernel) -> str:
+    st = stats(kernel)
+    load_s = ", ".join(f"{op} x{n}" for op, n in sorted(st["loads"].items()))
+    return (f"| {name} | {st['regs']} | {st['stack']} | {st['shared'] // 1024} KiB | {st['instructions']} | "
+            f"{st['local']} | {st['loop_local']} | {'yes' if st['wgmma'] else 'no'} | {load_s} |")
+
+
+def check() -> list[str]:
+    """What must hold of the default configurations; [] when it all does (`--check`, run by
+    tests/test_kernels_sass.py in CI): a filter GEMM main loop with no spills and both operand
+    tiles on 128-bit cp.async, and an act_score that never spills and loads 128 bits at a time."""
+    problems = []
+    f = stats(filter_kernel(True, True))
+    if f["loop_local"]:
+        problems.append(f"vocab_topk filter: {f['loop_local']} spill instructions inside its main loop")
+    if not f["wgmma"] or f["loads"].get("LDGSTS.128", 0) < 24 or any(op.startswith("LDG.U") for op in f["loads"]):
+        problems.append(f"vocab_topk filter: operand tiles not all on 128-bit cp.async with wgmma: {f}")
+    for reduce_max in (False, True):
+        a = stats(act_score_kernel(reduce_max))
+        if a["stack"] or a["local"] or not a["loads"].get("LDG.128"):
+            problems.append(f"act_score (max={reduce_max}): spills or narrow loads: {a}")
+    return problems
 
 
 def filter_kernel(top, bottom, bf=128, bv=128, bd=64, warps=8, from_logits=False, hints=True):
@@ -117,6 +142,10 @@ def act_score_kernel(reduce_max, block_f=1024):
 
 
 def main():
+    if "--check" in sys.argv:
+        problems = check()
+        print("\n".join(problems) or "ok: no main-loop spills, 128-bit loads")
+        sys.exit(1 if problems else 0)
     print(f"# sm_90 (H100) SASS, bf16 inputs, triton {triton.__version__}, compiled on CPU\n")
     print("| kernel | registers | stack bytes | shared | SASS instructions | local (spill) ops | in loops | wgmma "
           "| global loads |")
