@@ -146,11 +146,11 @@ def spec_for(model: nn.Module, overrides: dict | None = None) -> ModelSpec:
     return dataclasses.replace(spec, **overrides)
 
 
-
 def output_matrix(out_proj: nn.Module) -> torch.Tensor:
     """An output projection's weight as [d_model, F] (a view: GPT-2's Conv1D stores [F, d])."""
     w = out_proj.weight
     return w.t() if type(out_proj).__name__ == "Conv1D" else w
+
 
 class Adapter:
     """A `ModelSpec` bound to a loaded model: modules and weights ready to use."""
