@@ -161,7 +161,7 @@ def probe_thresholds(w_out, w_u, k, probe_stride, top, bottom, chunk=4096):
     margin = _MARGIN[w_out.dtype]
     tops, bots = [], []
     for s in range(0, f, chunk):
-        logits = _matmul_fp32(w_out[:, s : s + chunk].t(), probe_u.t())  # [Fc, P]
+        logits = _matmul_fp32(w_out[:, s : s + chunk].t(), probe_u.t(), exact=False)  # [Fc, P]
         slack = logits.abs().amax(dim=1) * margin + _FLOOR  # [Fc]
         if top:
             tops.append(logits.topk(k, dim=1).values[:, -1] - slack)
@@ -185,14 +185,17 @@ def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return bits.view(torch.float32), 2147483647 - (keys & 0xFFFFFFFF)
 
 
-def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with fp32 output: half inputs through cuBLAS with fp32 out where torch offers it (CUDA),
-    else upcast first (exact products, fp32 sums). No rounding of the logits to half precision."""
+def _matmul_fp32(a: torch.Tensor, b: torch.Tensor, exact: bool = True) -> torch.Tensor:
+    """a @ b with fp32 output: half inputs through cuBLAS with fp32 out where torch offers it
+    (CUDA), else upcast first (exact products, fp32 sums: on a GPU an fp32 GEMM, several times
+    slower). exact=False takes the half-precision GEMM instead of that slow upcast (its output
+    rounded to half: fine for the probe, whose margin covers it)."""
     if a.dtype != torch.float32 and a.is_cuda:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
         except (TypeError, RuntimeError):  # torch without mm(out_dtype=)
-            pass
+            if not exact:
+                return (a @ b).float()
     return a.float() @ b.float()
 
 
