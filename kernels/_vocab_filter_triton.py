@@ -23,7 +23,9 @@ from ._vocab_topk_triton import _buffers
 # probe is a torch matmul with fp32 output, so its logits differ from the kernel's fp32 accumulators
 # by summation order only, unless torch cannot give fp32 output from half inputs (then 2^-9 bf16 /
 # 2^-11 fp16 output rounding), cuBLAS reduces in half precision (split-K), or TF32 is enabled for
-# fp32 weights (2^-11 per product). The margins cover several of the worst of those.
+# fp32 weights (2^-11 per product). The margins cover several of the worst of those. Exactness does
+# not depend on them: candidates are the logits >= the threshold, judged on the kernel's own values,
+# so a row with >= k of them holds its exact top-k; a row with fewer is recomputed.
 _MARGIN = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-8, torch.float32: 2.0**-8}
 _FLOOR = 1e-30  # absolute slack: near-zero rows, where rounding error is not relative
 
