@@ -122,6 +122,32 @@ def test_dead_neuron_ties_everywhere(method):
     check(got.top_values[live], got.top_ids[live], full[live], 6, True)
 
 
+@pytest.mark.parametrize("gemm", ["triton", "torch"])
+def test_exact_whatever_the_thresholds(monkeypatch, gemm):
+    """Exactness rests on the candidate count, not on the probe: thresholds pushed randomly far up
+    (too few candidates) or down (overflow) still give the exact top-k and bottom-k."""
+    mod = importlib.import_module("mmn_fast.kernels._vocab_filter_triton")
+    real = mod.probe_thresholds
+    gen = torch.Generator().manual_seed(7)
+
+    def skewed(*a, **kw):
+        top, bottom, n = real(*a, **kw)
+        shift = (torch.rand(top.shape, generator=gen) - 0.5) * 24  # +-12: about 2 sigma, per row
+        return top + shift.to(top.device), bottom - shift.to(bottom.device), n
+
+    monkeypatch.setattr(mod, "probe_thresholds", skewed)
+    redone = []
+    exact_rows = mod._exact_rows
+    monkeypatch.setattr(mod, "_exact_rows", lambda w, *a, **kw: redone.append(w.shape[1]) or exact_rows(w, *a, **kw))
+    w_out, w_u = torch.randn(32, 40, generator=gen), torch.randn(400, 32, generator=gen)
+    full = w_out.double().t() @ w_u.double().t()
+    got = vocab_topk_triton(w_out.to(DEVICE), w_u.to(DEVICE), 8, both=True, block_f=16, block_v=64, block_d=16,
+                            gemm=gemm, chunk=150)
+    check(got.top_values, got.top_ids, full, 8, True)
+    check(got.bottom_values, got.bottom_ids, full, 8, False)
+    assert 0 < sum(redone) < 2 * 40  # some rows came up short and were redone, most were not
+
+
 def test_probe_threshold_is_under_every_true_topk_value():
     from mmn_fast.kernels._vocab_filter_triton import probe_thresholds
 
