@@ -11,6 +11,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 from mmn_fast.kernels import act_score, vocab_topk_triton  # noqa: E402
+from triton_device import refuse_fallback  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -72,18 +73,11 @@ def _check_topk(values, ids, exact, k, largest):
 def test_vocab_topk_matches_exact_on_cuda(dtype, d, f, v, k, opts, mode, monkeypatch):
     """The filter method must answer from its own pass: at the default capacity no row may fall
     back to the exact recomputation."""
-    import importlib
-
     torch.manual_seed(1)
     w_out = (torch.randn(d, f, device="cuda") / d ** 0.5).to(dtype)
     w_u = (torch.randn(v, d, device="cuda") / d ** 0.5).to(dtype)
     exact = w_out.double().t() @ w_u.double().t()  # [F, V]
-    mod = importlib.import_module("mmn_fast.kernels._vocab_filter_triton")
-
-    def refuse(*a, **kw):
-        raise AssertionError("a row fell back to the exact recomputation")
-
-    monkeypatch.setattr(mod, "_exact_rows", refuse)
+    refuse_fallback(monkeypatch)
     got = vocab_topk_triton(w_out, w_u, k, both=mode == "both", **opts)
     if mode == "both":
         _check_topk(got.top_values, got.top_ids, exact, k, True)

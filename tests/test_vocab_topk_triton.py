@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from triton_device import kernel_device
+from triton_device import kernel_device, refuse_fallback
 
 from mmn_fast.kernels import VocabTopK, vocab_topk, vocab_topk_torch, vocab_topk_triton
 
@@ -32,16 +32,6 @@ def check(values, ids, full, k, largest):
 
 
 METHODS = [dict(method="filter"), dict(method="filter", gemm="torch", chunk=100), dict(method="bitonic")]
-
-
-def refuse_fallback(monkeypatch):
-    """Make the filter method's exact per-row recomputation an error: the kernel must answer."""
-    mod = importlib.import_module("mmn_fast.kernels._vocab_filter_triton")
-
-    def refuse(*a, **kw):
-        raise AssertionError("a row fell back to the exact recomputation")
-
-    monkeypatch.setattr(mod, "_exact_rows", refuse)
 
 
 @pytest.mark.parametrize("method", METHODS, ids=["filter", "filter-cublas", "bitonic"])
