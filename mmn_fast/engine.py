@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -111,7 +112,26 @@ def _load_processor(path: Path):
         image_processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError):
         image_processor = None
+    except ImportError:  # some transformers 5.x releases gate AutoImageProcessor on torchvision
+        image_processor = _image_processor_by_name(path)
     return None, tokenizer, image_processor
+
+
+def _image_processor_by_name(path: Path):
+    """The image processor class that preprocessor_config.json names (its PIL variant first, which
+    needs no torchvision), or None when the file or the class is missing."""
+    import transformers
+
+    try:
+        name = json.loads((path / "preprocessor_config.json").read_text())["image_processor_type"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for cls_name in (f"{name}Pil", name.removesuffix("Fast")):
+        try:
+            return getattr(transformers, cls_name).from_pretrained(str(path), local_files_only=True)
+        except (AttributeError, ImportError, OSError, ValueError):
+            continue
+    return None
 
 
 def load(path_or_model, processor=None, device=None, dtype=None, n_image_tokens: int | None = None,

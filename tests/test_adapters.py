@@ -43,6 +43,26 @@ def test_mplug_owl2_like_custom_tree_is_discovered(mplug_path, images):
     _check_results(eng, eng.find(images[:2], concepts="all", max_new_tokens=6, top_k=5, activation="act_fn"))
 
 
+def test_image_processor_found_by_name_when_the_auto_class_needs_torchvision(mplug_path, tmp_path, monkeypatch):
+    """Some transformers 5.x releases gate AutoImageProcessor itself on torchvision."""
+    import shutil
+
+    import transformers
+
+    from mmn_fast.engine import _load_processor
+
+    def needs_torchvision(*_a, **_k):
+        raise ImportError("AutoImageProcessor requires the Torchvision library")
+
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", needs_torchvision)
+    _, _, image_processor = _load_processor(mplug_path)
+    assert type(image_processor).__name__.startswith("CLIPImageProcessor")
+    assert image_processor.crop_size["height"] == 32  # read from the checkpoint, not a default
+    path = shutil.copytree(mplug_path, tmp_path / "ckpt")
+    (path / "preprocessor_config.json").unlink()
+    assert _load_processor(path)[2] is None  # nothing to go by: no image processor, no error
+
+
 def test_gpt2_style_conv1d_mlp_is_discovered():
     from transformers import GPT2Config, GPT2LMHeadModel
 

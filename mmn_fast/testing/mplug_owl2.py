@@ -15,6 +15,7 @@ without trust_remote_code once `mmn_fast.testing` is imported.
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -26,6 +27,9 @@ from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrained
 from transformers.utils import can_return_tuple
 
 from .common import IMAGE, as_dtype, generation_config, heads_for, image_processor, out_dir, quiet, tiny_tokenizer
+
+# The KV cache's argument and output field: `cache` since transformers 5.24, `past_key_values` before.
+_CACHE = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 try:  # transformers 5: init functions that respect already-loaded weights
     from transformers import initialization as _init
@@ -154,7 +158,7 @@ class MPLUGOwl2LikeForCausalLM(MPLUGOwl2LikePreTrainedModel, GenerationMixin):
             # left padding: positions count real tokens only (generate() passes the same)
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1]:]
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=cache, use_cache=use_cache, **kwargs)
+                         use_cache=use_cache, **{_CACHE: cache}, **kwargs)
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
@@ -164,8 +168,8 @@ class MPLUGOwl2LikeForCausalLM(MPLUGOwl2LikePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
-                                      attentions=out.attentions)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                      attentions=out.attentions, **{_CACHE: getattr(out, _CACHE)})
 
 
 AutoConfig.register(MPLUGOwl2LikeConfig.model_type, MPLUGOwl2LikeConfig, exist_ok=True)
