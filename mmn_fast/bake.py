@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import MMNError
+from .io import fsync_dir, fsync_path, umask
 from .patch import Entry, Patch, PatchError, as_patch, gather_rows, rows_sha256, write_rows
 
 INDEX = "model.safetensors.index.json"
@@ -78,8 +79,10 @@ def _patch_tensor(t: torch.Tensor, entry: Entry, base: dict, force: bool, key: s
 
 
 def _link_or_copy(src: Path, dst: Path) -> str:
+    """Hard-link the file itself (a Hugging Face cache snapshot's shards are relative symlinks into
+    ../../blobs: linking the symlink would leave a dangling one in the new directory)."""
     try:
-        os.link(src, dst)
+        os.link(os.path.realpath(src), dst)
         return "linked"
     except OSError:
         shutil.copy2(src, dst)
@@ -121,6 +124,7 @@ def bake(model_dir, patches, out_dir, force: bool = False) -> dict:
             meta["mmn_patches"] = json.dumps(record)
             (tmp / shard).parent.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(tmp / shard), metadata=meta)
+            fsync_path(tmp / shard)  # on disk before the directory is renamed into place
             done["rewritten"].append(shard)
         for src in sorted(model_dir.rglob("*")):
             rel = src.relative_to(model_dir)
@@ -140,14 +144,18 @@ def bake(model_dir, patches, out_dir, force: bool = False) -> dict:
         (tmp / "mmn_bake.json").write_text(json.dumps({
             "base_model": str(model_dir.resolve()), "patches": record, "rewritten": done["rewritten"],
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp (and safetensors) make 0700/0600: follow the umask
+        for name in done["copied"] + ["mmn_bake.json"]:
+            fsync_path(tmp / name)
+        mask = umask()
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp (and safetensors) make 0700/0600: follow the umask
         for shard in done["rewritten"]:
-            os.chmod(tmp / shard, 0o666 & ~umask)
+            os.chmod(tmp / shard, 0o666 & ~mask)
+        for folder in {(tmp / f).parent for names in done.values() for f in names} | {tmp}:
+            fsync_dir(folder)
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -196,6 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     except MMNError as e:
         print(f"mmn: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path that is a folder, unwritable, on a full disk...: one line, no traceback
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"mmn: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if type(e).__name__ not in ("JSONDecodeError", "SafetensorError"):
+            raise  # a bug: keep the traceback for the report
+        print(f"mmn: error: a file could not be read ({type(e).__name__}: {e}); is it complete, and written by "
+              "mmn_fast or Hugging Face?", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("mmn: interrupted", file=sys.stderr)
         return 130

@@ -29,6 +29,9 @@ def cmd_edit(args) -> int:
         raise MMNError(f"--neurons must be at least 1, got {args.neurons}")
     if args.method in ("swap", "optimize") and not args.target:
         raise MMNError(f"--method {args.method} needs --target WORD")
+    out = Path(args.out)  # checked before the (long) edit and evaluation, whose result it must hold
+    if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):
+        raise MMNError(f"--out '{out}' must be a file path (its folder is created if missing)")
     engine = _engine(args)
     params = {"scale": args.scale, "strength": args.strength, "sigma": args.sigma,
               "steps": args.steps, "lr": args.lr, "kl_weight": args.kl_weight, "l2_weight": args.l2_weight,

@@ -155,7 +155,17 @@ def swap(engine, neurons, source: str, target: str, strength: float = 1.0) -> Pa
 
 
 def replace_word(caption: str, source: str, target: str) -> str:
-    return re.sub(rf"\b{re.escape(source)}\b", target, caption, flags=re.IGNORECASE)
+    """Every whole-word `source` (any case) replaced by `target` in the case of the word it
+    replaces: "Red apples" -> "Blue apples", "RED" -> "BLUE", "red" -> "blue"."""
+    def cased(m: re.Match) -> str:
+        word = m.group(0)
+        if len(word) > 1 and word.isupper():
+            return target.upper()
+        if word[:1].isupper():
+            return target[:1].upper() + target[1:]
+        return target
+
+    return re.sub(rf"\b{re.escape(source)}\b", cased, caption, flags=re.IGNORECASE)
 
 
 def names(caption: str, word: str) -> bool:

@@ -63,10 +63,14 @@ def _images_from(source) -> tuple[list, Path | None]:
         images = []
         results = path / "results.jsonl"
         if results.is_file():
-            for line in results.read_text().splitlines():
+            for n, line in enumerate(results.read_text().splitlines(), 1):
                 if line.strip():
-                    rec = json.loads(line)
-                    if rec.get("image"):
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise MMNError(f"{results}:{n} is not valid JSON (a truncated run? run find again with the "
+                                       "same command to finish it)") from None
+                    if isinstance(rec, dict) and rec.get("image"):
                         images.append(rec["image"])
         return images, path
     return [it.image for it in list_images(path)], None

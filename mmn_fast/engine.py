@@ -197,6 +197,9 @@ class Engine:
         self.prompter = Prompter(tokenizer, processor, image_processor, self.adapter.spec.prompt_template,
                                  image_token, n_img)
         self._fingerprint = None
+        # Models with a multimodal rope (Qwen2-VL, Qwen2.5-VL, GLM-4V) compute their own position ids;
+        # 1-D ones given to them would be wrong after the image.
+        self._own_positions = any(hasattr(m, "get_rope_index") for m in (model, getattr(model, "model", None)))
         self._scorers: dict[bool, Scorer] = {}  # per fold_final_norm: projections cached across find calls
         eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
         eos = eos if eos is not None else tokenizer.eos_token_id
@@ -211,11 +214,18 @@ class Engine:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of the scored weights (all W_out and W_U): keys caches and records runs."""
-        if self._fingerprint is None:
-            ad = self.adapter
-            self._fingerprint = tensor_fingerprint([ad.out_weight(l) for l in range(ad.n_layers)] + [ad.unembed_weight()])
-        return self._fingerprint
+        """Hash of the scored weights (all W_out and W_U): keys caches and records runs. Cached while
+        the weights stay as they are (same storage, dtype and version counter): a patch applied or
+        reverted since, a cast or a move gives a fresh hash."""
+        ad = self.adapter
+        weights = [ad.out_weight(l) for l in range(ad.n_layers)] + [ad.unembed_weight()]
+        try:
+            state = tuple((w.data_ptr(), w.dtype, w.device, w._version) for w in weights)
+        except RuntimeError:  # inference-mode tensors have no version counter: never cached
+            state = None
+        if state is None or self._fingerprint is None or self._fingerprint[0] != state:
+            self._fingerprint = (state, tensor_fingerprint(weights))
+        return self._fingerprint[1]
 
     # ------------------------------------------------------------------ inputs
     def _inputs(self, images: list, prompt: str, prefix: str | None) -> dict[str, torch.Tensor]:
@@ -242,7 +252,12 @@ class Engine:
             cap[i, : len(c)] = torch.tensor(c, dtype=ids.dtype)
             cap_mask[i, : len(c)] = 1
         full = dict(inputs, input_ids=torch.cat([ids, cap], 1), attention_mask=torch.cat([mask, cap_mask], 1))
-        if "position_ids" in inspect.signature(self.model.forward).parameters:
+        tt = full.get("mm_token_type_ids")  # per-token modality (Qwen2-VL style): captions are text, 0
+        if isinstance(tt, torch.Tensor) and tuple(tt.shape) == (b, t):
+            full["mm_token_type_ids"] = torch.cat([tt, tt.new_zeros(b, s)], 1)
+        if self._own_positions:
+            pass  # multimodal rope (Qwen2-VL style): the model derives 3-D positions from the mask itself
+        elif "position_ids" in inspect.signature(self.model.forward).parameters:
             pos = full["attention_mask"].long().cumsum(-1) - 1
             full["position_ids"] = pos.masked_fill(full["attention_mask"] == 0, 0)
         lengths = torch.tensor([max(len(c), 1) for c in captions], device=ids.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -23,15 +24,37 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600: give the file the mode open() would
         os.replace(tmp, path)
-        _fsync_dir(path.parent)  # the rename itself survives a power cut
+        fsync_dir(path.parent)  # the rename itself survives a power cut
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
-def _fsync_dir(directory: Path) -> None:
+def umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc), so that
+    files written through a temp file get the mode a plain open() would give them."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read (set, then put back at once)
+    os.umask(mask)
+    return mask
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file written by someone else's writer (safetensors' save_file, say)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # e.g. platforms without directory handles
@@ -63,8 +86,9 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -75,12 +99,16 @@ def tensor_fingerprint(tensors: list[torch.Tensor], max_elems: int = 1 << 20) ->
     """Short sha256 of shapes, dtypes and an evenly strided sample of each tensor's values.
 
     A sample (not every byte) keeps this cheap on 13B models while any retraining, edit or
-    dtype change shows up.
+    dtype change shows up. The stride is coprime with the last dimension, so every column (a
+    neuron's output vector in a [d, F] weight) is sampled: a stride dividing F
+    (LLaMA-7B's F = 11008 = 256 x 43 with a stride of 43, say) would only ever read a few columns.
     """
     h = hashlib.sha256()
     for t in tensors:
         flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // max_elems)
+        while t.ndim and math.gcd(step, t.shape[-1]) != 1:
+            step += 1
         sample = flat[::step].float().cpu().contiguous()
         h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
         h.update(sample.numpy().tobytes())

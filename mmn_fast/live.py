@@ -95,10 +95,24 @@ def _resolve(target, spec_overrides: dict) -> tuple[nn.Module, Adapter]:
         return target.model, target.adapter
     if isinstance(target, nn.Module):
         st = _state(target)
-        if st.adapter is None or (spec_overrides and spec_overrides != st.spec_overrides):
+        if (st.adapter is None or (spec_overrides and spec_overrides != st.spec_overrides)
+                or _detached_layers(target, st.adapter)):  # a module was replaced since: find them again
             st.adapter, st.spec_overrides = Adapter(target, spec_for(target, spec_overrides)), dict(spec_overrides)
         return target, st.adapter
     raise MMNError(f"patches apply to an Engine, an nn.Module or an Adapter, not {type(target).__name__}")
+
+
+def _detached_layers(model: nn.Module, adapter: Adapter) -> list[int]:
+    """Layers whose output projection (as the adapter found it) is no longer part of the model."""
+    present = {id(m) for m in model.modules()}
+    return [l for l, m in enumerate(adapter.out_projs) if id(m) not in present]
+
+
+def _check_attached(model: nn.Module, adapter: Adapter) -> None:
+    detached = _detached_layers(model, adapter)
+    if detached:
+        raise PatchError(f"the output projection of layer(s) {detached[:8]} was replaced since the engine or adapter "
+                         "was built: a write would go to the detached module; load the engine again")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -151,7 +165,7 @@ class PatchHandle:
                     lost.append(str(e))
             # Always compared: a version-counter shortcut cannot see `model.half(); model.float()`
             # (the counter survives `param.data = ...`, and the allocator may reuse the address).
-            changed = [l for l, w, idx, _, new, _ in now if not torch.equal(gather_rows(w, idx), new)]
+            changed = [l for l, w, idx, _, new, _ in now if not _same_bits(gather_rows(w, idx), new)]
             if changed and not force:
                 moved = any(item[5] for item in now if item[0] in changed)
                 raise PatchError(f"revert refused: the patched neurons of layer(s) {changed} were changed since "
@@ -202,6 +216,12 @@ def _current(model: nn.Module, layer: int, module_ref, name: str | None, where: 
     return layer, cur, idx, orig, new, moved
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (torch.equal says NaN != NaN and -0.0 == 0.0)."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
 def _prepare(adapter: Adapter, patch: Patch) -> list:
     """Checks that never depend on the current values (force does not skip them): layers, shapes,
     index ranges, dtypes, devices. Returns [(layer, weight, idx, new rows, entry)], cast and moved."""
@@ -223,8 +243,9 @@ def _prepare(adapter: Adapter, patch: Patch) -> list:
         if not w.is_floating_point() or _dtype_name(w.dtype) not in ("float16", "bfloat16", "float32", "float64"):
             raise PatchError(f"layer {l}: cannot patch weights of dtype {w.dtype} (quantized?)")
         new = e.vectors.to(device=w.device, dtype=w.dtype)  # [n, d]
-        if e.vectors.dtype != w.dtype and not bool(torch.isfinite(new).all()):  # finite in the file (validated)
-            raise PatchError(f"layer {l}: the patch vectors overflow {w.dtype}")
+        if not bool(torch.isfinite(new).all()):  # a file's are checked on load; a Patch built in memory may not be
+            raise PatchError(f"layer {l}: the patch vectors " + ("contain NaN or infinity" if not bool(
+                torch.isfinite(e.vectors).all()) else f"overflow {w.dtype}"))
         out.append((l, w, e.indices.to(w.device), new, e))
     return out
 
@@ -243,12 +264,16 @@ def apply_patch(target, patch, force: bool = False, **spec_overrides) -> PatchHa
     st = _state(model)
     prepared = _prepare(adapter, patch)
     with st.lock:
+        _check_attached(model, adapter)
         touched = {n: h for h in st.handles for n in h.neurons}
         names = {id(m): name for name, m in model.named_modules()}  # to find the module again at revert
         saved, problems = [], []
         for l, w, idx, new, e in prepared:
             cur = gather_rows(w, idx)  # [n, d] in the model's dtype
             dt = _dtype_name(w.dtype)
+            if dt not in e.orig_sha256 and not force:
+                raise PatchError(f"the patch records its original vectors for {sorted(e.orig_sha256)} only, not for "
+                                 f"this model's {dt}: load the model in one of those, or pass force=True")
             if e.orig_sha256.get(dt) != rows_sha256(cur):
                 overlap = [(l, i) for i in e.indices.tolist() if (l, i) in touched]
                 problems.append((l, overlap))
@@ -284,10 +309,11 @@ def check_patch(target, patch, **spec_overrides) -> list[dict]:
     model, adapter = _resolve(target, spec_overrides)
     rows = []
     with _state(model, install=False).lock:
+        _check_attached(model, adapter)
         for l, w, idx, new, e in _prepare(adapter, patch):
             cur = gather_rows(w, idx)
             status = ("base" if e.orig_sha256.get(_dtype_name(w.dtype)) == rows_sha256(cur)
-                      else "applied" if torch.equal(cur, new) else "mismatch")
+                      else "applied" if _same_bits(cur, new) else "mismatch")
             rows.append({"layer": l, "n": int(idx.numel()), "status": status})
     return rows
 

@@ -78,6 +78,8 @@ class Patch:
         """Write atomically; returns the path."""
         tensors, entries = {}, {}
         for l, e in sorted(self.entries.items()):
+            if not bool(torch.isfinite(e.vectors).all()):  # load_patch would refuse the file
+                raise PatchError(f"layer {l}: the patch vectors contain NaN or infinity; nothing was written")
             tensors[f"{l}.indices"] = e.indices.to(torch.int64)
             tensors[f"{l}.vectors"] = e.vectors
             entries[str(l)] = {"name": e.name, "checkpoint_name": e.checkpoint_name, "layout": e.layout,
@@ -166,8 +168,11 @@ def make_patch(adapter, new_vectors: dict[int, tuple[torch.Tensor, torch.Tensor]
         with torch.no_grad():
             orig = gather_rows(w, idx)  # [n, d]
         name, ckpt, layout = weight_names(adapter, layer)
-        entries[layer] = Entry(layer, idx, vectors.detach().to(w.dtype).cpu().contiguous(), name, ckpt, layout,
-                               hashes_by_dtype(orig))
+        vectors = vectors.detach().to(w.dtype).cpu().contiguous()  # [n, d]
+        if not bool(torch.isfinite(vectors).all()):
+            raise PatchError(f"layer {layer}: the edited vectors contain NaN or infinity in {w.dtype} (the edit "
+                             "diverged, or its values overflow the model's dtype); no patch was made")
+        entries[layer] = Entry(layer, idx, vectors, name, ckpt, layout, hashes_by_dtype(orig))
     if not entries:
         raise MMNError("an edit must change at least one neuron")
     w0 = adapter.out_weight(0)

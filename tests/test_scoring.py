@@ -123,6 +123,25 @@ def test_teacher_forced_equals_generation(llava, images):
                                        torch.tensor([n[2] for n in ct.neurons]), rtol=1e-4, atol=1e-6)
 
 
+def test_teacher_forced_equals_generation_with_multimodal_rope(images):
+    """Qwen2-VL derives 3-D position ids from the mask: teacher-forced mode (and the gradient
+    baseline, which runs through it) must let it, and extend mm_token_type_ids over the caption."""
+    import mmn_fast
+    from mmn_fast.testing.qwen2_vl import qwen2_vl_model
+
+    model, processor = qwen2_vl_model(torch_dtype=torch.float64)
+    eng = mmn_fast.load(model, processor=processor, device="cpu")
+    kw = dict(ALL, top_k=20, max_new_tokens=6, batch_size=2)
+    gen = eng.find(images[:3], **kw)
+    tf = eng.find(images[:3], captions=[r.output_ids for r in gen], **kw)
+    _concepts(gen)
+    for g, t in zip(gen, tf):
+        for cg, ct in zip(g.concepts, t.concepts):
+            assert (cg.word, cg.step) == (ct.word, ct.step)
+            torch.testing.assert_close(torch.tensor([n[2] for n in cg.neurons]),
+                                       torch.tensor([n[2] for n in ct.neurons]), rtol=1e-9, atol=1e-12)
+
+
 def test_fold_final_norm_is_exact_direct_logit_attribution(llava64, images):
     """Folded scores of all neurons sum to the MLPs' direct effect on the logit through the norm."""
     eng = llava64

@@ -13,6 +13,9 @@ from .base import Corpus, Sample, decode_image, image_error_for_extension, is_im
 
 
 def _file_sample(shard: int, position: int, key: str, path: str, caption: str | None, decode: bool) -> Sample:
+    """source: the absolute path, so that results.jsonl's "image" still opens from another working
+    directory (`mmn edit --from`, `mmn metrics` read the images back from there)."""
+    path = os.path.abspath(path)
     error = image_error_for_extension(path)
     image = None
     if error is None:

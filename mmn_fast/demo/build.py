@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .data import COLOURS, IMAGE_SIZE, SHAPES, make_examples, make_examples_with_masks
+from ..io import umask
 from ..templates import LLAVA_CHAT_TEMPLATE
 
 RECIPE_VERSION = 3
@@ -398,12 +399,11 @@ def build_demo_model(cache_dir: str | Path | None = None, force: bool = False, p
     tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_SUBDIR}-", suffix=".tmp", dir=root))
     old = tmp.with_name(tmp.name[:-len(".tmp")] + "-old.tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
         info = _isolated(_build_into, tmp, progress)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp (and safetensors) make 0700/0600: follow the umask
+        mask = umask()
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp (and safetensors) make 0700/0600: follow the umask
         for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
+            os.chmod(f, 0o666 & ~mask)
         if target.exists():  # incomplete, outdated or forced: move it aside, then swap ours in
             os.replace(target, old)
         try:
