@@ -59,6 +59,9 @@ class CaptureStore:
         keys = [k for k in ("sum", "max", "min") if k in self.image[0]]
         out = {k: torch.stack([s[k] for s in self.image], dim=1) for k in keys}
         out["count"] = self.image[0]["count"]
+        if bool((out["count"] == 0).any()):  # a mean would be 0/0 -> 0, a max -inf: say so instead
+            raise MMNError("positions='image': a sample's prompt holds no image tokens (its processor or template "
+                           "left the image placeholder out); check the prompt, or use positions='last'")
         return out
 
 

@@ -95,11 +95,11 @@ def _load_model(path: Path, dtype: torch.dtype | None, device_map=None) -> nn.Mo
 
 def _load_processor(path: Path):
     """(processor or None, tokenizer, image_processor or None) from a local checkpoint."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase
+    from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase
 
     try:
         proc = AutoProcessor.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, TypeError, KeyError):
+    except (OSError, ValueError, TypeError, KeyError, ImportError):  # ImportError: a class needing torchvision
         proc = None
     if proc is not None and not isinstance(proc, PreTrainedTokenizerBase) and hasattr(proc, "tokenizer"):
         return proc, proc.tokenizer, getattr(proc, "image_processor", None)
@@ -108,13 +108,19 @@ def _load_processor(path: Path):
             str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise MMNError(f"no tokenizer in '{path}': {str(e).splitlines()[0]}; save one beside the weights") from None
+    return None, tokenizer, _checkpoint_image_processor(path)
+
+
+def _checkpoint_image_processor(path: Path):
+    """The checkpoint's image processor, or None when it has none."""
+    from transformers import AutoImageProcessor
+
     try:
-        image_processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+        return AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError):
-        image_processor = None
+        return None
     except ImportError:  # some transformers 5.x releases gate AutoImageProcessor on torchvision
-        image_processor = _image_processor_by_name(path)
-    return None, tokenizer, image_processor
+        return _image_processor_by_name(path)
 
 
 def _image_processor_by_name(path: Path):
@@ -134,6 +140,22 @@ def _image_processor_by_name(path: Path):
     return None
 
 
+def _check_device(device) -> None:
+    """A device string torch understands and this machine has (before any weights are loaded)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise MMNError(f"unknown device '{device}' ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MMNError(f"device '{device}' asked for, but CUDA is not available here (torch "
+                           f"{torch.__version__}); use --device cpu, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MMNError(f"device '{device}' asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+
+
 def load(path_or_model, processor=None, device=None, dtype=None, n_image_tokens: int | None = None,
          backend: str | None = None, device_map=None, **spec_overrides) -> "Engine":
     """Load a local Hugging Face checkpoint (never downloads), or wrap an already loaded model.
@@ -147,6 +169,7 @@ def load(path_or_model, processor=None, device=None, dtype=None, n_image_tokens:
         final_norm, prompt_template), for models the registry and discovery do not cover.
     """
     dtype = _resolve_dtype(dtype)
+    _check_device(device)
     image_processor = spec_overrides.pop("image_processor", None)
     source = None
     if isinstance(path_or_model, (str, Path)):
@@ -160,6 +183,8 @@ def load(path_or_model, processor=None, device=None, dtype=None, n_image_tokens:
             processor, tokenizer, image_processor = _load_processor(path)
         else:
             tokenizer = getattr(processor, "tokenizer", processor)
+            if tokenizer is processor and image_processor is None:  # a tokenizer: images need the checkpoint's
+                image_processor = _checkpoint_image_processor(path)
     elif isinstance(path_or_model, nn.Module):
         model = path_or_model
         if processor is None:
@@ -292,7 +317,13 @@ class Engine:
         if opts.fold_final_norm not in self._scorers:
             self._scorers[opts.fold_final_norm] = Scorer(self.adapter, fold_norm=opts.fold_final_norm)
         scorer = self._scorers[opts.fold_final_norm]
-        items = list(images)
+        if isinstance(images, (str, Path, ImageItem)) or hasattr(images, "convert"):  # one image, not a list
+            images = [images]
+        try:
+            items = list(images)
+        except TypeError:
+            raise MMNError(f"images must be a list of PIL images, paths or ImageItems, not "
+                           f"{type(images).__name__}") from None
         if captions is not None and len(captions) != len(items):
             raise MMNError(f"{len(captions)} captions for {len(items)} images: give one caption per image")
         for start in range(0, len(items), opts.batch_size):

@@ -105,7 +105,12 @@ class Prompter:
     def __call__(self, images: list, texts: list[str]) -> dict[str, torch.Tensor]:
         if self.processor is not None:
             return dict(self.processor(images=images, text=texts, return_tensors="pt", padding=True))
+        if self.image_processor is None:
+            raise MMNError("no image processor: the model would caption text alone; load the checkpoint's "
+                           "processor, or pass image_processor=... to mmn_fast.load()")
+        if not (self.image_token and self.n_image_tokens):
+            raise MMNError("the prompt would hold no image tokens: pass n_image_tokens=... to mmn_fast.load() "
+                           "(how many positions the model's image takes), or a processor that inserts them")
         enc = dict(self.tokenizer(texts, return_tensors="pt", padding=True))
-        if self.image_processor is not None:
-            enc["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        enc["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return enc

@@ -13,10 +13,17 @@ from .kernels.vocab_topk import MAX_K as TRITON_MAX_K
 FORMAT_VERSION = "1"
 
 
+def _check_k(engine, k) -> None:
+    v = engine.adapter.unembed_weight().shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= v:
+        raise MMNError(f"k must be a whole number of tokens from 1 to the vocabulary size {v}, got {k!r}")
+
+
 def neuron_topk(engine, w_out: torch.Tensor, k: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k tokens of the output vectors w_out [d, N] on the engine's backend: the Triton kernel
     on the Triton backend (1 <= k <= 64, fp32/fp16/bf16 weights of one dtype), the chunked torch
     walk otherwise. (values, ids) [N, k]."""
+    _check_k(engine, k)
     w_u = engine.adapter.unembed_weight()
     if (engine.backend == "triton" and 1 <= k <= TRITON_MAX_K and w_out.dtype == w_u.dtype
             and w_out.dtype in (torch.float32, torch.float16, torch.bfloat16)):
@@ -47,6 +54,7 @@ def vocab_table(engine, k: int = 10, chunk: int = 4096, cache_dir: str | Path | 
     cached as safetensors keyed by the weights' fingerprint when `cache_dir` is given. On the
     engine's Triton backend (k <= 64) one filtering GEMM per layer (`vocab_topk_triton`).
     """
+    _check_k(engine, k)
     ad = engine.adapter
     path = Path(cache_dir) / f"vocab-{engine.fingerprint}-k{k}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
