@@ -45,8 +45,9 @@ class CaptureStore:
         """[B, S, L, F]: activations of every layer at every captured step."""
         if not self.rows[0]:
             raise MMNError("no activations were captured: the model never called the hooked MLP modules")
-        per_layer = [torch.cat(r, dim=1) for r in self.rows]  # L x [B, S, F]
-        return torch.stack(per_layer, dim=2)
+        per_layer = [torch.cat(r, dim=1) for r in self.rows]  # L x [B, S, F], each on its layer's device
+        dev = per_layer[-1].device
+        return torch.stack([p.to(dev) for p in per_layer], dim=2)
 
     def norm_inputs(self) -> torch.Tensor:
         """[B, S, d]: final-norm inputs at the same rows."""
@@ -57,8 +58,9 @@ class CaptureStore:
         if any(s is None for s in self.image):
             raise MMNError("no image positions were seen: the prompt carries no image tokens")
         keys = [k for k in ("sum", "max", "min") if k in self.image[0]]
-        out = {k: torch.stack([s[k] for s in self.image], dim=1) for k in keys}
-        out["count"] = self.image[0]["count"]
+        dev = self.image[-1][keys[0]].device  # layers of a device_map split sit on several devices
+        out = {k: torch.stack([s[k].to(dev) for s in self.image], dim=1) for k in keys}
+        out["count"] = self.image[0]["count"].to(dev)
         if bool((out["count"] == 0).any()):  # a mean would be 0/0 -> 0, a max -inf: say so instead
             raise MMNError("positions='image': a sample's prompt holds no image tokens (its processor or template "
                            "left the image placeholder out); check the prompt, or use positions='last'")

@@ -50,10 +50,11 @@ class Scorer:
             if self.fold_norm:
                 w = ad.norm_weight()
                 if w is not None:
-                    rows = rows * w.to(rows.dtype)
+                    rows = rows * w.to(rows.device, rows.dtype)
                 center = ad.norm_kind() == "layer"
-            proj = torch.stack([token_projection(ad.out_weight(l), rows, center)
-                                for l in range(ad.n_layers)])  # [L, F, K]
+            # Each layer on its own device (a device_map split over GPUs); the columns meet on W_U's.
+            proj = torch.stack([token_projection(w, rows.to(w.device), center).to(rows.device)
+                                for w in (ad.out_weight(l) for l in range(ad.n_layers))])  # [L, F, K]
             for k, t in enumerate(missing):
                 self._cache[t] = proj[:, :, k].contiguous()
         for t in tokens:
