@@ -142,6 +142,9 @@ def swap(engine, neurons, source: str, target: str, strength: float = 1.0) -> Pa
     smallest change after which U^T w' = y (strength 1 moves the whole source contribution)."""
     tok = engine.tokenizer
     s_id, t_id = word_token(tok, source), word_token(tok, target)
+    if s_id == t_id:  # the edit would move a logit onto itself: no change at all
+        raise MMNError(f"'{source}' and '{target}' start with the same token ({tok.convert_ids_to_tokens(s_id)!r}): "
+                       "swap edits first sub-tokens, so it cannot tell them apart; use --method optimize")
     u = unembed_directions(engine, [s_id, t_id])  # [d, 2]
     g_inv = torch.linalg.pinv(u.t() @ u)  # [2, 2]
     rows = {}

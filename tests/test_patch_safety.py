@@ -162,3 +162,11 @@ def test_written_files_follow_the_umask(tmp_path):
 def test_replace_word_keeps_the_case():
     assert replace_word("Red apples, a red cup. RED!", "red", "blue") == "Blue apples, a blue cup. BLUE!"
     assert replace_word("a reddish cup", "red", "blue") == "a reddish cup"
+
+
+def test_swap_refuses_words_sharing_their_first_token(eng):
+    from mmn_fast.edit import swap
+    from mmn_fast.errors import MMNError
+
+    with pytest.raises(MMNError, match="same token"):
+        swap(eng, NEURONS, "red", "red")
