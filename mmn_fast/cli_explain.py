@@ -1,7 +1,9 @@
 """`mmn heatmap`, `mmn metrics`, `mmn report`. Bad input raises MMNError (one line, exit 2)."""
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
 from pathlib import Path
 
 from .engine import DEFAULT_PROMPT
@@ -12,6 +14,26 @@ def _engine(args, model=None):
     from .engine import load
 
     return load(model or args.model, device=args.device, dtype=args.dtype)
+
+
+@contextlib.contextmanager
+def _model_notices():
+    """Print the library's RunModelWarning (a model other than the run's) as one "mmn: warning:" line."""
+    from .explain.metrics import RunModelWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RunModelWarning)
+        try:
+            yield
+        finally:
+            others = []
+            for w in caught:
+                if issubclass(w.category, RunModelWarning):
+                    print(f"mmn: warning: {w.message}", file=sys.stderr)
+                else:
+                    others.append(w)
+    for w in others:  # anything else as Python would have shown it
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _neuron(value: str) -> tuple[int, int]:
@@ -33,8 +55,18 @@ def cmd_heatmap(args) -> int:
     word = args.concept.strip().lower()
     picked = _neuron(args.neuron) if args.neuron else None
     image = load_image(args.image)
+    res_dir = None
+    if args.results and not picked:
+        from .aggregate import open_results
+
+        res_dir = open_results(args.results)
     engine = _engine(args)
     ad = engine.adapter
+    if res_dir is not None:  # the run's neuron indices must be this model's
+        from .explain.metrics import check_run_model
+
+        with _model_notices():
+            check_run_model(res_dir, engine, "the heatmap")
     res = engine.find([image], concepts=[word], top_k=max(n, 1), prompt=args.prompt, prefix=args.prefix,
                       max_new_tokens=args.max_new_tokens)[0]
     con = next((c for c in res.concepts if c.word.lower() == word), None)
@@ -43,10 +75,8 @@ def cmd_heatmap(args) -> int:
         l, i = picked
         if not (0 <= l < ad.n_layers and 0 <= i < ad.d_mlp):
             raise MMNError(f"neuron {l}.{i} out of range: layers 0..{ad.n_layers - 1}, neurons 0..{ad.d_mlp - 1}")
-    elif args.results:
-        from .aggregate import open_results
-
-        neurons = [(x["layer"], x["index"]) for x in open_results(args.results).top_neurons(word, n)]
+    elif res_dir is not None:
+        neurons = [(x["layer"], x["index"]) for x in res_dir.top_neurons(word, n)]
         if not neurons:
             raise MMNError(f"'{word}' is not a concept of the run in {args.results}")
     elif con is None:
@@ -80,7 +110,7 @@ def _words(value: str | None):
 def cmd_metrics(args) -> int:
     import json
 
-    from .explain.metrics import ALL, compute_metrics, summary_table
+    from .explain.metrics import ALL, MetricOptions, compute_metrics, summary_table
     from .io import write_json
 
     run = Path(args.results) / "run.json"
@@ -92,13 +122,15 @@ def cmd_metrics(args) -> int:
     bad = sorted(set(metrics) - set(ALL))
     if bad:
         raise MMNError(f"unknown metric(s) {bad}: choose from {', '.join(ALL)}")
+    options = dict(n=args.neurons, k=args.top_tokens, concepts=_words(args.concepts), max_concepts=args.max_concepts,
+                   min_images=args.min_images, max_images=args.max_images if args.max_images else None,
+                   random_sets=args.random_sets, seed=args.seed, causal_images=args.causal_images,
+                   causal_modes=tuple(_words(args.causal_modes) or ()), sigma=args.sigma,
+                   batch_size=args.batch_size, metrics=metrics)
+    MetricOptions(**options).validate()  # before the model loads
     engine = _engine(args, model)
-    out = compute_metrics(engine, args.results, images=args.images, progress=not args.quiet, n=args.neurons,
-                          k=args.top_tokens, concepts=_words(args.concepts), max_concepts=args.max_concepts,
-                          min_images=args.min_images, max_images=args.max_images or None, random_sets=args.random_sets,
-                          seed=args.seed, causal_images=args.causal_images,
-                          causal_modes=tuple(_words(args.causal_modes) or ()), sigma=args.sigma,
-                          batch_size=args.batch_size, metrics=metrics)
+    with _model_notices():
+        out = compute_metrics(engine, args.results, images=args.images, progress=not args.quiet, **options)
     path = Path(args.out or args.results) / "metrics.json"
     write_json(path, out)
     print(summary_table(out))
@@ -111,6 +143,10 @@ def cmd_report(args) -> int:
 
     from .explain.report import write_report
 
+    if args.neurons < 1:
+        raise MMNError(f"--neurons must be at least 1, got {args.neurons}")
+    if args.examples < 0:
+        raise MMNError(f"--examples must be at least 0, got {args.examples}")
     engine = None
     if not args.no_model:
         model = args.model
@@ -125,8 +161,9 @@ def cmd_report(args) -> int:
                 model = None
         if model:
             engine = _engine(args, model)
-    path = write_report(args.results_dir, args.out, engine, neurons=args.neurons, examples=args.examples,
-                        method=args.method)
+    with _model_notices():
+        path = write_report(args.results_dir, args.out, engine, neurons=args.neurons, examples=args.examples,
+                            method=args.method)
     print(f"report written to {path.resolve()}")
     return 0
 

@@ -17,7 +17,7 @@ from mmn_fast.demo import COLOURS, make_examples
 from mmn_fast.demo.data import make_examples_with_masks
 from mmn_fast.errors import MMNError
 from mmn_fast.explain.heatmap import (Trace, bilinear, binary_mask, colourise, maps, normalise, patch_grid, render,
-                                      read_heatmaps, trace, view_box, write_heatmaps)
+                                      read_heatmaps, trace, unique_name, view_box, write_heatmaps)
 from mmn_fast.scoring import Scorer
 
 
@@ -287,3 +287,50 @@ def test_random_llava_maps_and_act_fn_trace(llava, images):
     t = trace(llava, images[:2], [(1, 3), (0, 0)], activation="act_fn")
     h = trace(llava, images[:2], [(1, 3), (0, 0)])
     assert t.acts.shape == h.acts.shape and not torch.equal(t.acts, h.acts)
+
+
+def test_unique_name_keeps_safe_names_and_separates_the_rest():
+    for plain in ("shape_0001", "a_b", "img-3.v2", "x" * 80):
+        assert unique_name(plain) == plain  # existing layouts stay as they were
+    ids = ["a b", "a_b", "a/b", "a\\b", "\u732b", "\u72ac", ".", "..", "../etc", "x" * 81, "x" * 82, ""]
+    names = [unique_name(i) for i in ids]
+    assert len(set(names)) == len(ids), names
+    assert names == [unique_name(i) for i in ids]  # stable
+    for n in names:
+        assert n and len(n) <= 80 and "/" not in n and "\\" not in n and n not in (".", "..")
+    assert unique_name("a b").startswith("a_b-")
+
+
+def test_cli_heatmap_refuses_a_run_of_other_shapes(llava_path, demo, tmp_path, capsys):
+    """--results of a demo-model run with another checkpoint: one error line, not an IndexError."""
+    from mmn_fast.demo import save_examples
+    from mmn_fast.runner import run_find
+
+    manifest = save_examples(make_examples(6, seed=3), tmp_path / "images")
+    run_find(demo, manifest, tmp_path / "run", progress=False, concepts="all", top_k=5, max_new_tokens=12,
+             num_workers=0, overwrite=True)
+    colour = next(w for w in COLOURS if (tmp_path / "run" / "concepts.json").read_text().count(f'"{w}"'))
+    capsys.readouterr()
+    assert main(["heatmap", "--model", str(llava_path), "--image", str(tmp_path / "images" / "shape_0000.png"),
+                 "--concept", colour, "--results", str(tmp_path / "run"), "--out", str(tmp_path / "hm")]) == 2
+    err = capsys.readouterr().err
+    assert "mmn: error:" in err and "2 x 96" in err and "Traceback" not in err and not (tmp_path / "hm").exists()
+
+
+def test_write_heatmaps_ids_with_one_safe_name_keep_their_own_folders(demo, tmp_path):
+    imgs = [im for im, _ in make_examples(4, seed=8)]
+    ids = ["a b", "a_b", "\u732b", "\u72ac"]  # "a b" and "a_b", and two non-ASCII ids, sanitise alike
+    res = demo.find(imgs, concepts="all", top_k=10, max_new_tokens=12, ids=ids)
+    written = write_heatmaps(demo, imgs, res, tmp_path, n=5)
+    assert len(written) == sum(len({c.word for c in r.concepts}) for r in res)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(unique_name(i) for i in ids)
+    assert (tmp_path / "a_b").is_dir()  # a plain id keeps its folder name
+    for r in res:
+        d = tmp_path / unique_name(r.id)
+        recs = json.loads((d / "heatmaps.json").read_text())
+        assert {x["id"] for x in recs} == {r.id}
+        assert sorted(x["concept"] for x in recs) == sorted({c.word.lower() for c in r.concepts})
+        assert all((d / x["heatmap"]).is_file() and (d / x["mask"]).is_file() for x in recs)
+    back = read_heatmaps(tmp_path)
+    assert sorted((x["id"], x["concept"]) for x in back) == sorted((x["id"], x["concept"]) for x in written)
+    assert all(Path(x["_dir"]).name == unique_name(x["id"]) for x in back)

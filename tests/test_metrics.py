@@ -2,8 +2,10 @@
 paper's qualitative findings (top neurons far above random neurons) through `mmn metrics`."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -13,7 +15,10 @@ from mmn_fast.cli import main
 from mmn_fast.demo import make_examples, save_examples
 from mmn_fast.errors import MMNError
 from mmn_fast.explain.heatmap import _language_model
-from mmn_fast.explain.metrics import auroc, compute_metrics, jaccard, rbo, shuffled_image_tokens, summary_table
+from mmn_fast.edit import suppress
+from mmn_fast.explain import metrics as metrics_mod
+from mmn_fast.explain.metrics import (MetricOptions, RunModelWarning, auroc, compute_metrics, jaccard, rbo,
+                                      shuffled_image_tokens, summary_table)
 from mmn_fast.runner import run_find
 
 
@@ -124,3 +129,59 @@ def test_cli_metrics(demo_path, demo_run, tmp_path, capsys):
     assert "specificity: AUROC" in capsys.readouterr().out
     assert main(["metrics", "--results", str(tmp_path / "nothing")]) == 2
     assert main(["metrics", "--results", str(demo_run), "--metrics", "semantic,vibes", "--out", str(out)]) == 2
+
+
+# ------------------------------------------------------------------------------------ regressions
+@pytest.mark.parametrize("bad", [dict(batch_size=0), dict(batch_size=-1), dict(max_images=-1), dict(causal_images=0),
+                                 dict(max_concepts=0)])
+def test_metric_options_refuse_bad_values(bad):
+    with pytest.raises(MMNError, match=next(iter(bad))):
+        MetricOptions(**bad).validate()
+    MetricOptions(max_images=0).validate()  # 0 and None: every record
+    MetricOptions(max_images=None).validate()
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--batch-size", "-1"), ("--max-images", "-1"),
+                                        ("--causal-images", "0"), ("--max-concepts", "0")])
+def test_cli_metrics_bad_values_are_one_error_line(demo_run, tmp_path, capsys, flag, value):
+    assert main(["metrics", "--results", str(demo_run), "--out", str(tmp_path), "--metrics", "semantic", "--quiet",
+                 flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmn: error:") and flag in err and "Traceback" not in err
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_region_compares_at_most_the_runs_top_k(demo, demo_run, monkeypatch):
+    """n larger than the run's top_k (20): both rankings are cut at 20, so with no shuffle at all
+    (identical inputs) the shuffled and in-order lists are equal: Jaccard and RBO exactly 1."""
+    monkeypatch.setattr(metrics_mod, "shuffled_image_tokens", lambda engine, seed=0: contextlib.nullcontext())
+    m = compute_metrics(demo, demo_run, n=40, concepts=["red", "circle"], metrics=("region",), random_sets=1)
+    for w in ("red", "circle"):
+        top = m["concepts"][w]["region"]["top"]
+        assert top["images"] > 0
+        assert top["jaccard"] == pytest.approx(1.0) and top["rbo"] == pytest.approx(1.0), (w, top)
+        assert top.get("depth") == 20
+
+
+def test_metrics_refuse_a_model_of_other_shapes(llava, llava_path, demo_run, tmp_path, capsys):
+    with pytest.raises(MMNError, match="4 layers x 64 MLP neurons.*2 x 96"):
+        compute_metrics(llava, demo_run, metrics=("semantic",), k=1)
+    assert main(["metrics", "--results", str(demo_run), "--model", str(llava_path), "--out", str(tmp_path),
+                 "--metrics", "semantic", "--quiet"]) == 2
+    assert "Load the run's checkpoint" in capsys.readouterr().err and not (tmp_path / "metrics.json").exists()
+
+
+def test_metrics_warn_on_other_weights_and_record_the_engine(demo, demo_run):
+    run = json.loads((demo_run / "run.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RunModelWarning)  # the run's own model: no warning
+        m = compute_metrics(demo, demo_run, metrics=("semantic",), k=1, concepts=["red"])
+    assert m["model"] == str(demo.source) and m["weight_fingerprint"] == demo.fingerprint
+    assert m["run"]["weight_fingerprint"] == run["weight_fingerprint"] and "warning" not in m
+    with demo.patched(suppress(demo, [(0, 1), (2, 3)], 0.0)):  # same shapes, other weights
+        edited = demo.fingerprint
+        with pytest.warns(RunModelWarning, match="weights"):
+            m = compute_metrics(demo, demo_run, metrics=("semantic",), k=1, concepts=["red"])
+    assert edited != run["weight_fingerprint"]
+    assert m["weight_fingerprint"] == edited and m["run"]["weight_fingerprint"] == run["weight_fingerprint"]
+    assert m["run"]["model"] == run["model"] and "weights" in m["warning"]

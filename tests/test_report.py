@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import subprocess
+import warnings
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
@@ -14,9 +16,10 @@ import pytest
 from mmn_fast.cli import main
 from mmn_fast.demo import make_examples, save_examples
 from mmn_fast.edit import suppress
-from mmn_fast.explain.heatmap import write_heatmaps
-from mmn_fast.explain.metrics import compute_metrics
-from mmn_fast.explain.report import build_report, layer_svg, write_report
+from mmn_fast.errors import MMNError
+from mmn_fast.explain.heatmap import unique_name, write_heatmaps
+from mmn_fast.explain.metrics import RunModelWarning, compute_metrics
+from mmn_fast.explain.report import _metrics_section, _ratio, build_report, layer_svg, write_report
 from mmn_fast.io import write_json
 from mmn_fast.runner import run_find
 
@@ -63,7 +66,7 @@ def _parse(text: str) -> _Collect:
 
 @pytest.fixture(scope="module")
 def report_run(demo, tmp_path_factory):
-    """A small demo find run with metrics.json, two concepts' heatmaps on disk and a patch file."""
+    """A small demo find run with metrics.json, the heatmaps of its first two images on disk and a patch file."""
     root = tmp_path_factory.mktemp("report_run")
     examples = make_examples(40, seed=909)
     manifest = save_examples(examples, root / "images")
@@ -71,7 +74,8 @@ def report_run(demo, tmp_path_factory):
     run_find(demo, manifest, run, progress=False, concepts="all", top_k=10, max_new_tokens=12, batch_size=20,
              num_workers=0, overwrite=True)
     write_json(run / "metrics.json", compute_metrics(demo, run, n=5, k=1, metrics=("semantic", "cross_image")))
-    res = demo.find([im for im, _ in examples[:2]], concepts="all", top_k=10, max_new_tokens=12, ids=["a", "b"])
+    ids = [json.loads(line)["id"] for line in (run / "results.jsonl").read_text().splitlines()[:2]]
+    res = demo.find([im for im, _ in examples[:2]], concepts="all", top_k=10, max_new_tokens=12, ids=ids)
     write_heatmaps(demo, [im for im, _ in examples[:2]], res, run / "heatmaps", n=5)
     patch = suppress(demo, [(1, 2), (2, 3)], 0.0, source="red")
     patch.save(run / "edits" / "red.mmnpatch.safetensors")
@@ -99,6 +103,7 @@ def test_report_is_self_contained_and_well_formed(demo, report_run):
     concepts = [w for w in ("red", "blue", "circle", "square") if f'id="c-{w}"' in text]
     assert len(concepts) >= 3
     assert text.count("<rect x=") == 4  # one bar per layer of the demo model
+    assert "figcaption>shape_0000: heatmap" in text  # the heatmaps find wrote for the run's images
 
 
 def test_report_without_model_and_cli(report_run, tmp_path, capsys):
@@ -131,3 +136,123 @@ def test_report_renders_in_headless_chromium(demo, report_run, tmp_path):
     with Image.open(shot) as im:
         px = np.asarray(im.convert("L"), dtype=float)
     assert px.std() > 10 and (px < 128).mean() > 0.005  # text and figures, not a blank page
+
+
+# ------------------------------------------------------------------------------------ regressions
+def _copy(run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def test_report_refuses_a_model_of_other_shapes(llava, llava_path, report_run, tmp_path, capsys):
+    with pytest.raises(MMNError, match="4 layers x 64 MLP neurons.*2 x 96"):
+        build_report(report_run, engine=llava, examples=1)
+    out = tmp_path / "r.html"
+    assert main(["report", str(report_run), "--model", str(llava_path), "--out", str(out)]) == 2
+    assert "Load the run's checkpoint" in capsys.readouterr().err and not out.exists()
+
+
+def test_report_warns_on_other_weights(demo, report_run):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RunModelWarning)
+        assert "Note: the loaded model" not in build_report(report_run, engine=demo, examples=0)
+    with demo.patched(suppress(demo, [(1, 2)], 0.0)):
+        with pytest.warns(RunModelWarning):
+            text = build_report(report_run, engine=demo, examples=0)
+    assert "Note: the loaded model" in text
+
+
+@pytest.mark.parametrize("argv,kw", [(["--neurons", "0"], dict(neurons=0)), (["--examples", "-1"], dict(examples=-1))])
+def test_report_refuses_bad_counts(report_run, tmp_path, capsys, argv, kw):
+    with pytest.raises(MMNError, match=next(iter(kw))):
+        build_report(report_run, **kw)
+    out = tmp_path / "r.html"
+    assert main(["report", str(report_run), "--no-model", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmn: error:") and argv[0] in err and not out.exists()
+
+
+def test_ratio_column_is_finite_and_meaningful():
+    assert _ratio(0.0, 0.0) == "-"  # nothing happened either way
+    assert _ratio(-0.05, 0.0) == "-" and _ratio(0.3, 0.0) == "-"  # a zero control gives no ratio
+    assert _ratio(0.01, -0.02) == "-" and _ratio(-0.01, -0.02) == "-"  # nor a negative one
+    assert _ratio(None, 0.1) == "-" and _ratio(0.1, None) == "-"
+    assert _ratio(0.6, 0.1) == '<span class="good">6.0x</span>'
+    assert _ratio(0.12, 0.1) == "1.2x" and _ratio(-0.2, 0.1) == "-2.0x"  # not highlighted
+    rows = {"a": {"label": "x", "top": 0.0, "random": 0.0}, "b": {"label": "y", "top": -0.05, "random": 0.0},
+            "c": {"label": "z", "top": 0.01, "random": -0.02}}
+    html = _metrics_section({"summary": rows, "options": {"n": 10, "random_sets": 3}, "records": 10})
+    assert "&infin;" not in html and "good" not in html
+
+
+def test_report_skips_heatmaps_of_images_not_in_the_run(report_run, tmp_path):
+    run = _copy(report_run, tmp_path)
+    ghost = run / "heatmaps" / "ghost"  # a discarded run's image: its files are on disk, its id is not in the run
+    shutil.copytree(run / "heatmaps" / "shape_0000", ghost)
+    recs = json.loads((ghost / "heatmaps.json").read_text())
+    (ghost / "heatmaps.json").write_text(json.dumps([dict(r, id="ghost") for r in recs]))
+    text = build_report(run, engine=None, examples=3)
+    assert "figcaption>shape_0000: heatmap" in text and "figcaption>ghost" not in text
+    assert not _parse(text).errors
+
+
+def test_report_embeds_only_files_inside_the_run(report_run, tmp_path):
+    from PIL import Image
+
+    run = _copy(report_run, tmp_path / "in")
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(secret)
+    d = run / "heatmaps" / "shape_0000"
+    recs = json.loads((d / "heatmaps.json").read_text())
+    recs[0]["heatmap"] = "../../../../secret.png"  # relative, out of the run directory
+    recs[1]["heatmap"] = str(secret)  # absolute
+    (d / "heatmaps.json").write_text(json.dumps(recs))
+    text = build_report(run, engine=None, examples=3)
+    assert base64.b64encode(secret.read_bytes()).decode() not in text
+    assert "figcaption>shape_0000: mask" in text  # the records' own files inside the run still show
+    assert not _parse(text).errors
+
+
+@pytest.mark.parametrize("change", ["records", "fingerprint", "ids"])
+def test_report_skips_metrics_of_another_run(report_run, tmp_path, change):
+    run = _copy(report_run, tmp_path)
+    assert "semantic: concept among top-k tokens" in build_report(run, engine=None, examples=0)  # its own: shown
+    m = json.loads((run / "metrics.json").read_text())
+    if change == "records":
+        m["records"] -= 1
+    elif change == "fingerprint":
+        m["run"]["weight_fingerprint"] = "0" * 16
+    else:
+        m["run"]["ids_sha1"] = "0" * 16  # the same number of records, other images (find --overwrite)
+    (run / "metrics.json").write_text(json.dumps(m))
+    text = build_report(run, engine=None, examples=0)
+    assert "semantic: concept among top-k tokens" not in text and "is not shown" in text
+    assert not _parse(text).errors
+
+
+def test_report_heatmaps_of_ids_with_one_safe_name(demo, tmp_path):
+    """Ids that sanitise to one folder name ("a b" / "a_b", two non-ASCII words): find --heatmaps keeps
+    each image's maps apart, and the report shows each image's own."""
+    examples = make_examples(4, seed=77)
+    ids = ["a b", "a_b", "\u732b", "\u72ac"]
+    root = tmp_path / "imgs"
+    root.mkdir()
+    lines = []
+    for k, ((im, _cap), i) in enumerate(zip(examples, ids)):
+        im.save(root / f"{k}.png")
+        lines.append(json.dumps({"image": f"{k}.png", "id": i}))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    run_find(demo, root / "manifest.jsonl", run, progress=False, concepts="all", top_k=5, max_new_tokens=12,
+             batch_size=4, num_workers=0, overwrite=True, heatmaps="activation")
+    folders = sorted(p.name for p in (run / "heatmaps").iterdir())
+    assert folders == sorted(unique_name(i) for i in ids) and "a_b" in folders
+    recs = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    caps = {r["id"]: r["caption"] for r in recs}
+    for i in ids:
+        recs = json.loads((run / "heatmaps" / unique_name(i) / "heatmaps.json").read_text())
+        assert {r["id"] for r in recs} == {i} and all(r["concept"] in caps[i] for r in recs)
+    text = build_report(run, engine=None, examples=4)
+    for i in ids:
+        assert f"figcaption>{i}: heatmap" in text, i

@@ -13,6 +13,7 @@ embedding is replaced by the mean image-token embedding (1 + n_img teacher-force
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io as _io
 import json
 import math
@@ -404,6 +405,16 @@ def safe_name(s: str, limit: int = 80) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(s)).strip("._")[:limit] or "_"
 
 
+def unique_name(s: str) -> str:
+    """A file or folder name for `s` that no other string gets: `s` itself when it is already a safe name
+    (plain ASCII ids keep their layout), else its safe name (64 characters at most) + "-" + a short sha1
+    of `s` ("a b" -> "a_b-<sha1>", which "a_b" never becomes). write_heatmaps names folders and files by it."""
+    s = str(s)
+    if safe_name(s) == s:
+        return s
+    return f"{safe_name(s, 64)}-{hashlib.sha1(s.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
+
+
 def save_png(img, path: Path) -> None:
     buf = _io.BytesIO()
     img.save(buf, format="PNG")
@@ -431,8 +442,10 @@ def write_heatmaps(engine, images, results, out_dir, n: int = 10, percentile: fl
     dicts), in the same order. For each image and each concept word (first occurrence), the map of the
     concept's top-n neurons in that image's ranking: `out_dir/<id>/<word>.heatmap.png` and `.mask.png`
     (at the pixels the model sees), and per image `out_dir/<id>/heatmaps.json` (one record per concept:
-    neurons, grid values, threshold, ...). Costs one prefill pass per batch (activation) or 1 + n_img
-    teacher-forced passes per concept (occlusion). Returns the records written."""
+    neurons, grid values, threshold, the PNG file names, ...). <id> and <word> are `unique_name` of the
+    id and the word: the id itself when it is a safe file name, else a sanitised name + a short hash.
+    Costs one prefill pass per batch (activation) or 1 + n_img teacher-forced passes per concept
+    (occlusion). Returns the records written."""
     recs = [r.to_dict() if hasattr(r, "to_dict") else r for r in results]
     if len(recs) != len(images):
         raise MMNError(f"{len(images)} images for {len(recs)} results")
@@ -455,16 +468,17 @@ def write_heatmaps(engine, images, results, out_dir, n: int = 10, percentile: fl
         rec = recs[b]
         meta = {"id": rec["id"], "image": rec.get("image", ""), "concept": word, "neurons": [list(x) for x in ns],
                 "method": method, "oriented": orient, "percentile": percentile}
-        stem = Path(out_dir) / safe_name(rec["id"]) / safe_name(word)
+        stem = Path(out_dir) / unique_name(rec["id"]) / unique_name(word)
         per_image.setdefault(b, []).append(save_heatmap(hm, stem, meta, cmap, write_meta=False))
     for b, infos in per_image.items():
-        write_json(Path(out_dir) / safe_name(recs[b]["id"]) / "heatmaps.json", infos)
+        write_json(Path(out_dir) / unique_name(recs[b]["id"]) / "heatmaps.json", infos)
     return [info for b in sorted(per_image) for info in per_image[b]]
 
 
 def read_heatmaps(out_dir) -> list[dict]:
     """The heatmap records under `out_dir` (per-image heatmaps.json of write_heatmaps, or `mmn heatmap`'s
-    one-record JSON files), each with "_dir", the folder its PNG files are in."""
+    one-record JSON files), each with "_dir", the folder its PNG files are in (the records name their
+    files, so any folder naming reads back; `unique_name(id)` is write_heatmaps' folder of an image)."""
     recs = []
     for p in sorted(Path(out_dir).rglob("*.json")):
         try:

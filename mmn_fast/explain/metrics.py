@@ -9,10 +9,14 @@ tokens shuffled (no generation); only the causal experiment generates captions a
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import random
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,12 +54,78 @@ class MetricOptions:
     def validate(self) -> None:
         if self.n < 1 or self.k < 1 or self.random_sets < 1:
             raise MMNError("n, k and random_sets must be at least 1")
+        for name, flag in (("batch_size", "--batch-size"), ("causal_images", "--causal-images"),
+                           ("max_concepts", "--max-concepts")):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise MMNError(f"{name} ({flag}) must be an integer of at least 1, got {value!r}")
+        if self.max_images is not None and (not isinstance(self.max_images, (int, np.integer)) or self.max_images < 0):
+            raise MMNError(f"max_images (--max-images) must be at least 0 (0 or None: every record), "
+                           f"got {self.max_images!r}")
         bad = set(self.metrics) - set(ALL)
         if bad:
             raise MMNError(f"unknown metric(s) {sorted(bad)}: choose from {', '.join(ALL)}")
         bad = set(self.causal_modes) - {"zero", "noise"}
         if bad:
             raise MMNError(f"unknown causal mode(s) {sorted(bad)}: use zero and/or noise")
+
+
+# ----------------------------------------------------------------------------------- run <-> model
+class RunModelWarning(UserWarning):
+    """The loaded model's weights are not those a find run recorded (same shapes: results may not match)."""
+
+
+def _model_name(engine) -> str:
+    return str(engine.source or type(engine.model).__name__)
+
+
+def run_fingerprint(res) -> str | None:
+    """The weight fingerprint a find run recorded (run.json, else DIR/parts/config.json)."""
+    fp = res.run.get("weight_fingerprint")
+    if not fp:
+        try:
+            fp = json.loads((Path(res.path) / "parts" / "config.json").read_text()).get("weight_fingerprint")
+        except (OSError, ValueError, AttributeError):
+            fp = None
+    return fp or None
+
+
+def check_run_model(res, engine, what: str = "this run") -> str | None:
+    """Refuse an engine whose decoder is not shaped like the one the run in `res` (open_results) was
+    scored on: its neuron indices would be out of range or mean other neurons. With the same shapes but
+    other weights (fingerprint) warn (RunModelWarning) and return the warning's text; else None."""
+    run = res.run
+    ad = engine.adapter
+    rec = run.get("adapter") or {}
+    n_layers, d_mlp = rec.get("n_layers"), rec.get("d_mlp")
+    if n_layers is None or d_mlp is None:  # older runs: the aggregates' shape
+        try:
+            n_layers, d_mlp = res.stats.n_layers, res.stats.d_mlp
+        except Exception:  # noqa: BLE001 - nothing recorded: nothing to compare
+            n_layers = d_mlp = None
+    run_model = run.get("model", "?")
+    if n_layers is not None and d_mlp is not None and (int(n_layers), int(d_mlp)) != (ad.n_layers, ad.d_mlp):
+        raise MMNError(f"the run in '{res.path}' was scored on '{run_model}' ({n_layers} layers x {d_mlp} MLP "
+                       f"neurons), but the loaded model '{_model_name(engine)}' has {ad.n_layers} x {ad.d_mlp}: the "
+                       f"run's neuron indices do not fit it. Load the run's checkpoint ('{run_model}'; mmn metrics "
+                       "and mmn report use it when --model is left out)")
+    fp = run_fingerprint(res)
+    mine = engine.fingerprint
+    if fp and fp != mine:
+        msg = (f"the loaded model '{_model_name(engine)}' (weights {mine}) is not the one the run in '{res.path}' "
+               f"recorded ('{run_model}', weights {fp}): another or edited checkpoint, a patch applied, another "
+               f"dtype, or a run written by an older mmn_fast; {what} may not match the run's neurons")
+        warnings.warn(msg, RunModelWarning, stacklevel=3)
+        return msg
+    return None
+
+
+def ids_digest(ids) -> str:
+    """Short sha1 of a list of record ids, in order: ties metrics.json to the records it was computed on."""
+    h = hashlib.sha1()
+    for i in ids:
+        h.update(json.dumps(str(i)).encode() + b"\n")
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------- measures
@@ -178,6 +248,7 @@ def compute_metrics(engine, results_dir, images=None, progress: bool = False, **
     opts = MetricOptions(**options)
     opts.validate()
     res = open_results(results_dir)
+    mismatch = check_run_model(res, engine, "the metrics")
     run_opts = dict(res.run.get("options", {}))
     prompt, prefix = run_opts.get("prompt", DEFAULT_PROMPT), run_opts.get("prefix")
     activation = run_opts.get("activation", "down_proj_input")
@@ -206,8 +277,14 @@ def compute_metrics(engine, results_dir, images=None, progress: bool = False, **
         tokens[w] = ids.most_common(1)[0][0] if ids else word_token(engine.tokenizer, w)
     top = {w: [(n["layer"], n["index"]) for n in res.top_neurons(w, opts.n)] for w in words}
     rand_sets = [random_neurons(engine, opts.n, seed=opts.seed + r) for r in range(opts.random_sets)]
-    out = {"format_version": FORMAT_VERSION, "results_dir": str(results_dir), "model": res.run.get("model"),
+    out = {"format_version": FORMAT_VERSION, "results_dir": str(results_dir),
+           "model": _model_name(engine), "weight_fingerprint": engine.fingerprint,  # what computed the metrics
+           "run": {"model": res.run.get("model"), "weight_fingerprint": run_fingerprint(res),  # what they belong to
+                   "images": (res.run.get("totals") or {}).get("images"),
+                   "ids_sha1": ids_digest(r["id"] for r in records)},
            "options": asdict(opts), "run_options": run_opts, "records": len(records), "concepts": {}, "seconds": {}}
+    if mismatch:
+        out["warning"] = mismatch
     per = out["concepts"]
     for w in words:
         per[w] = {"images": sum(w in f for f in firsts), "token_id": int(tokens[w]), "neurons": [list(x) for x in top[w]]}
@@ -364,10 +441,12 @@ def _region(ctx, per) -> None:
     keep = [i for i, f in enumerate(ctx["firsts"]) if any(w in f for w in words)]
     ro = ctx["run_opts"]
     kw = {k: ro[k] for k in ("activation", "fold_final_norm", "positions", "reduce", "method") if k in ro}
+    # the run's lists hold its top_k neurons only: compare both rankings at the same depth m
+    m = min(opts.n, int(ro["top_k"])) if ro.get("top_k") else opts.n
     shuffled = {}
     with shuffled_image_tokens(engine, opts.seed):
         found = engine.iter_find([ctx["pil"][i] for i in keep], captions=[recs[i]["output_ids"] for i in keep],
-                                 ids=[str(i) for i in keep], concepts=list(words), top_k=opts.n,
+                                 ids=[str(i) for i in keep], concepts=list(words), top_k=m,
                                  prompt=ctx["prompt"], prefix=ctx["prefix"], batch_size=opts.batch_size, **kw)
         for r in found:
             shuffled[int(r.id)] = _first({"concepts": [c.__dict__ for c in r.concepts]})
@@ -378,15 +457,15 @@ def _region(ctx, per) -> None:
         for i in keep:
             if w not in ctx["firsts"][i] or w not in shuffled.get(i, {}):
                 continue
-            a = [tuple(x[:2]) for x in ctx["firsts"][i][w]["neurons"][: opts.n]]
-            b = [tuple(x[:2]) for x in shuffled[i][w]["neurons"][: opts.n]]
+            a = [tuple(x[:2]) for x in ctx["firsts"][i][w]["neurons"][:m]]
+            b = [tuple(x[:2]) for x in shuffled[i][w]["neurons"][:m]]
             js.append(jaccard(a, b))
             rs.append(rbo(a, b, opts.rbo_p))
             flat = rng.sample(range(ad.n_layers * ad.d_mlp), len(a))
             c = [(f // ad.d_mlp, f % ad.d_mlp) for f in flat]
             cj.append(jaccard(a, c))
             cr.append(rbo(a, c, opts.rbo_p))
-        per[w]["region"] = {"top": {"jaccard": _mean(js), "rbo": _mean(rs), "images": len(js)},
+        per[w]["region"] = {"top": {"jaccard": _mean(js), "rbo": _mean(rs), "images": len(js), "depth": m},
                             "random": {"jaccard": _mean(cj), "rbo": _mean(cr)}}
 
 

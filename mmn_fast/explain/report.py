@@ -168,14 +168,17 @@ def _patches(root: Path) -> list[str]:
     return blocks
 
 
-def _metrics_section(metrics: dict) -> str:
-    def ratio(top, rnd):
-        if top is None or rnd is None:
-            return "-"
-        text = f"{top / rnd:.1f}x" if rnd > 1e-9 else "&infin;"
-        return f'<span class="good">{text}</span>' if top > 1.5 * rnd else text
+def _ratio(top, rnd) -> str:
+    """The "top / random" cell: "-" unless the control is positive (a ratio to a zero or negative control,
+    or of two values near zero, says nothing); highlighted when top is positive and 1.5x the control."""
+    if top is None or rnd is None or rnd <= 1e-9 or (abs(top) <= 1e-9 and abs(rnd) <= 1e-9):
+        return "-"
+    text = f"{top / rnd:.1f}x"
+    return f'<span class="good">{text}</span>' if top > 0 and top > 1.5 * rnd else text
 
-    rows = [[_e(r["label"]), _num(r["top"]), _num(r["random"]), ratio(r["top"], r["random"])]
+
+def _metrics_section(metrics: dict) -> str:
+    rows = [[_e(r["label"]), _num(r["top"]), _num(r["random"]), _ratio(r["top"], r["random"])]
             for r in metrics.get("summary", {}).values()]
     o = metrics.get("options", {})
     parts = [f'<p class="muted">top-n = {_e(o.get("n"))} neurons per concept against {_e(o.get("random_sets"))} random sets '
@@ -195,6 +198,61 @@ def _metrics_section(metrics: dict) -> str:
     return "".join(parts)
 
 
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path` (links resolved) is a file inside the folder `root`."""
+    try:
+        return path.resolve().is_relative_to(root.resolve()) and path.is_file()
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
+def _run_ids(res) -> list[str]:
+    """The ids of the run's result records, in order (one pass over results.jsonl, nothing else kept)."""
+    try:
+        return [str(rec.get("id")) for rec in res]
+    except (OSError, ValueError, AttributeError) as e:
+        raise MMNError(f"'{res.path}' has no readable results.jsonl ({e}): is it a finished `mmn find` run?") from None
+
+
+def _heatmaps_on_disk(root: Path, ids: set) -> dict:
+    """concept -> heatmap records of DIR/heatmaps that belong to this run: the image id is one of its
+    records (a discarded run's folders are not), one record per (id, concept), preferring the folder
+    write_heatmaps names for the id."""
+    from .heatmap import read_heatmaps, unique_name
+
+    hdir = root / "heatmaps"
+    recs = [dict(r, id=str(r["id"])) for r in (read_heatmaps(hdir) if hdir.is_dir() else [])
+            if r.get("id") is not None and str(r["id"]) in ids and isinstance(r.get("concept"), str)]
+    recs.sort(key=lambda r: Path(r["_dir"]).name != unique_name(r["id"]))  # stable: the run's own folder first
+    out, seen = {}, set()
+    for r in recs:
+        if (r["id"], r["concept"]) not in seen:
+            seen.add((r["id"], r["concept"]))
+            out.setdefault(r["concept"], []).append(r)
+    return out
+
+
+def _stale_metrics(metrics: dict, run: dict, ids: list[str]) -> str | None:
+    """Why DIR/metrics.json was not computed on this run's records (another run's file), or None."""
+    from .metrics import ids_digest
+
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("summary", {}), dict):
+        return "it is not a metrics.json of mmn metrics"
+    rec = metrics.get("run") if isinstance(metrics.get("run"), dict) else {}
+    fp, mine = rec.get("weight_fingerprint"), run.get("weight_fingerprint")
+    if fp and mine and fp != mine:
+        return f"it belongs to a run of other weights ({fp}, this run: {mine})"
+    n = metrics.get("records")
+    max_images = (metrics.get("options") or {}).get("max_images")
+    want = len(ids) if not max_images else min(int(max_images), len(ids))
+    if not isinstance(n, int) or n != want:
+        return f"it was computed on {n} records, where this run gives {want}"
+    sha = rec.get("ids_sha1")
+    if sha and sha != ids_digest(ids[:n]):
+        return "it was computed on other images than this run's"
+    return None
+
+
 def _dig(d, path):
     for k in path:
         if not isinstance(d, dict):
@@ -205,12 +263,18 @@ def _dig(d, path):
 
 def build_report(results_dir, engine=None, neurons: int = 10, examples: int = 3, k: int = 8,
                  method: str = "activation", max_concepts: int = 30) -> str:
-    """The report's HTML text. `engine` (optional) adds top tokens and computed heatmaps."""
-    from .heatmap import read_heatmaps
+    """The report's HTML text. `engine` (optional) adds top tokens and computed heatmaps; it must be the
+    run's model (MMNError on other shapes, a RunModelWarning on other weights)."""
+    from .metrics import check_run_model
 
+    if not isinstance(neurons, int) or neurons < 1:
+        raise MMNError(f"neurons (--neurons) must be at least 1, got {neurons!r}")
+    if not isinstance(examples, int) or examples < 0:
+        raise MMNError(f"examples (--examples) must be at least 0, got {examples!r}")
     root = Path(results_dir)
     res = open_results(root)
     run = res.run
+    model_note = check_run_model(res, engine, "the report's top tokens and heatmaps") if engine is not None else None
     try:
         summary = json.loads((root / "concepts.json").read_text())
     except (OSError, ValueError):
@@ -225,18 +289,23 @@ def build_report(results_dir, engine=None, neurons: int = 10, examples: int = 3,
         for l, _ in ns:
             per_layer[l] += 1
     tokens = _top_tokens(engine, list(dict.fromkeys(n for ns in neuron_lists.values() for n in ns)), k)
-    on_disk = {}
-    for hdir in (root / "heatmaps",):
-        for rec in read_heatmaps(hdir) if hdir.is_dir() else []:
-            on_disk.setdefault(rec["concept"], []).append(rec)
+    ids = _run_ids(res)
+    on_disk = _heatmaps_on_disk(root, set(ids))
     todo = [w for w in words if w not in on_disk]
     computed = _examples(engine, res, todo, examples, neurons, method) if todo else {}
-    metrics = None
+    metrics, metrics_note = None, None
     if (root / "metrics.json").is_file():
         try:
             metrics = json.loads((root / "metrics.json").read_text())
         except ValueError:
             metrics = None
+        why = _stale_metrics(metrics, run, ids) if metrics is not None else None
+        if why:
+            metrics, metrics_note = None, f"{root / 'metrics.json'} is not shown: {why}. Run mmn metrics again."
+        elif metrics and metrics.get("weight_fingerprint") and run.get("weight_fingerprint") \
+                and metrics["weight_fingerprint"] != run["weight_fingerprint"]:
+            metrics_note = (f"computed with the model '{metrics.get('model')}' (weights "
+                            f"{metrics['weight_fingerprint']}), not the run's weights ({run['weight_fingerprint']}).")
     totals = run.get("totals", {})
     opts = run.get("options", {})
     h = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>mmn report: {_e(root.name)}</title>"
@@ -244,8 +313,10 @@ def build_report(results_dir, engine=None, neurons: int = 10, examples: int = 3,
          f"<h1>Multi-modal neurons: {_e(Path(str(run.get('model', '?'))).name)}</h1>",
          f'<p class="muted">{_e(root.resolve())} &middot; report written {_e(time.strftime("%Y-%m-%d %H:%M"))}</p>',
          '<nav><a href="#summary">Summary</a><a href="#layers">Layers</a><a href="#concepts">Concepts</a>'
-         + ('<a href="#metrics">Metrics</a>' if metrics else "") + '<a href="#edits">Edits</a></nav>',
+         + ('<a href="#metrics">Metrics</a>' if metrics or metrics_note else "") + '<a href="#edits">Edits</a></nav>',
          '<h2 id="summary">Run summary</h2><div class="card">']
+    if model_note:
+        h.insert(-1, f'<p class="muted">Note: {_e(model_note)}</p>')
     facts = [("model", run.get("model")), ("adapter", f"{n_layers} layers x {(run.get('adapter') or {}).get('d_mlp', '?')} MLP neurons"),
              ("images", totals.get("images")), ("skipped", totals.get("skipped")), ("concepts", len(summary)),
              ("neurons scored", f"{totals.get('neurons_scored', 0):,}"), ("seconds", run.get("seconds")),
@@ -273,16 +344,19 @@ def build_report(results_dir, engine=None, neurons: int = 10, examples: int = 3,
         for rec in on_disk.get(w, [])[:examples]:
             d = Path(rec["_dir"])
             for key, label in (("heatmap", "heatmap"), ("mask", "mask")):
-                if (d / rec[key]).is_file():
-                    figs.append(f'<figure><img alt="{_e(label)}" src="{file_uri(d / rec[key])}"><figcaption>{_e(rec["id"])}: '
+                name = rec.get(key)
+                if isinstance(name, str) and name and _inside(d / name, root):  # never a file outside the run
+                    figs.append(f'<figure><img alt="{_e(label)}" src="{file_uri(d / name)}"><figcaption>{_e(rec["id"])}: '
                                 f'{_e(label)} ({_e(rec.get("method"))}, top-{len(rec.get("neurons", []))})</figcaption></figure>')
         for cap, over, masked in computed.get(w, []) if isinstance(computed.get(w), list) else []:
             figs.append(f'<figure><img alt="heatmap" src="{over}"><figcaption>{_e(cap)}: heatmap ({_e(method)})</figcaption></figure>'
                         f'<figure><img alt="mask" src="{masked}"><figcaption>mask (top 5% of pixels)</figcaption></figure>')
         if figs:
             h.append(f'<div class="figs">{"".join(figs)}</div>')
-    if metrics:
-        h.append(f'<h2 id="metrics">Property metrics</h2><div class="card">{_metrics_section(metrics)}</div>')
+    if metrics or metrics_note:
+        note = f'<p class="muted">Note: {_e(metrics_note)}</p>' if metrics_note else ""
+        h.append(f'<h2 id="metrics">Property metrics</h2><div class="card">{note}'
+                 f'{_metrics_section(metrics) if metrics else ""}</div>')
     blocks = _patches(root)
     h.append('<h2 id="edits">Edits</h2>' + ("".join(blocks) if blocks else '<p class="muted">No patch files in this directory.</p>'))
     h.append("</main></body></html>")
