@@ -39,6 +39,11 @@ def concept_neurons(engine, source: str, n: int, results=None, images=None, excl
     concepts.json), from a list of ImageResult, or by running find on `images`."""
     word = source.lower()
     if results is not None and isinstance(results, (str, Path)):
+        if (Path(results) / "run.json").is_file():  # the run's neuron indices must be this model's
+            from .aggregate import open_results
+            from .explain.metrics import check_run_model
+
+            check_run_model(open_results(results), engine, "the edit")
         path = Path(results) / "concepts.json"
         try:
             concepts = json.loads(path.read_text())

@@ -96,6 +96,14 @@ def test_selection_from_results_dir_with_exclusions(llava, tmp_path):
         make_edit(llava, "ablate", NEURONS, "red", "blue")
 
 
+def test_selection_refuses_a_run_of_another_model_shape(llava, tmp_path):
+    concepts = {"red": {"images": 3, "neurons": [{"layer": 3, "index": 900, "count": 3, "mean_score": 1.0}]}}
+    (tmp_path / "concepts.json").write_text(json.dumps(concepts))
+    (tmp_path / "run.json").write_text(json.dumps({"model": "other", "adapter": {"n_layers": 4, "d_mlp": 1024}}))
+    with pytest.raises(MMNError, match="do not fit"):
+        concept_neurons(llava, "red", 1, results=tmp_path)
+
+
 def test_demo_red_to_blue(demo):
     """The issue's acceptance bar: optimize with 20 neurons reaches success and generality >= 90% and
     locality >= 95% on held-out images; its random-neuron control does not; the others reported."""
