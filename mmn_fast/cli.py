@@ -25,11 +25,16 @@ def _concepts_arg(value: str):
 
 
 def _launch_torchrun(args, argv) -> int:
-    """`mmn find --nproc N ...` = `torchrun --standalone --nproc-per-node N -m mmn_fast find ...`."""
-    import subprocess
+    """`mmn find --nproc N ...` = `torchrun --standalone --nproc-per-node N -m mmn_fast find ...`, after
+    the checks that need no model (so that bad input is one line, not N failing processes)."""
+    from .scheduler import check_run
 
     if os.environ.get("WORLD_SIZE"):
         raise MMNError("--nproc is for launching; this process already runs under torchrun")
+    if args.device_map is not None:
+        raise MMNError("--device-map spreads one model over this machine's GPUs; do not combine it with --nproc "
+                       "or torchrun (one replica per process)")
+    check_run(args.images, args.out, world=args.nproc, **_run_options(args))
     rest, skip = [], False
     for a in argv:
         if skip:
@@ -40,7 +45,94 @@ def _launch_torchrun(args, argv) -> int:
             rest.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", "mmn_fast", *rest]
-    return subprocess.run(cmd).returncode
+    return _run_torchrun(cmd)
+
+
+_ERROR_MARK = b"mmn: error:"
+
+
+class _StderrFilter:
+    """Passes a child's stderr through as it comes (progress bars included) up to the end of the
+    first line holding 'mmn: error:'; what follows (other ranks' copies of the error, torchrun's own
+    log lines and ChildFailedError traceback) is held back, and shown only if the launch succeeds."""
+
+    def __init__(self, write):
+        self.write = write
+        self.tail = b""  # the last bytes passed on, to find a mark split between two reads
+        self.in_error = False  # passing on the rest of the error line
+        self.held: list[bytes] | None = None  # set once the error line is complete
+
+    def feed(self, data: bytes) -> None:
+        if self.held is not None:
+            self.held.append(data)
+            return
+        if not self.in_error:
+            window = self.tail + data
+            j = window.find(_ERROR_MARK)
+            if j < 0:
+                self.write(data)
+                self.tail = window[-(len(_ERROR_MARK) - 1):]
+                return
+            self.in_error = True
+            start = max(0, j - len(self.tail))  # where the mark (or what is left of it) starts in data
+            self.write(data[:start])
+            data = data[start:]
+        end = data.find(b"\n")
+        if end < 0:
+            self.write(data)
+            return
+        self.write(data[:end + 1])
+        self.held = [data[end + 1:]]
+
+    def close(self, failed: bool) -> bool:
+        """End of the stream; returns whether an error line was seen (and the rest dropped, if failed)."""
+        if not self.in_error:
+            return False
+        if not failed and self.held:
+            self.write(b"".join(self.held))
+        return True
+
+
+def _run_torchrun(cmd: list[str]) -> int:
+    """Run the launcher with its stderr filtered: when a rank ended with an `mmn: error:` line and the
+    launch failed, that line alone is shown and the exit code is 2, as for one process."""
+    import codecs
+    import subprocess
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(data: bytes) -> None:
+        text = decoder.decode(data)
+        if text:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+    filt = _StderrFilter(write)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    fd = proc.stderr.fileno()
+
+    def drain() -> None:
+        while True:
+            data = os.read(fd, 1 << 16)
+            if not data:
+                break
+            filt.feed(data)
+
+    try:
+        drain()
+    except KeyboardInterrupt:  # Ctrl-C reached torchrun too: let it stop its processes; a second one kills it
+        try:
+            drain()
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+        raise
+    rc = proc.wait()
+    proc.stderr.close()
+    seen = filt.close(failed=rc != 0)
+    return 2 if rc != 0 and seen else rc
 
 
 def _init_distributed(args) -> None:
@@ -67,6 +159,18 @@ def _init_distributed(args) -> None:
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(days=30))
 
 
+def _run_options(args) -> dict:
+    """run_corpus's keyword arguments from `mmn find`'s (all but the engine, images and out)."""
+    return dict(
+        teacher_forced=args.teacher_forced, shard_size=args.shard_size, overwrite=args.overwrite,
+        aggregate=args.aggregate, heatmaps=args.heatmaps,
+        prompt=args.prompt, prefix=args.prefix, concepts=_concepts_arg(args.concepts),
+        activation=args.activation, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, fold_final_norm=args.fold_final_norm, positions=args.positions,
+        reduce=args.reduce, method=args.method,
+    )
+
+
 def cmd_find(args, argv=()) -> int:
     from .runner import summary_table
     from .scheduler import run_corpus
@@ -77,13 +181,8 @@ def cmd_find(args, argv=()) -> int:
     engine = _engine(args)
     t0 = time.perf_counter()
     summary = run_corpus(
-        engine, args.images, args.out, teacher_forced=args.teacher_forced, progress=not args.quiet,
-        num_workers=args.num_workers, shard_size=args.shard_size, checkpoint_every=args.checkpoint_every,
-        checkpoint_seconds=args.checkpoint_seconds, overwrite=args.overwrite, aggregate=args.aggregate,
-        prompt=args.prompt, prefix=args.prefix, concepts=_concepts_arg(args.concepts),
-        activation=args.activation, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, fold_final_norm=args.fold_final_norm, positions=args.positions,
-        reduce=args.reduce, method=args.method, heatmaps=args.heatmaps,
+        engine, args.images, args.out, progress=not args.quiet, num_workers=args.num_workers,
+        checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds, **_run_options(args),
     )
     if "concepts_json" not in summary:  # not rank 0
         return 0

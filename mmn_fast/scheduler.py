@@ -7,11 +7,12 @@ processes or restarts. Each shard's result lines go to `DIR/parts/shard-XXXXX.js
 
 Every `checkpoint_every` images or `checkpoint_seconds` the rank fsyncs its part files and writes
 its aggregates and a state file (how far each shard got, and the part files' byte lengths)
-atomically. A rank killed at any moment restarts from its last state: part files are cut back to
-the recorded lengths and reading resumes at the recorded positions, so no image is lost or
-counted twice. When every rank is done, rank 0 concatenates the parts in shard order into
-`results.jsonl` / `skipped.jsonl`, merges the aggregates, and writes `concepts.json` and, last,
-`run.json`.
+atomically; never inside a streak of batches the model failed on, so that a run stopped by a
+model-wide error (MAX_FAILED_BATCHES) redoes the whole streak when rerun. A rank killed at any
+moment restarts from its last state: part files are cut back to the recorded lengths and reading
+resumes at the recorded positions, so no image is lost or counted twice. When every rank is
+done, rank 0 concatenates the parts in shard order into `results.jsonl` / `skipped.jsonl`, merges
+the aggregates, and writes `concepts.json` and, last, `run.json`.
 """
 from __future__ import annotations
 
@@ -136,11 +137,75 @@ class _Rank:
                 pass  # the last checkpoint is what a restart trusts
 
 
-def _config(engine: Engine, corpus, opts: FindOptions, teacher_forced, aggregate, shard_size, world) -> dict:
-    return {"corpus": str(corpus.spec), "kind": corpus.kind, "n_shards": corpus.n_shards, "corpus_size": corpus.size(),
-            "shard_size": shard_size,
-            "options": dataclasses.asdict(opts), "teacher_forced": teacher_forced, "aggregate": aggregate,
-            "world_size": world, "weight_fingerprint": engine.fingerprint}
+RUN_FORMAT_VERSION = 2  # run.json's format_version, written by _merge
+# What a finished run leaves in DIR besides parts/: --overwrite removes these (and only these).
+_RUN_FILES = ("results.jsonl", "skipped.jsonl", "concepts.json", "run.json", "aggregates.json",
+              "aggregates.safetensors", "metrics.json", "report.html")
+_RUN_DIRS = ("heatmaps",)
+
+
+def _config(fingerprint: str | None, corpus, opts: FindOptions, teacher_forced, aggregate, shard_size, world,
+            heatmaps=None) -> dict:
+    """What a resumed run must share with the run it resumes, as its JSON copy (tuples become lists).
+    corpus: the absolute spec (Corpus.identity), so the same corpus typed another way, or from
+    another working directory, is recognised, and another corpus under the same relative path is not."""
+    config = {"corpus": corpus.identity, "kind": corpus.kind, "n_shards": corpus.n_shards,
+              "corpus_size": corpus.size(), "shard_size": shard_size,
+              "options": dataclasses.asdict(opts), "teacher_forced": teacher_forced, "aggregate": aggregate,
+              "world_size": world, "weight_fingerprint": fingerprint}
+    if heatmaps:
+        config["heatmaps"] = heatmaps
+    return json.loads(json.dumps(config))
+
+
+def _out_dir(out_dir: str | os.PathLike, create: bool) -> Path:
+    """--out as a Path; an MMNError, not an OSError, when it (or a folder above it) is a file."""
+    out = Path(out_dir)
+    bad = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if bad is not None:
+        where = "is a file" if bad == out else f"is under '{bad}', which is a file"
+        raise MMNError(f"--out must be a directory: '{out}' {where}")
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):  # made a file meanwhile
+            raise MMNError(f"--out must be a directory: '{out}' is a file or is under one") from None
+    return out
+
+
+def _finished_without_parts(out: Path) -> str | None:
+    """Why `out` cannot be resumed when it holds run.json but no parts/config.json, else None."""
+    if not (out / "run.json").is_file():
+        return None
+    try:
+        version = json.loads((out / "run.json").read_text()).get("format_version")
+    except (OSError, ValueError, AttributeError):
+        version = None
+    if version == RUN_FORMAT_VERSION:
+        return (f"'{out}' holds a finished run without parts/ (nothing to resume); use --overwrite or "
+                "another --out")
+    return (f"'{out}' holds a finished run from an older layout (run.json format_version {version!r}); use "
+            "--overwrite or another --out")
+
+
+def _compare(out: Path, old: dict, config: dict, ignore: tuple = ()) -> None:
+    diff = sorted(k for k in set(old) | set(config) if k not in ignore and old.get(k) != config.get(k))
+    if diff:
+        raise MMNError(f"'{out}' holds a run with different settings ({', '.join(diff)}); rerun with the same "
+                       "command to resume, or add --overwrite to start again")
+
+
+def _remove_run(out: Path) -> None:
+    """--overwrite: the previous run's parts/ and the files it wrote (known names only)."""
+    shutil.rmtree(out / "parts", ignore_errors=True)
+    for name in _RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in _RUN_DIRS:
+        path = out / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
 
 
 def _prepare(out: Path, config: dict, overwrite: bool, rank: int, world: int) -> Path:
@@ -149,22 +214,45 @@ def _prepare(out: Path, config: dict, overwrite: bool, rank: int, world: int) ->
     cfg_path = parts / "config.json"
     if rank == 0:
         if overwrite:
-            shutil.rmtree(parts, ignore_errors=True)
-            for name in ("results.jsonl", "skipped.jsonl", "concepts.json", "run.json", "aggregates.json",
-                         "aggregates.safetensors"):
-                (out / name).unlink(missing_ok=True)
-        parts.mkdir(parents=True, exist_ok=True)
+            _remove_run(out)
         if not cfg_path.is_file():
-            if (out / "run.json").is_file():
-                raise MMNError(f"'{out}' holds a finished run from an older layout; use --overwrite or another --out")
+            why = _finished_without_parts(out)
+            if why:
+                raise MMNError(why)
+            parts.mkdir(parents=True, exist_ok=True)
             write_json(cfg_path, config)
     _barrier(world)
-    old = json.loads(cfg_path.read_text())
-    if old != config:
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-        raise MMNError(f"'{out}' holds a run with different settings ({', '.join(diff)}); rerun with the same "
-                       "command to resume, or add --overwrite to start again")
+    _compare(out, json.loads(cfg_path.read_text()), config)
     return parts
+
+
+def check_run(images: str | Path, out_dir: str | Path, *, teacher_forced: bool = False, shard_size: int = 1000,
+              overwrite: bool = False, aggregate: str = "dense", world: int = 1, heatmaps: str | None = None,
+              **options) -> None:
+    """The checks of `run_corpus` that need no model: option values, --out, the corpus, and an
+    existing run's settings (all but the weights). `mmn find --nproc N` runs them before it starts
+    N processes, so that bad input is one line, not N failing processes. Writes nothing."""
+    from .concepts import resolve_mode
+    from .corpus import open_corpus
+
+    opts = FindOptions(**options)
+    opts.validate()
+    if isinstance(opts.concepts, (list, tuple)):
+        resolve_mode(opts.concepts)  # an empty word list; the words themselves need the tokenizer
+    if aggregate not in ("dense", "sparse"):
+        raise MMNError(f"--aggregate must be 'dense' or 'sparse', got {aggregate!r}")
+    out = _out_dir(out_dir, create=False)
+    corpus = open_corpus(images, shard_size=shard_size)
+    if overwrite:
+        return
+    cfg_path = out / "parts" / "config.json"
+    if cfg_path.is_file():
+        config = _config(None, corpus, opts, teacher_forced, aggregate, shard_size, world, heatmaps)
+        _compare(out, json.loads(cfg_path.read_text()), config, ignore=("weight_fingerprint",))
+    else:
+        why = _finished_without_parts(out)
+        if why:
+            raise MMNError(why)
 
 
 def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, *, teacher_forced: bool = False,
@@ -191,13 +279,8 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, *, teach
             raise MMNError(f"rank {rank} of {world}: no torch.distributed process group; run through `mmn find "
                            "--nproc N` or torchrun `-m mmn_fast find`, or call init_process_group() first")
     corpus = open_corpus(images, shard_size=shard_size)
-    out = Path(out_dir)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    config = _config(engine, corpus, opts, teacher_forced, aggregate, shard_size, world)
-    if heatmaps:
-        config["heatmaps"] = heatmaps
-    config = json.loads(json.dumps(config))  # compared with its JSON copy on resume: tuples become lists
+    out = _out_dir(out_dir, create=rank == 0)
+    config = _config(engine.fingerprint, corpus, opts, teacher_forced, aggregate, shard_size, world, heatmaps)
     parts = _prepare(out, config, overwrite, rank, world)
     ad = engine.adapter
     state = _Rank(parts, rank, world, NeuronStats(aggregate, ad.n_layers, ad.d_mlp))
@@ -215,14 +298,18 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, *, teach
     try:
         for item in iter_samples(corpus, todo, starts, num_workers, shard_ends=True):
             if isinstance(item, ShardEnd):
-                runner.flush(item.shard, pending.pop(item.shard, []))
+                since_ckpt += runner.flush(item.shard, pending.pop(item.shard, []))
                 state.close_shard(item.shard)
-                continue
-            batch = pending.setdefault(item.shard, [])
-            batch.append(item)
-            if sum(s.error is None for s in batch) >= opts.batch_size:
-                since_ckpt += runner.flush(item.shard, pending.pop(item.shard))
-            if since_ckpt >= checkpoint_every or time.monotonic() - last_ckpt >= checkpoint_seconds:
+            else:
+                batch = pending.setdefault(item.shard, [])
+                batch.append(item)
+                if sum(s.error is None for s in batch) >= opts.batch_size:
+                    since_ckpt += runner.flush(item.shard, pending.pop(item.shard))
+            # No checkpoint inside a streak of batches the model failed on: if it turns out to be a
+            # model-wide error (the run stops after MAX_FAILED_BATCHES), the rerun must redo the whole
+            # streak rather than keep its images as skipped.
+            if runner.failed_batches == 0 and (since_ckpt >= checkpoint_every
+                                               or time.monotonic() - last_ckpt >= checkpoint_seconds):
                 state.checkpoint()
                 last_ckpt, since_ckpt = time.monotonic(), 0
         state.checkpoint()
@@ -365,7 +452,7 @@ def _merge(engine, out: Path, parts: Path, corpus, config: dict, world: int, opt
     summary = stats.summary(top_n=opts.top_k)
     write_json(out / "concepts.json", summary)
     write_json(out / "run.json", {
-        "format_version": 2,
+        "format_version": RUN_FORMAT_VERSION,
         "model": engine.source or type(engine.model).__name__,
         "adapter": engine.adapter.describe(),
         **config,

@@ -130,3 +130,36 @@ def test_top_tokens_command(llava_path, tmp_path, capsys):
     assert rc == 0 and list((tmp_path / "c").glob("vocab-*.safetensors"))
     rc, _, err = _run(capsys, "top-tokens", "--model", llava_path, "--layer", "99", "--neuron", "0")
     _assert_one_line_error(rc, err, "out of range")
+
+
+def test_out_that_is_a_file_is_one_line(llava_path, image_dir, tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("hi")
+    for out in (f, f / "sub"):
+        rc, _, err = _run(capsys, "find", "--model", llava_path, "--images", image_dir, "--out", out, "--quiet")
+        _assert_one_line_error(rc, err, "--out must be a directory", "afile")
+    assert f.read_text() == "hi"
+
+
+def test_torchrun_stderr_keeps_the_ranks_error_line_and_drops_the_launchers_traceback(capsys):
+    """What `mmn find --nproc N` does with torchrun's stderr, on a stand-in launcher."""
+    import sys
+
+    from mmn_fast.cli import _run_torchrun
+
+    script = ("import sys, time; e = sys.stderr.buffer\n"
+              "e.write(b'\\rfind:  10%|#'); e.flush(); time.sleep(0.05)\n"
+              "e.write(b'\\n'); e.write(b'mmn: er'); e.flush(); time.sleep(0.05)\n"  # a mark split between reads
+              "e.write(b'ror: unknown concept word\\nmmn: error: unknown concept word\\n')\n"
+              "e.write(b'Traceback (most recent call last):\\n  ...\\nChildFailedError: mmn_fast FAILED\\n')\n"
+              "sys.exit({rc})\n")
+    assert _run_torchrun([sys.executable, "-c", script.format(rc=1)]) == 2
+    err = capsys.readouterr().err
+    assert [l for l in err.splitlines() if "mmn: error:" in l] == ["mmn: error: unknown concept word"]
+    assert "find:  10%" in err and "Traceback" not in err and "ChildFailedError" not in err
+    plain = "import sys; sys.stderr.write('Traceback (most recent call last):\\nRuntimeError: bug\\n'); sys.exit(1)"
+    assert _run_torchrun([sys.executable, "-c", plain]) == 1                    # no mmn error: all of it, as is
+    assert "RuntimeError: bug" in capsys.readouterr().err
+    ok = "import sys; sys.stderr.write('mmn: warning: 1 images skipped\\n'); sys.exit(0)"
+    assert _run_torchrun([sys.executable, "-c", ok]) == 0
+    assert "mmn: warning: 1 images skipped" in capsys.readouterr().err

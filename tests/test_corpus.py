@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 import pytest
 from PIL import Image
 
-from mmn_fast.corpus import Corpus, Sample, iter_samples, open_corpus
+from mmn_fast.corpus import Corpus, Sample, WebDatasetCorpus, iter_samples, open_corpus
 from mmn_fast.errors import MMNError
 
 
@@ -106,6 +106,21 @@ def test_bad_specs_raise(tmp_path):
         open_corpus(str(tmp_path / "*.tar"))
     with pytest.raises(MMNError, match="shard_size"):
         open_corpus(tmp_path, shard_size=0)
+
+
+def test_identity_is_the_absolute_spec_however_typed(tmp_path, monkeypatch):
+    pytest.importorskip("braceexpand")
+    _write(tmp_path / "data" / "a.png", _img_bytes())
+    _write(tmp_path / "data" / "m.jsonl", json.dumps({"image": "a.png"}) + "\n")
+    _tar(tmp_path / "data" / "s-0.tar", [("0.png", _img_bytes())])
+    monkeypatch.chdir(tmp_path)
+    m = str(tmp_path / "data" / "m.jsonl")
+    assert open_corpus("data/m.jsonl").identity == open_corpus("./data/m.jsonl").identity == m
+    assert open_corpus("data/").identity == open_corpus("data").identity == str(tmp_path / "data")
+    assert open_corpus("./data/../data/s-{0..0}.tar").identity == str(tmp_path / "data" / "s-{0..0}.tar")
+    assert open_corpus("data/m.jsonl").spec == "data/m.jsonl"                      # as typed, for messages
+    monkeypatch.chdir(_write(tmp_path / "other" / "data" / "m.jsonl", json.dumps({"image": "a.png"})).parent.parent)
+    assert open_corpus("data/m.jsonl").identity == str(tmp_path / "other" / "data" / "m.jsonl")  # another corpus
 
 
 def test_single_image(tmp_path):
@@ -261,7 +276,8 @@ def test_brace_glob_and_directory_of_tars(tmp_path, monkeypatch):
     c = open_corpus(pattern)
     assert c.kind == "webdataset" and c.n_shards == 3
     assert [c.shard_name(i) for i in range(3)] == [str(d / f"shards-{n:05d}.tar") for n in range(3)]
-    assert [x.key for x in _all(c)] == ["00", "01", "10", "11", "20", "21"]
+    # several shards: keys carry the shard's name, so that they are unique across the corpus
+    assert [x.key for x in _all(c)] == [f"shards-{n:05d}/{n}{i}" for n in range(3) for i in range(2)]
     rev = open_corpus(str(d / "shards-{00002,00000}.tar"))
     assert [rev.shard_name(i) for i in range(2)] == [str(d / "shards-00002.tar"), str(d / "shards-00000.tar")]
     assert open_corpus(str(d / "*.tar")).n_shards == 3
@@ -271,6 +287,25 @@ def test_brace_glob_and_directory_of_tars(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "braceexpand", None)
     with pytest.raises(MMNError, match=r"pip install 'mmn_fast\[data\]'"):
         open_corpus(pattern)
+
+
+def test_webdataset_keys_are_unique_across_shards(tmp_path):
+    """Two shards may use the same member names (two img2dataset runs, say): every key of the corpus
+    stays unique, and the same whatever process or restart reads a shard."""
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        _tar(tmp_path / sub / "shard-00000.tar", [("000.png", _img_bytes()), ("000.txt", sub.encode()),
+                                                  ("001.png", _img_bytes())])
+    c = open_corpus(str(tmp_path / "*" / "shard-00000.tar"))
+    s = _all(c)
+    assert [x.key for x in s] == ["a/shard-00000/000", "a/shard-00000/001", "b/shard-00000/000", "b/shard-00000/001"]
+    assert [x.caption for x in s] == ["a", None, "b", None]
+    assert s[2].source == f"{tmp_path / 'b' / 'shard-00000.tar'}:000"
+    _assert_resumable(c)
+    one = str(tmp_path / "a" / "shard-00000.tar")
+    assert [x.key for x in _all(WebDatasetCorpus(one, [one, one]))] == [   # the same shard listed twice
+        "shard-00000/000", "shard-00000/001", "shard-00000#2/000", "shard-00000#2/001"]
+    assert [x.key for x in _all(open_corpus(one))] == ["000", "001"]     # a single shard: the member keys
 
 
 # --------------------------------------------------------------------------------------- parquet
@@ -304,6 +339,35 @@ def test_parquet_raw_and_struct_columns(tmp_path):
     pq.write_table(pa.table({"url": ["u"]}), tmp_path / "bad.parquet")
     with pytest.raises(MMNError, match="no image column"):
         open_corpus(tmp_path / "bad.parquet")
+
+
+def test_parquet_keys_are_unique_across_files_and_id_columns(tmp_path):
+    """Hugging Face's layout (default/train/0000.parquet, default/validation/0000.parquet) gave both
+    files the fallback keys '0000-<row>'; an id/key column may repeat. Keys are unique, in corpus
+    order, and the same on every read."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    root = tmp_path / "default"
+    for split in ("train", "validation"):
+        (root / split).mkdir(parents=True)
+        pq.write_table(pa.table({"image": [{"bytes": _img_bytes(), "path": None}] * 2}), root / split / "0000.parquet")
+    c = open_corpus(str(root / "*" / "0000.parquet"), shard_size=1)
+    assert [x.key for x in _all(c, decode=False)] == ["train/0000-0", "train/0000-1", "validation/0000-0",
+                                                      "validation/0000-1"]
+    _assert_resumable(c)
+
+    d = tmp_path / "ids"
+    d.mkdir()
+    pq.write_table(pa.table({"jpg": [_img_bytes()] * 6, "key": ["k1", "k1", "k2", "e-1", "k1", None]}),
+                   d / "d.parquet", row_group_size=4)
+    pq.write_table(pa.table({"jpg": [_img_bytes()] * 2}), d / "e.parquet")   # no id column: 'e-0', 'e-1'
+    c = open_corpus(d, shard_size=2)
+    keys = [x.key for x in _all(c)]
+    assert keys == ["k1", "k1#2", "k2", "e-1", "k1#3", "d-5", "e-0", "e-1#2"]
+    assert len(set(keys)) == len(keys)
+    _assert_resumable(c)
+    again = pickle.loads(pickle.dumps(c))          # what a DataLoader worker reads
+    assert [x.key for x in _all(again, decode=False)] == keys
 
 
 def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):

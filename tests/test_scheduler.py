@@ -254,3 +254,125 @@ def test_an_image_the_model_rejects_is_skipped_and_a_broken_model_stops_the_run(
     with pytest.raises(mmn_fast.MMNError, match="batches in a row failed"):
         run_corpus(demo, many, tmp_path / "out2", **kw)
     assert not (tmp_path / "out2" / "run.json").exists()  # not marked finished: a rerun resumes
+
+
+def test_a_model_wide_failure_streak_is_redone_by_the_rerun(demo, tmp_path, monkeypatch):
+    """Checkpoints inside a streak of failed batches would keep its images skipped for good: the run
+    stops after MAX_FAILED_BATCHES ("rerun to resume") and the rerun starts from the last checkpoint."""
+    from mmn_fast.scheduler import MAX_FAILED_BATCHES, run_corpus
+
+    n = MAX_FAILED_BATCHES + 4
+    manifest = save_examples(make_examples(n, seed=21), tmp_path / "imgs")
+    real, calls = demo.iter_find, {"n": 0}
+
+    def fails_after_two(images, **kw):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise RuntimeError("CUDA error: out of memory")  # model-wide and transient
+        return real(images, **kw)
+
+    kw = dict(progress=False, num_workers=0, concepts="all", max_new_tokens=6, batch_size=1, top_k=5,
+              checkpoint_every=1)
+    out = tmp_path / "out"
+    monkeypatch.setattr(demo, "iter_find", fails_after_two)
+    with pytest.raises(mmn_fast.MMNError, match="batches in a row failed"):
+        run_corpus(demo, manifest, out, **kw)
+    state = json.loads((out / "parts" / "rank-000-of-001.state.json").read_text())
+    assert state["counts"]["images"] == 2 and state["counts"]["skipped"] == 0  # last checkpoint: before the streak
+    monkeypatch.setattr(demo, "iter_find", real)  # the cause fixed
+    summary = run_corpus(demo, manifest, out, **kw)
+    assert (summary["images"], summary["skipped"]) == (n, 0)
+    assert (out / "skipped.jsonl").read_text() == ""
+    assert len((out / "results.jsonl").read_text().splitlines()) == n
+
+
+def test_checkpoint_every_counts_batches_flushed_at_a_shard_end(demo, tmp_path):
+    """Shards smaller than a batch are flushed at their end only: those images count towards
+    --checkpoint-every too (3 shards of 2 with --checkpoint-every 1: one checkpoint per shard, plus the last)."""
+    from mmn_fast.scheduler import run_corpus
+
+    manifest = save_examples(make_examples(6, seed=22), tmp_path / "imgs")
+    out = tmp_path / "out"
+    run_corpus(demo, manifest, out, progress=False, num_workers=0, concepts="all", max_new_tokens=6, batch_size=4,
+               top_k=5, shard_size=2, checkpoint_every=1, checkpoint_seconds=1e9)
+    assert json.loads((out / "parts" / "rank-000-of-001.state.json").read_text())["seq"] == 4
+
+
+def test_the_corpus_is_identified_by_its_absolute_path(demo, tmp_path, monkeypatch):
+    """'./data/m.jsonl' and 'data/m.jsonl' are one corpus; 'data/m.jsonl' from another working
+    directory (same absolute --out) is another, and refused rather than mixed in."""
+    from mmn_fast.scheduler import run_corpus
+
+    for sub, seed in (("x", 23), ("y", 24)):
+        save_examples(make_examples(3, seed=seed), tmp_path / sub / "data")
+    kw = dict(progress=False, num_workers=0, concepts="all", max_new_tokens=6, batch_size=2, top_k=5)
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path / "x")
+    run_corpus(demo, "./data/manifest.jsonl", out, **kw)
+    before = (out / "results.jsonl").read_bytes()
+    assert run_corpus(demo, "data/manifest.jsonl", out, **kw)["images"] == 3  # the same corpus: a no-op rerun
+    assert (out / "results.jsonl").read_bytes() == before
+    assert json.loads((out / "run.json").read_text())["corpus"] == str(tmp_path / "x" / "data" / "manifest.jsonl")
+    monkeypatch.chdir(tmp_path / "y")
+    with pytest.raises(mmn_fast.MMNError, match=r"different settings \(corpus\)"):
+        run_corpus(demo, "data/manifest.jsonl", out, **kw)
+
+
+def test_overwrite_removes_the_previous_runs_heatmaps_metrics_and_report(demo_path, tmp_path):
+    manifest = save_examples(make_examples(2, seed=25), tmp_path / "imgs")
+    out = tmp_path / "out"
+    (out / "heatmaps" / "old").mkdir(parents=True)
+    (out / "heatmaps" / "old" / "heatmaps.json").write_text("[]")
+    for name in ("metrics.json", "report.html", "notes.txt"):
+        (out / name).write_text("from the previous run")
+    assert _find(demo_path, manifest, out, "--overwrite") == 0
+    assert not (out / "heatmaps").exists() and not (out / "metrics.json").exists()
+    assert not (out / "report.html").exists()
+    assert (out / "notes.txt").read_text() == "from the previous run"  # not a name mmn writes: kept
+    assert (out / "run.json").is_file()
+
+
+def test_a_finished_run_without_parts_is_named_so(demo_path, tmp_path, capsys):
+    manifest = save_examples(make_examples(2, seed=26), tmp_path / "imgs")
+    out = tmp_path / "out"
+    assert _find(demo_path, manifest, out) == 0
+    for p in sorted((out / "parts").iterdir()):
+        p.unlink()
+    (out / "parts").rmdir()
+    capsys.readouterr()
+    assert _find(demo_path, manifest, out) == 2
+    err = capsys.readouterr().err
+    assert "without parts/" in err and "older layout" not in err and "--overwrite" in err
+    run = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps(dict(run, format_version=1)))
+    assert _find(demo_path, manifest, out) == 2
+    assert "older layout" in capsys.readouterr().err
+    assert not (out / "parts").exists()
+
+
+def test_nproc_checks_before_starting_processes(demo_path, corpus, reference_run, monkeypatch, capsys):
+    """A resume with other settings is refused by the launcher itself: one line, exit 2, no torchrun."""
+    import subprocess as sp
+
+    def no_launch(*a, **k):
+        raise AssertionError("torchrun was started")
+
+    monkeypatch.setattr(sp, "Popen", no_launch)
+    rc = _find(demo_path, corpus, reference_run, "--top-k", "5", "--nproc", "2")
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    lines = [l for l in err.splitlines() if l.startswith("mmn: error:")]
+    assert len(lines) == 1 and "different settings (options, world_size)" in lines[0]
+    rc = _find(demo_path, corpus, reference_run / "run.json" / "x", "--nproc", "2")
+    assert rc == 2 and "--out must be a directory" in capsys.readouterr().err
+
+
+def test_nproc_error_in_the_ranks_is_one_line_and_exit_2(demo_path, corpus, tmp_path):
+    """An error only the ranks can find (a word the tokenizer does not know): the ranks' `mmn: error:`
+    line, once, exit code 2; not torchrun's ChildFailedError traceback and exit 1."""
+    cmd = _find_cmd(demo_path, corpus, tmp_path / "o", "--nproc", "2", "--concepts", "red,zyzzyva")
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [l for l in done.stderr.splitlines() if "mmn: error:" in l]
+    assert len(lines) == 1 and "zyzzyva" in lines[0]
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr

@@ -41,13 +41,16 @@ class Sample:
 class Corpus:
     """A sharded, lazily read collection of images. Subclasses read one format each.
 
-    spec: what the user passed; kind: "folder" | "manifest" | "webdataset" | "parquet" | "image";
-    n_shards: number of shards. A corpus holds no open files and pickles cheaply.
+    spec: what the user passed; identity: `spec` made absolute (see `absolute_spec`), the same
+    whatever the working directory it was given in and however it was spelt ('./data' or 'data');
+    kind: "folder" | "manifest" | "webdataset" | "parquet" | "image"; n_shards: number of shards.
+    A corpus holds no open files and pickles cheaply.
     """
     kind: str = ""
 
     def __init__(self, spec: str, n_shards: int):
         self.spec = spec
+        self.identity = absolute_spec(spec)
         self.n_shards = n_shards
 
     def shard_name(self, shard: int) -> str:
@@ -127,6 +130,36 @@ def read_text(path: str | os.PathLike) -> str | None:
 
 
 # ------------------------------------------------------------------------------------ spec paths
+def absolute_spec(spec: str | os.PathLike) -> str:
+    """`spec` as an absolute path: joined to the working directory if relative, with '.' and '..'
+    resolved in the components before the first one holding a brace or glob pattern (those after it
+    are kept as written: '{a,b}/..' means something else per alternative). Symbolic links are not
+    resolved. 'data/m.jsonl', './data/m.jsonl' and '/cwd/data/m.jsonl' give the same string."""
+    spec = os.fspath(spec)
+    full = spec if os.path.isabs(spec) else os.path.join(os.getcwd(), spec)
+    parts = full.split(os.sep)
+    wild = next((i for i, c in enumerate(parts) if "{" in c or "}" in c or has_glob(c)), len(parts))
+    head = os.path.normpath(os.sep.join(parts[:wild]) or os.sep)
+    return os.path.join(head, *parts[wild:]) if wild < len(parts) else head
+
+
+def unique_keys(keys: list[str]) -> list[str]:
+    """Keys made unique: a repeated key gets '#2', '#3', ... in order (never a key used elsewhere)."""
+    seen = set(keys)
+    if len(seen) == len(keys):
+        return keys
+    out, used = [], set()
+    for k in keys:
+        if k in used:
+            n = 2
+            while f"{k}#{n}" in used or f"{k}#{n}" in seen:
+                n += 1
+            k = f"{k}#{n}"
+        used.add(k)
+        out.append(k)
+    return out
+
+
 def has_braces(spec: str) -> bool:
     return "{" in spec and "}" in spec
 

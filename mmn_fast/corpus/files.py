@@ -9,7 +9,7 @@ from typing import Iterator
 
 from ..errors import MMNError
 from ..inputs import IMAGE_EXTENSIONS
-from .base import Corpus, Sample, decode_image, image_error_for_extension, is_image_name, read_text
+from .base import Corpus, Sample, decode_image, image_error_for_extension, is_image_name, read_text, unique_keys
 
 
 def _file_sample(shard: int, position: int, key: str, path: str, caption: str | None, decode: bool) -> Sample:
@@ -68,7 +68,7 @@ class FolderCorpus(Corpus):
             counts[s] = counts.get(s, 0) + 1
         keys = [r if counts[s] > 1 else s for r, s in zip(rel, stems)]
         self._rel = rel
-        self._keys = _unique(keys)
+        self._keys = unique_keys(keys)
         self._has_caption = [s in txt for s in stems]
         self._shards = _chunks(len(rel), shard_size)
         super().__init__(spec, len(self._shards))
@@ -88,23 +88,6 @@ class FolderCorpus(Corpus):
             path = os.path.join(self.root, self._rel[i])
             caption = read_text(os.path.splitext(path)[0] + ".txt") if self._has_caption[i] else None
             yield _file_sample(shard, i - lo, self._keys[i], path, caption, decode)
-
-
-def _unique(keys: list[str]) -> list[str]:
-    """Keys made unique: a repeated key gets '#2', '#3', ... in order."""
-    seen = set(keys)
-    if len(seen) == len(keys):
-        return keys
-    out, used = [], set()
-    for k in keys:
-        if k in used:
-            n = 2
-            while f"{k}#{n}" in used or f"{k}#{n}" in seen:
-                n += 1
-            k = f"{k}#{n}"
-        used.add(k)
-        out.append(k)
-    return out
 
 
 # ------------------------------------------------------------------------------------ one image

@@ -9,12 +9,13 @@ import zlib
 from typing import Iterator
 
 from ..inputs import IMAGE_EXTENSIONS
-from .base import UNSUPPORTED_IMAGE_EXTENSIONS, Corpus, Sample, decode_image
+from .base import UNSUPPORTED_IMAGE_EXTENSIONS, Corpus, Sample, decode_image, unique_keys
 
 _IMAGE_EXTS = {e[1:] for e in IMAGE_EXTENSIONS}
 _UNSUPPORTED_EXTS = {e[1:] for e in UNSUPPORTED_IMAGE_EXTENSIONS}
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./][^./]*)\.([^/]*)$")  # webdataset's __key__ / extension split
 _READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, ValueError)
+_TAR_SUFFIX = re.compile(r"\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz)$", re.IGNORECASE)
 
 
 class _Group:
@@ -32,6 +33,11 @@ class WebDatasetCorpus(Corpus):
     before the first dot of its base name, directories included) while streaming; a key reappearing
     later in the same shard gets '#2', '#3', .... Shard sizes are unknown until read.
 
+    A sample's key is that member key for a single tar file; with several, it is prefixed by the
+    shard's path relative to the folder common to all the shards, without the .tar suffix
+    ('shards-00003/000000123'), so that keys are unique across the corpus without reading it all
+    first (two shards may use the same member names).
+
     A truncated or corrupt tar yields the samples read so far, then one sample with an error, and
     ends the shard; nothing raises.
     """
@@ -39,6 +45,12 @@ class WebDatasetCorpus(Corpus):
 
     def __init__(self, spec: str, paths: list[str]):
         self.paths = list(paths)
+        self._prefix = [""] * len(self.paths)
+        if len(self.paths) > 1:
+            absolute = [os.path.abspath(p) for p in self.paths]
+            root = os.path.commonpath([os.path.dirname(a) for a in absolute])
+            names = [_TAR_SUFFIX.sub("", os.path.relpath(a, root)).replace(os.sep, "/") for a in absolute]
+            self._prefix = [n + "/" for n in unique_keys(names)]  # a shard listed twice: 'x#2/...'
         super().__init__(spec, len(self.paths))
 
     def shard_name(self, shard: int) -> str:
@@ -70,7 +82,7 @@ class WebDatasetCorpus(Corpus):
             g = group or new_group(f"{stem}@{where}")
             if g.position < start:
                 return None
-            return Sample(shard, g.position, g.key, f"{path}:{g.key}", None, None,
+            return Sample(shard, g.position, self._prefix[shard] + g.key, f"{path}:{g.key}", None, None,
                           f"truncated tar shard {path} at byte {where} ({err})")
 
         try:
@@ -166,7 +178,7 @@ class WebDatasetCorpus(Corpus):
                 error = "no image member"
         elif decode:
             image, error = decode_image(g.image)
-        return Sample(shard, g.position, g.key, f"{path}:{g.key}", image, caption, error)
+        return Sample(shard, g.position, self._prefix[shard] + g.key, f"{path}:{g.key}", image, caption, error)
 
 
 def _wanted(g: _Group, ext: str, decode: bool) -> bool:
