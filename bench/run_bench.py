@@ -1,6 +1,7 @@
 """Ratio table: find vs plain generate, reference vs find, gradient baseline vs find, side by side.
 
-    python bench/run_bench.py [--repeats 5] [--skip-demo]          # CPU: random LLaVA 8L/512d + demo model
+    python bench/run_bench.py [--repeats 5] [--skip-demo]          # CPU: random LLaVA 8L/512d, a host-bound
+                                                                    # 32L/64d one, and the demo model
     python bench/run_bench.py --gpu [--repeats 5]                   # GPU: LLaMA-7B-shaped layers, bf16,
                                                                     # find on the triton and torch backends
 
@@ -16,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import (NEW_TOKENS, demo_engine, find, gpu_llava_engines, median_time, plain_generate,  # noqa: E402
+from common import (HOST_BOUND, NEW_TOKENS, demo_engine, find, gpu_llava_engines, median_time, plain_generate,  # noqa: E402
                     random_llava_engine, reference)
 
 
@@ -80,6 +81,9 @@ def main():
     rows = []
     eng, imgs = random_llava_engine()
     rows.append(measure(f"random LLaVA 8L/512d/256 img tok, {NEW_TOKENS} new tok, 8 images", eng, imgs,
+                        NEW_TOKENS, args.repeats))
+    eng, imgs = random_llava_engine(shape=HOST_BOUND)
+    rows.append(measure(f"random LLaVA 32L/64d/16 img tok (host-bound), {NEW_TOKENS} new tok, 8 images", eng, imgs,
                         NEW_TOKENS, args.repeats))
     if not args.skip_demo:
         eng, imgs = demo_engine()

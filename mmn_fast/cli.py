@@ -182,7 +182,8 @@ def cmd_find(args, argv=()) -> int:
     t0 = time.perf_counter()
     summary = run_corpus(
         engine, args.images, args.out, progress=not args.quiet, num_workers=args.num_workers,
-        checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds, **_run_options(args),
+        checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds,
+        max_failed_batches=args.max_failed_batches, **_run_options(args),
     )
     if "concepts_json" not in summary:  # not rank 0
         return 0
@@ -256,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--shard-size", type=int, default=1000, help="images per shard for folders/manifests/parquet")
     f.add_argument("--checkpoint-every", type=int, default=256, help="checkpoint after this many images ...")
     f.add_argument("--checkpoint-seconds", type=float, default=60.0, help="... or this many seconds")
+    f.add_argument("--max-failed-batches", type=int, default=8,
+                   help="stop after this many batches in a row with no usable image (0: never stop)")
     f.add_argument("--overwrite", action="store_true", help="discard an existing run in --out and start again")
     f.add_argument("--aggregate", default="dense", choices=["dense", "sparse"],
                    help="per-concept statistics of every neuron (dense) or of top-k neurons only (sparse)")

@@ -221,7 +221,6 @@ class Engine:
                        if self.adapter.image_token_id is not None else None)
         self.prompter = Prompter(tokenizer, processor, image_processor, self.adapter.spec.prompt_template,
                                  image_token, n_img)
-        self._fingerprint = None
         # Models with a multimodal rope (Qwen2-VL, Qwen2.5-VL, GLM-4V) compute their own position ids;
         # 1-D ones given to them would be wrong after the image.
         self._own_positions = any(hasattr(m, "get_rope_index") for m in (model, getattr(model, "model", None)))
@@ -239,18 +238,20 @@ class Engine:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of the scored weights (all W_out and W_U): keys caches and records runs. Cached while
-        the weights stay as they are (same storage, dtype and version counter): a patch applied or
-        reverted since, a cast or a move gives a fresh hash."""
+        """Hash of the scored weights (all W_out and W_U): keys caches and records runs. Computed
+        afresh each time (a strided sample: milliseconds on a GPU), so a patch, a cast or an edit
+        through `.data` (which bypasses version counters) is always seen."""
+        return tensor_fingerprint(self._scored_weights())
+
+    def fingerprints_of_this_model(self) -> set[str]:
+        """The fingerprint and the one mmn_fast recorded before its sampling fix (io.tensor_fingerprint
+        version 1): what a run of these weights may hold."""
+        ws = self._scored_weights()
+        return {tensor_fingerprint(ws), tensor_fingerprint(ws, version=1)}
+
+    def _scored_weights(self) -> list[torch.Tensor]:
         ad = self.adapter
-        weights = [ad.out_weight(l) for l in range(ad.n_layers)] + [ad.unembed_weight()]
-        try:
-            state = tuple((w.data_ptr(), w.dtype, w.device, w._version) for w in weights)
-        except RuntimeError:  # inference-mode tensors have no version counter: never cached
-            state = None
-        if state is None or self._fingerprint is None or self._fingerprint[0] != state:
-            self._fingerprint = (state, tensor_fingerprint(weights))
-        return self._fingerprint[1]
+        return [ad.out_weight(l) for l in range(ad.n_layers)] + [ad.unembed_weight()]
 
     # ------------------------------------------------------------------ inputs
     def _inputs(self, images: list, prompt: str, prefix: str | None) -> dict[str, torch.Tensor]:

@@ -108,9 +108,12 @@ class Prompter:
         if self.image_processor is None:
             raise MMNError("no image processor: the model would caption text alone; load the checkpoint's "
                            "processor, or pass image_processor=... to mmn_fast.load()")
-        if not (self.image_token and self.n_image_tokens):
-            raise MMNError("the prompt would hold no image tokens: pass n_image_tokens=... to mmn_fast.load() "
-                           "(how many positions the model's image takes), or a processor that inserts them")
         enc = dict(self.tokenizer(texts, return_tensors="pt", padding=True))
+        if self.image_token:  # the model reads its image at these tokens: a prompt without them shows none
+            image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+            if not bool((enc["input_ids"] == image_id).any(-1).all()):
+                raise MMNError(f"the prompt holds no {self.image_token} tokens for the image: pass n_image_tokens=... "
+                               "to mmn_fast.load() (how many positions the image takes), or a prompt_template or "
+                               "processor that writes them")
         enc["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return enc

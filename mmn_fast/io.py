@@ -24,7 +24,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600: give the file the mode open() would
+        with contextlib.suppress(OSError):  # mkstemp makes 0600: give the file the mode open() would
+            os.chmod(tmp, 0o666 & ~umask())  # (filesystems without modes refuse: keep what they give)
         os.replace(tmp, path)
         fsync_dir(path.parent)  # the rename itself survives a power cut
     except BaseException:
@@ -86,7 +87,8 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~umask())
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
@@ -95,19 +97,20 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
         raise
 
 
-def tensor_fingerprint(tensors: list[torch.Tensor], max_elems: int = 1 << 20) -> str:
+def tensor_fingerprint(tensors: list[torch.Tensor], max_elems: int = 1 << 20, version: int = 2) -> str:
     """Short sha256 of shapes, dtypes and an evenly strided sample of each tensor's values.
 
     A sample (not every byte) keeps this cheap on 13B models while any retraining, edit or
     dtype change shows up. The stride is coprime with the last dimension, so every column (a
     neuron's output vector in a [d, F] weight) is sampled: a stride dividing F
     (LLaMA-7B's F = 11008 = 256 x 43 with a stride of 43, say) would only ever read a few columns.
+    version=1: the stride of mmn_fast before that fix, to recognise what older runs recorded.
     """
     h = hashlib.sha256()
     for t in tensors:
         flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // max_elems)
-        while t.ndim and math.gcd(step, t.shape[-1]) != 1:
+        while version >= 2 and t.ndim and math.gcd(step, t.shape[-1]) != 1:
             step += 1
         sample = flat[::step].float().cpu().contiguous()
         h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())

@@ -95,6 +95,7 @@ def _resolve(target, spec_overrides: dict) -> tuple[nn.Module, Adapter]:
         return target.model, target.adapter
     if isinstance(target, nn.Module):
         st = _state(target)
+        spec_overrides = spec_overrides or st.spec_overrides  # a rebuild keeps the paths it was given
         if (st.adapter is None or (spec_overrides and spec_overrides != st.spec_overrides)
                 or _detached_layers(target, st.adapter)):  # a module was replaced since: find them again
             st.adapter, st.spec_overrides = Adapter(target, spec_for(target, spec_overrides)), dict(spec_overrides)

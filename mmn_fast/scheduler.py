@@ -138,6 +138,9 @@ class _Rank:
 
 
 RUN_FORMAT_VERSION = 2  # run.json's format_version, written by _merge
+# How sample keys are formed (2: tar keys prefixed by their shard, parquet fallbacks by the file's
+# relative path): a run started under another scheme is not resumed into mixed keys.
+KEY_FORMAT = 2
 # What a finished run leaves in DIR besides parts/: --overwrite removes these (and only these).
 _RUN_FILES = ("results.jsonl", "skipped.jsonl", "concepts.json", "run.json", "aggregates.json",
               "aggregates.safetensors", "metrics.json", "report.html")
@@ -152,7 +155,8 @@ def _config(fingerprint: str | None, corpus, opts: FindOptions, teacher_forced, 
     config = {"corpus": corpus.identity, "kind": corpus.kind, "n_shards": corpus.n_shards,
               "corpus_size": corpus.size(), "shard_size": shard_size,
               "options": dataclasses.asdict(opts), "teacher_forced": teacher_forced, "aggregate": aggregate,
-              "world_size": world, "weight_fingerprint": fingerprint}
+              "world_size": world, "weight_fingerprint": fingerprint,
+              "key_format": KEY_FORMAT}
     if heatmaps:
         config["heatmaps"] = heatmaps
     return json.loads(json.dumps(config))
@@ -190,6 +194,9 @@ def _finished_without_parts(out: Path) -> str | None:
 
 def _compare(out: Path, old: dict, config: dict, ignore: tuple = ()) -> None:
     diff = sorted(k for k in set(old) | set(config) if k not in ignore and old.get(k) != config.get(k))
+    if "key_format" in diff and "key_format" not in old:
+        raise MMNError(f"'{out}' holds a run started by an older mmn_fast, which named samples another way: "
+                       "finish it with that version, or add --overwrite to start again")
     if diff:
         raise MMNError(f"'{out}' holds a run with different settings ({', '.join(diff)}); rerun with the same "
                        "command to resume, or add --overwrite to start again")
@@ -259,18 +266,23 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, *, teach
                progress: bool = True, num_workers: int = 0, shard_size: int = 1000, checkpoint_every: int = 256,
                checkpoint_seconds: float = 60.0, overwrite: bool = False, aggregate: str = "dense",
                rank: int | None = None, world: int | None = None, heatmaps: str | None = None,
-               **options) -> dict:
+               max_failed_batches: int = MAX_FAILED_BATCHES, **options) -> dict:
     """Score a corpus into `out_dir`, resuming a killed run with the same settings. Returns the run
     summary (images, skipped, concepts, neurons scored, seconds, and concepts.json's content on rank 0).
 
     heatmaps: None, "activation" or "occlusion": also write each concept's heatmap and mask per image
-    into DIR/heatmaps/<id>/ (see mmn_fast.explain.write_heatmaps)."""
+    into DIR/heatmaps/<id>/ (see mmn_fast.explain.write_heatmaps).
+    max_failed_batches: stop after this many batches in a row in which no image could be scored (a
+    model-wide error; the rerun redoes them); 0: never stop, skip them all (images the model truly
+    rejects, many in a row)."""
     from .corpus import ShardEnd, iter_samples, open_corpus
 
     opts = FindOptions(**options)
     engine.check_options(opts)  # a bad option or word is one error now, not a skip per sample
     if aggregate not in ("dense", "sparse"):
         raise MMNError(f"--aggregate must be 'dense' or 'sparse', got {aggregate!r}")
+    if max_failed_batches < 0:
+        raise MMNError(f"--max-failed-batches must be 0 (never stop) or more, got {max_failed_batches}")
     rank, world = _dist_info(rank, world)
     if world > 1:
         import torch.distributed as dist
@@ -292,7 +304,7 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, *, teach
     t0, done_before = time.perf_counter(), state.counts["images"] + state.counts["skipped"]
     bar = _progress_bar(corpus, world, done_before, progress and rank == 0)
     runner = _BatchRunner(engine, opts, teacher_forced, aggregate == "dense", state, bar,
-                          (out / "heatmaps", heatmaps) if heatmaps else None)
+                          (out / "heatmaps", heatmaps) if heatmaps else None, max_failed_batches)
     last_ckpt, since_ckpt = time.monotonic(), 0
     pending: dict[int, list] = {}
     try:
@@ -343,12 +355,14 @@ def _progress_bar(corpus, world, initial, enabled):
 class _BatchRunner:
     """Runs one shard's batch through the engine and records lines, skips and aggregates."""
 
-    def __init__(self, engine, opts, teacher_forced, keep_scores, state: _Rank, bar, heatmaps=None):
+    def __init__(self, engine, opts, teacher_forced, keep_scores, state: _Rank, bar, heatmaps=None,
+                 max_failed_batches: int = MAX_FAILED_BATCHES):
         self.engine, self.opts, self.teacher_forced, self.keep_scores = engine, opts, teacher_forced, keep_scores
         self.state, self.bar, self.heatmaps = state, bar, heatmaps  # heatmaps: (dir, method) or None
         self.kwargs = dict(dataclasses.asdict(opts), batch_size=max(1, opts.batch_size))
         self.t0 = time.perf_counter()
         self.failed_batches = 0  # consecutive batches in which no image could be scored
+        self.max_failed_batches = max_failed_batches  # 0: never stop
 
     def flush(self, shard: int, samples: list) -> int:
         """Process `samples` (one shard, in order); returns the number of samples consumed."""
@@ -408,9 +422,11 @@ class _BatchRunner:
                 results = [r for s in samples for r in self._score([s])]  # find the bad ones, keep the rest
         if top:
             self.failed_batches = self.failed_batches + 1 if all(isinstance(r, str) for r in results) else 0
-            if self.failed_batches >= MAX_FAILED_BATCHES:  # not the images' fault: stop, a restart resumes here
+            if self.max_failed_batches and self.failed_batches >= self.max_failed_batches:  # not the images'
+                # fault, most likely: stop, a restart redoes the streak
                 raise MMNError(f"{self.failed_batches} batches in a row failed on every image (last: {results[0]}); "
-                               "fix the cause and rerun the same command to resume")
+                               "fix the cause and rerun the same command to resume (if these images are truly "
+                               "ones the model cannot take, rerun with --max-failed-batches 0 to skip them)")
         return results
 
     def _aggregate(self, res) -> None:

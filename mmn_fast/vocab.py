@@ -1,6 +1,7 @@
 """Neuron vocabulary: the tokens each neuron's output vector promotes, `top-k of W_U W_out[:, i]`."""
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ FORMAT_VERSION = "1"
 
 def _check_k(engine, k) -> None:
     v = engine.adapter.unembed_weight().shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= v:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= v:
         raise MMNError(f"k must be a whole number of tokens from 1 to the vocabulary size {v}, got {k!r}")
 
 

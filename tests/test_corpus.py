@@ -123,6 +123,23 @@ def test_identity_is_the_absolute_spec_however_typed(tmp_path, monkeypatch):
     assert open_corpus("data/m.jsonl").identity == str(tmp_path / "other" / "data" / "m.jsonl")  # another corpus
 
 
+def test_identity_follows_symlinks_and_takes_the_working_directory_literally(tmp_path, monkeypatch):
+    """'link/../data' is where the OS goes (the link's target's parent), not the text's 'data'; a
+    working directory named 'proj[v2]' is no glob pattern."""
+    real = tmp_path / "real" / "sub"
+    _write(real.parent / "data" / "m.jsonl", json.dumps({"image": "a.png"}) + "\n")
+    _write(tmp_path / "data" / "m.jsonl", json.dumps({"image": "b.png"}) + "\n")  # another corpus
+    real.mkdir(parents=True)
+    os.symlink(real, tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    assert open_corpus("link/../data/m.jsonl").identity == os.path.realpath(real.parent / "data" / "m.jsonl")
+    assert open_corpus("link/../data/m.jsonl").identity != open_corpus("data/m.jsonl").identity
+    proj = tmp_path / "proj[v2]"
+    _write(proj / "data" / "m.jsonl", json.dumps({"image": "a.png"}) + "\n")
+    monkeypatch.chdir(proj)
+    assert open_corpus("data/m.jsonl").identity == open_corpus("./data/m.jsonl").identity
+
+
 def test_single_image(tmp_path):
     p = _write(tmp_path / "cat.png", _img_bytes())
     _write(tmp_path / "cat.txt", "a cat")
@@ -343,8 +360,8 @@ def test_parquet_raw_and_struct_columns(tmp_path):
 
 def test_parquet_keys_are_unique_across_files_and_id_columns(tmp_path):
     """Hugging Face's layout (default/train/0000.parquet, default/validation/0000.parquet) gave both
-    files the fallback keys '0000-<row>'; an id/key column may repeat. Keys are unique, in corpus
-    order, and the same on every read."""
+    files the fallback keys '0000-<row>': fallback keys now come from the path relative to the
+    files' common folder, and are the same on every read."""
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     root = tmp_path / "default"
@@ -358,14 +375,15 @@ def test_parquet_keys_are_unique_across_files_and_id_columns(tmp_path):
 
     d = tmp_path / "ids"
     d.mkdir()
-    pq.write_table(pa.table({"jpg": [_img_bytes()] * 6, "key": ["k1", "k1", "k2", "e-1", "k1", None]}),
-                   d / "d.parquet", row_group_size=4)
+    pq.write_table(pa.table({"jpg": [_img_bytes()] * 4, "key": ["k1", "k2", "k3", None]}),
+                   d / "d.parquet", row_group_size=3)
     pq.write_table(pa.table({"jpg": [_img_bytes()] * 2}), d / "e.parquet")   # no id column: 'e-0', 'e-1'
     c = open_corpus(d, shard_size=2)
     keys = [x.key for x in _all(c)]
-    assert keys == ["k1", "k1#2", "k2", "e-1", "k1#3", "d-5", "e-0", "e-1#2"]
-    assert len(set(keys)) == len(keys)
+    assert keys == ["k1", "k2", "k3", "d-3", "e-0", "e-1"]  # ids as given, fallbacks where null
     _assert_resumable(c)
+    twice = open_corpus(f"{d}/{{d,d}}.parquet", shard_size=2)  # one file listed twice: its own second name
+    assert [x.key for x in _all(twice, decode=False)] == ["k1", "k2", "k3", "d-3", "k1", "k2", "k3", "d#2-3"]
     again = pickle.loads(pickle.dumps(c))          # what a DataLoader worker reads
     assert [x.key for x in _all(again, decode=False)] == keys
 
@@ -407,3 +425,15 @@ def test_iter_samples_workers_same_samples_in_shard_order(tmp_path):
     again = pickle.loads(pickle.dumps(parallel[0]))
     assert again.key == parallel[0].key and again.image.tobytes() == parallel[0].image.tobytes()
     assert list(iter_samples(c, [])) == []
+
+
+def test_manifest_paths_with_dotdot_behind_a_symlinked_folder(tmp_path, monkeypatch):
+    """'../imgs/a.png' in a manifest reached through a symlinked folder is opened where the OS
+    finds it (the link target's sibling), and recorded as an absolute path."""
+    real = tmp_path / "real"
+    _write(real / "imgs" / "a.png", _img_bytes())
+    _write(real / "data" / "m.jsonl", json.dumps({"image": "../imgs/a.png"}) + "\n")
+    os.symlink(real / "data", tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    (s,) = _all(open_corpus("data/m.jsonl"))
+    assert s.error is None and os.path.isabs(s.source)

@@ -26,7 +26,7 @@ def test_no_image_processor_is_an_error_not_a_text_only_caption(mplug_path, imag
         eng.find(images[:1], max_new_tokens=2)
     eng = mmn_fast.load(mplug_path, device="cpu")
     eng.prompter.n_image_tokens = None
-    with pytest.raises(MMNError, match="no image tokens"):
+    with pytest.raises(MMNError, match="holds no <image> tokens"):
         eng.find(images[:1], max_new_tokens=2)
 
 
@@ -63,3 +63,18 @@ def test_k_out_of_range(llava, k, tmp_path):
     with pytest.raises(MMNError, match="k must be"):
         vocab_table(llava, k=k, cache_dir=tmp_path)
     assert not list(tmp_path.iterdir())  # nothing cached for a bad k
+
+
+def test_a_template_that_writes_the_image_tokens_itself(mplug_path, images):
+    eng = mmn_fast.load(mplug_path, device="cpu")
+    want = [r.caption for r in eng.find(images[:2], concepts="all", max_new_tokens=4, top_k=3)]
+    n = eng.prompter.n_image_tokens
+    eng.prompter.n_image_tokens = None  # no count: the template below holds the tokens
+    eng.prompter.template = "<image>" * n + "{image}\n{prompt}"
+    assert [r.caption for r in eng.find(images[:2], concepts="all", max_new_tokens=4, top_k=3)] == want
+
+
+def test_numpy_integers_are_whole_numbers(llava):
+    import numpy as np
+
+    assert len(top_tokens(llava, 0, 0, k=np.int64(3))) == 3

@@ -139,6 +139,7 @@ def test_metric_options_refuse_bad_values(bad):
         MetricOptions(**bad).validate()
     MetricOptions(max_images=0).validate()  # 0 and None: every record
     MetricOptions(max_images=None).validate()
+    MetricOptions(max_concepts=None).validate()  # every concept
 
 
 @pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--batch-size", "-1"), ("--max-images", "-1"),

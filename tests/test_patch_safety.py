@@ -76,7 +76,7 @@ def test_plain_module_patch_follows_a_replaced_output_projection():
     first.revert()
     model.layers[1].mlp.down_proj = nn.Linear(12, 8)  # replaced after the adapter was cached
     live = model.layers[1].mlp.down_proj
-    adapter = mmn_fast.live._resolve(model, SPEC)[1]
+    adapter = mmn_fast.live._resolve(model, {})[1]  # rebuilt with the paths it was first given
     vec = torch.randn(1, 8)
     handle = apply_patch(model, make_patch(adapter, {1: (torch.tensor([3]), vec)}, "second"))
     assert torch.equal(live.weight[:, 3], vec[0])
@@ -133,6 +133,20 @@ def test_engine_fingerprint_follows_patches(eng, tmp_path):
     assert patched != base and eng.fingerprint == base
     fresh = vocab_table(eng, k=5, cache_dir=tmp_path)  # the unpatched table, not the cached one
     assert not torch.equal(table[0][0], fresh[0][0])
+
+
+def test_engine_fingerprint_sees_edits_through_data(eng):
+    """`.data` writes bypass version counters: the fingerprint is computed afresh, never cached."""
+    base = eng.fingerprint
+    w = eng.adapter.out_weight(0)
+    old = w.data[:, 3].clone()
+    w.data[:, 3] += 1.0
+    try:
+        assert eng.fingerprint != base
+    finally:
+        w.data[:, 3] = old
+    assert eng.fingerprint == base
+    assert base in eng.fingerprints_of_this_model() and len(eng.fingerprints_of_this_model()) <= 2
 
 
 def test_fingerprint_sees_every_column():

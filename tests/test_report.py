@@ -214,6 +214,19 @@ def test_report_embeds_only_files_inside_the_run(report_run, tmp_path):
     assert not _parse(text).errors
 
 
+def test_report_shows_a_symlinked_heatmaps_folder_and_needs_no_results_without_artifacts(report_run, tmp_path):
+    import shutil
+
+    run = _copy(report_run, tmp_path / "in")
+    shutil.move(run / "heatmaps", tmp_path / "elsewhere")
+    (run / "heatmaps").symlink_to(tmp_path / "elsewhere")
+    assert "figcaption>shape_0000: mask" in build_report(run, engine=None, examples=3)
+    (run / "heatmaps").unlink()
+    (run / "metrics.json").unlink()
+    (run / "results.jsonl").unlink()  # nothing to tell apart: results.jsonl is not read
+    assert "<html" in build_report(run, engine=None, examples=0)
+
+
 @pytest.mark.parametrize("change", ["records", "fingerprint", "ids"])
 def test_report_skips_metrics_of_another_run(report_run, tmp_path, change):
     run = _copy(report_run, tmp_path)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,6 +127,17 @@ def test_rerun_is_a_no_op_and_other_options_are_refused(demo_path, corpus, refer
     assert _find(demo_path, corpus, out, "--top-k", "5", "--overwrite") == 0
     first = json.loads((out / "results.jsonl").read_text().splitlines()[0])
     assert all(len(c["neurons"]) == 5 for c in first["concepts"])
+
+
+def test_a_run_started_by_an_older_version_is_not_resumed_into_mixed_keys(demo_path, corpus, reference_run,
+                                                                         tmp_path, capsys):
+    out = tmp_path / "old"
+    shutil.copytree(reference_run, out)
+    cfg = json.loads((out / "parts" / "config.json").read_text())
+    del cfg["key_format"]  # what a run of the previous key scheme recorded
+    (out / "parts" / "config.json").write_text(json.dumps(cfg))
+    assert _find(demo_path, corpus, out) == 2
+    assert "older mmn_fast" in capsys.readouterr().err
 
 
 def _result_lines(out: Path) -> int:
@@ -254,6 +266,12 @@ def test_an_image_the_model_rejects_is_skipped_and_a_broken_model_stops_the_run(
     with pytest.raises(mmn_fast.MMNError, match="batches in a row failed"):
         run_corpus(demo, many, tmp_path / "out2", **kw)
     assert not (tmp_path / "out2" / "run.json").exists()  # not marked finished: a rerun resumes
+    # images the model truly rejects, many in a row: --max-failed-batches 0 goes through them all
+    with pytest.raises(mmn_fast.MMNError, match=f"none of the {2 * MAX_FAILED_BATCHES + 2} images could be used"):
+        run_corpus(demo, many, tmp_path / "out2", max_failed_batches=0, **kw)
+    assert len((tmp_path / "out2" / "skipped.jsonl").read_text().splitlines()) == 2 * MAX_FAILED_BATCHES + 2
+    with pytest.raises(mmn_fast.MMNError, match="max-failed-batches"):
+        run_corpus(demo, many, tmp_path / "out3", max_failed_batches=-1, **kw)
 
 
 def test_a_model_wide_failure_streak_is_redone_by_the_rerun(demo, tmp_path, monkeypatch):

@@ -131,15 +131,17 @@ def read_text(path: str | os.PathLike) -> str | None:
 
 # ------------------------------------------------------------------------------------ spec paths
 def absolute_spec(spec: str | os.PathLike) -> str:
-    """`spec` as an absolute path: joined to the working directory if relative, with '.' and '..'
-    resolved in the components before the first one holding a brace or glob pattern (those after it
-    are kept as written: '{a,b}/..' means something else per alternative). Symbolic links are not
-    resolved. 'data/m.jsonl', './data/m.jsonl' and '/cwd/data/m.jsonl' give the same string."""
+    """`spec` as an absolute, real path: its components before the first one holding a brace or
+    glob pattern are joined to the working directory if relative and resolved as the OS resolves
+    them (symbolic links, then '..'); those from the pattern on are kept as written ('{a,b}/..'
+    means something else per alternative). 'data/m.jsonl', './data/m.jsonl', '/cwd/data/m.jsonl'
+    and a symlink to data/ give the same string; a working directory whose name holds '[' or '{'
+    is a plain prefix."""
     spec = os.fspath(spec)
-    full = spec if os.path.isabs(spec) else os.path.join(os.getcwd(), spec)
-    parts = full.split(os.sep)
+    parts = spec.split(os.sep)
     wild = next((i for i, c in enumerate(parts) if "{" in c or "}" in c or has_glob(c)), len(parts))
-    head = os.path.normpath(os.sep.join(parts[:wild]) or os.sep)
+    head = os.sep.join(parts[:wild])
+    head = os.path.realpath((head if os.path.isabs(spec) else os.path.join(os.getcwd(), head)) or os.sep)
     return os.path.join(head, *parts[wild:]) if wild < len(parts) else head
 
 

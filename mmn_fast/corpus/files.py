@@ -15,7 +15,8 @@ from .base import Corpus, Sample, decode_image, image_error_for_extension, is_im
 def _file_sample(shard: int, position: int, key: str, path: str, caption: str | None, decode: bool) -> Sample:
     """source: the absolute path, so that results.jsonl's "image" still opens from another working
     directory (`mmn edit --from`, `mmn metrics` read the images back from there)."""
-    path = os.path.abspath(path)
+    path = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)  # not normalised: '..' after a
+    # symlinked folder is the OS's to resolve
     error = image_error_for_extension(path)
     image = None
     if error is None:

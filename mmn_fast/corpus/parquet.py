@@ -64,10 +64,12 @@ class ParquetCorpus(Corpus):
     key: the id/key column if there is one (and not null), else "<file>-<row>", <file> being the
     file's path relative to the folder common to all the files, without '.parquet' (so Hugging
     Face's default/train/0000.parquet and default/validation/0000.parquet give 'train/0000-5' and
-    'validation/0000-5'). Keys are unique across the corpus: a repeated one gets '#2', '#3', ...
-    in corpus order (to know them, the id columns are read once when the corpus is opened). Only
-    the row groups a shard overlaps are read, a batch of rows at a time. A row group that cannot
-    be read gives one error sample per row of it in the shard, and the shard goes on.
+    'validation/0000-5'; a file listed twice gets '#2' on its second name). Fallback keys are so
+    unique by construction; an id/key column is taken as given (checking it would read every id
+    when the corpus opens, once per process: seconds and gigabytes on a large corpus), so it must
+    be unique. Only the row groups a shard overlaps are read, a batch of rows at a time. A row
+    group that cannot be read gives one error sample per row of it in the shard, and the shard
+    goes on.
     """
     kind = "parquet"
 
@@ -79,49 +81,15 @@ class ParquetCorpus(Corpus):
             raise MMNError(f"the parquet file(s) of '{spec}' have no rows")
         absolute = [os.path.abspath(f.path) for f in self.files]
         root = os.path.commonpath([os.path.dirname(a) for a in absolute])
-        self._names = [os.path.splitext(os.path.relpath(a, root))[0].replace(os.sep, "/") for a in absolute]
-        self._unread: set[tuple[int, int]] = set()  # (file, row group) whose id column could not be read
-        self._key_override: dict[tuple[int, int], str] = {}  # (file, row) -> key, for repeated keys
-        if len(set(self._names)) < len(self._names) or any(f.id for f in self.files):
-            self._make_keys_unique()
+        self._names = unique_keys([os.path.splitext(os.path.relpath(a, root))[0].replace(os.sep, "/")
+                                   for a in absolute])
         super().__init__(spec, len(self._shards))
 
     def _fallback(self, fi: int, row: int) -> str:
         return f"{self._names[fi]}-{row}"
 
     def _key(self, fi: int, row: int, id_) -> str:
-        return self._key_override.get((fi, row)) or (self._fallback(fi, row) if id_ is None else str(id_))
-
-    def _make_keys_unique(self) -> None:
-        """Read every id column once; keys repeated in corpus order get '#2', '#3', ..."""
-        where, keys = [], []
-        for fi, f in enumerate(self.files):
-            ids: list = [None] * f.rows
-            if f.id:
-                try:
-                    pf = _pq().ParquetFile(f.path)
-                except Exception:
-                    pf = None
-                row = 0
-                for rg, n in enumerate(f.row_groups):
-                    try:
-                        if pf is None:
-                            raise OSError("cannot open")
-                        got = pf.read_row_group(rg, columns=[f.id], use_threads=False).column(0).to_pylist()
-                        if len(got) != n:
-                            raise ValueError(f"row group {rg} has {len(got)} rows, its metadata says {n}")
-                        ids[row:row + n] = got
-                    except Exception:  # its rows keep their fallback keys (see _samples)
-                        self._unread.add((fi, rg))
-                    row += n
-                if pf is not None:
-                    pf.close()
-            for row, id_ in enumerate(ids):
-                where.append((fi, row))
-                keys.append(self._fallback(fi, row) if id_ is None else str(id_))
-        for w, old, new in zip(where, keys, unique_keys(keys)):
-            if new != old:
-                self._key_override[w] = new
+        return self._fallback(fi, row) if id_ is None else str(id_)
 
     def shard_name(self, shard: int) -> str:
         fi, lo, hi = self._shards[shard]
@@ -165,7 +133,7 @@ class ParquetCorpus(Corpus):
                         b_lo, b_hi = max(row, first), min(row + batch.num_rows, hi)
                         if b_lo < b_hi:
                             part = batch.slice(b_lo - row, b_hi - b_lo)
-                            yield from self._samples(shard, lo, fi, part, b_lo, decode, (fi, rg) not in self._unread)
+                            yield from self._samples(shard, lo, fi, part, b_lo, decode)
                         row += batch.num_rows
                         if row >= hi:
                             break
@@ -174,12 +142,11 @@ class ParquetCorpus(Corpus):
                         yield bad(r, f"cannot read row group {rg} ({type(e).__name__}: {e})")
                 rg_lo = rg_hi
 
-    def _samples(self, shard: int, lo: int, fi: int, batch, row0: int, decode: bool, ids_read: bool):
+    def _samples(self, shard: int, lo: int, fi: int, batch, row0: int, decode: bool):
         f = self.files[fi]
         images = batch.column(f.image).to_pylist()
         captions = batch.column(f.caption).to_pylist() if f.caption else [None] * len(images)
-        # a row group whose ids could not be read when the corpus was opened keeps its fallback keys
-        ids = batch.column(f.id).to_pylist() if f.id and ids_read else [None] * len(images)
+        ids = batch.column(f.id).to_pylist() if f.id else [None] * len(images)
         base = os.path.dirname(os.path.abspath(f.path))
         for i, (img, cap, id_) in enumerate(zip(images, captions, ids)):
             row = row0 + i

@@ -57,6 +57,8 @@ class MetricOptions:
         for name, flag in (("batch_size", "--batch-size"), ("causal_images", "--causal-images"),
                            ("max_concepts", "--max-concepts")):
             value = getattr(self, name)
+            if value is None and name == "max_concepts":  # None: every concept
+                continue
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise MMNError(f"{name} ({flag}) must be an integer of at least 1, got {value!r}")
         if self.max_images is not None and (not isinstance(self.max_images, (int, np.integer)) or self.max_images < 0):
@@ -111,10 +113,10 @@ def check_run_model(res, engine, what: str = "this run") -> str | None:
                        "and mmn report use it when --model is left out)")
     fp = run_fingerprint(res)
     mine = engine.fingerprint
-    if fp and fp != mine:
+    if fp and fp not in engine.fingerprints_of_this_model():  # runs of older versions hold the old hash
         msg = (f"the loaded model '{_model_name(engine)}' (weights {mine}) is not the one the run in '{res.path}' "
                f"recorded ('{run_model}', weights {fp}): another or edited checkpoint, a patch applied, another "
-               f"dtype, or a run written by an older mmn_fast; {what} may not match the run's neurons")
+               f"dtype; {what} may not match the run's neurons")
         warnings.warn(msg, RunModelWarning, stacklevel=3)
         return msg
     return None

@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import json
+import os
 import time
 from pathlib import Path
 
@@ -198,12 +199,12 @@ def _metrics_section(metrics: dict) -> str:
     return "".join(parts)
 
 
-def _inside(path: Path, root: Path) -> bool:
-    """Whether `path` (links resolved) is a file inside the folder `root`."""
-    try:
-        return path.resolve().is_relative_to(root.resolve()) and path.is_file()
-    except (OSError, ValueError, RuntimeError):
-        return False
+def _own_file(folder: Path, name: str) -> bool:
+    """Whether a heatmap record's file `name` is a plain file name in its own folder (never a path
+    such as '../../../etc/passwd' or '/etc/passwd'). Judged by the name, not by resolving links, so
+    a run whose heatmaps/ is a symlink still shows its figures."""
+    return (Path(name).name == name and name not in (".", "..") and os.sep not in name
+            and (folder / name).is_file())
 
 
 def _run_ids(res) -> list[str]:
@@ -289,8 +290,11 @@ def build_report(results_dir, engine=None, neurons: int = 10, examples: int = 3,
         for l, _ in ns:
             per_layer[l] += 1
     tokens = _top_tokens(engine, list(dict.fromkeys(n for ns in neuron_lists.values() for n in ns)), k)
-    ids = _run_ids(res)
-    on_disk = _heatmaps_on_disk(root, set(ids))
+    # The run's ids tell its own heatmaps and metrics from a discarded run's: read only when there are
+    # any (one pass over results.jsonl, seconds per GB).
+    has_artifacts = (root / "heatmaps").is_dir() or (root / "metrics.json").is_file()
+    ids = _run_ids(res) if has_artifacts else []
+    on_disk = _heatmaps_on_disk(root, set(ids)) if has_artifacts else {}
     todo = [w for w in words if w not in on_disk]
     computed = _examples(engine, res, todo, examples, neurons, method) if todo else {}
     metrics, metrics_note = None, None
@@ -345,7 +349,7 @@ def build_report(results_dir, engine=None, neurons: int = 10, examples: int = 3,
             d = Path(rec["_dir"])
             for key, label in (("heatmap", "heatmap"), ("mask", "mask")):
                 name = rec.get(key)
-                if isinstance(name, str) and name and _inside(d / name, root):  # never a file outside the run
+                if isinstance(name, str) and name and _own_file(d, name):  # never a file outside the run
                     figs.append(f'<figure><img alt="{_e(label)}" src="{file_uri(d / name)}"><figcaption>{_e(rec["id"])}: '
                                 f'{_e(label)} ({_e(rec.get("method"))}, top-{len(rec.get("neurons", []))})</figcaption></figure>')
         for cap, over, masked in computed.get(w, []) if isinstance(computed.get(w), list) else []:
