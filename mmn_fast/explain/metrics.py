@@ -113,7 +113,7 @@ def check_run_model(res, engine, what: str = "this run") -> str | None:
                        "and mmn report use it when --model is left out)")
     fp = run_fingerprint(res)
     mine = engine.fingerprint
-    if fp and fp not in engine.fingerprints_of_this_model():  # runs of older versions hold the old hash
+    if fp and fp != mine and fp not in engine.fingerprints_of_this_model():  # older runs: the old hash
         msg = (f"the loaded model '{_model_name(engine)}' (weights {mine}) is not the one the run in '{res.path}' "
                f"recorded ('{run_model}', weights {fp}): another or edited checkpoint, a patch applied, another "
                f"dtype; {what} may not match the run's neurons")
