@@ -184,3 +184,20 @@ def test_swap_refuses_words_sharing_their_first_token(eng):
 
     with pytest.raises(MMNError, match="same token"):
         swap(eng, NEURONS, "red", "red")
+
+
+def test_a_run_recorded_with_the_old_fingerprint_is_recognised(eng, tmp_path):
+    """Runs written before the sampling fix hold the old hash of the same weights: no false alarm."""
+    import types
+    import warnings
+
+    from mmn_fast.explain.metrics import RunModelWarning, check_run_model
+
+    ad = eng.adapter
+    old = tensor_fingerprint([ad.out_weight(l) for l in range(ad.n_layers)] + [ad.unembed_weight()], version=1)
+    shape = {"n_layers": ad.n_layers, "d_mlp": ad.d_mlp}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RunModelWarning)
+        check_run_model(types.SimpleNamespace(run={"adapter": shape, "weight_fingerprint": old}, path=tmp_path), eng)
+    with pytest.warns(RunModelWarning):
+        check_run_model(types.SimpleNamespace(run={"adapter": shape, "weight_fingerprint": "0" * 16}, path=tmp_path), eng)
