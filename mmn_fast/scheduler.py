@@ -203,7 +203,10 @@ def _compare(out: Path, old: dict, config: dict, ignore: tuple = ()) -> None:
 
 
 def _remove_run(out: Path) -> None:
-    """--overwrite: the previous run's parts/ and the files it wrote (known names only)."""
+    """--overwrite: the previous run's parts/ and the files it wrote (known names only), and only
+    when the folder holds a run: a heatmaps/ or report.html of the user's own stays."""
+    if not ((out / "parts" / "config.json").is_file() or (out / "run.json").is_file()):
+        return
     shutil.rmtree(out / "parts", ignore_errors=True)
     for name in _RUN_FILES:
         (out / name).unlink(missing_ok=True)

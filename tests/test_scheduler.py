@@ -338,7 +338,13 @@ def test_the_corpus_is_identified_by_its_absolute_path(demo, tmp_path, monkeypat
 
 def test_overwrite_removes_the_previous_runs_heatmaps_metrics_and_report(demo_path, tmp_path):
     manifest = save_examples(make_examples(2, seed=25), tmp_path / "imgs")
+    mine = tmp_path / "mine"  # a folder that holds no run: --overwrite touches none of it
+    (mine / "heatmaps").mkdir(parents=True)
+    (mine / "report.html").write_text("the user's own")
+    assert _find(demo_path, manifest, mine, "--overwrite") == 0
+    assert (mine / "heatmaps").is_dir() and (mine / "report.html").read_text() == "the user's own"
     out = tmp_path / "out"
+    assert _find(demo_path, manifest, out) == 0
     (out / "heatmaps" / "old").mkdir(parents=True)
     (out / "heatmaps" / "old" / "heatmaps.json").write_text("[]")
     for name in ("metrics.json", "report.html", "notes.txt"):
