@@ -34,7 +34,7 @@ def _launch_torchrun(args, argv) -> int:
     if args.device_map is not None:
         raise MMNError("--device-map spreads one model over this machine's GPUs; do not combine it with --nproc "
                        "or torchrun (one replica per process)")
-    check_run(args.images, args.out, world=args.nproc, **_run_options(args))
+    check_run(args.images, args.out, world=args.nproc, max_failed_batches=args.max_failed_batches, **_run_options(args))
     rest, skip = [], False
     for a in argv:
         if skip:

@@ -281,9 +281,8 @@ class Engine:
         tt = full.get("mm_token_type_ids")  # per-token modality (Qwen2-VL style): captions are text, 0
         if isinstance(tt, torch.Tensor) and tuple(tt.shape) == (b, t):
             full["mm_token_type_ids"] = torch.cat([tt, tt.new_zeros(b, s)], 1)
-        if self._own_positions:
-            pass  # multimodal rope (Qwen2-VL style): the model derives 3-D positions from the mask itself
-        elif "position_ids" in inspect.signature(self.model.forward).parameters:
+        # A multimodal rope (Qwen2-VL style) derives its 3-D positions from the mask itself.
+        if not self._own_positions and "position_ids" in inspect.signature(self.model.forward).parameters:
             pos = full["attention_mask"].long().cumsum(-1) - 1
             full["position_ids"] = pos.masked_fill(full["attention_mask"] == 0, 0)
         lengths = torch.tensor([max(len(c), 1) for c in captions], device=ids.device)

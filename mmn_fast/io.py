@@ -24,14 +24,21 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        with contextlib.suppress(OSError):  # mkstemp makes 0600: give the file the mode open() would
-            os.chmod(tmp, 0o666 & ~umask())  # (filesystems without modes refuse: keep what they give)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)  # the rename itself survives a power cut
+        _publish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Rename a written, fsynced temp file over `path` with the mode open() would have given it
+    (mkstemp makes 0600; filesystems without modes refuse chmod: keep what they give), then fsync
+    the folder so that the rename itself survives a power cut."""
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, 0o666 & ~umask())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def umask() -> int:
@@ -85,12 +92,8 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        with contextlib.suppress(OSError):
-            os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        fsync_path(tmp)
+        _publish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -103,14 +103,15 @@ def _resolve(target, spec_overrides: dict) -> tuple[nn.Module, Adapter]:
     raise MMNError(f"patches apply to an Engine, an nn.Module or an Adapter, not {type(target).__name__}")
 
 
-def _detached_layers(model: nn.Module, adapter: Adapter) -> list[int]:
-    """Layers whose output projection (as the adapter found it) is no longer part of the model."""
-    present = {id(m) for m in model.modules()}
+def _detached_layers(model: nn.Module, adapter: Adapter, present=None) -> list[int]:
+    """Layers whose output projection (as the adapter found it) is no longer part of the model.
+    present: ids of the model's modules, when the caller has walked them already."""
+    present = present if present is not None else {id(m) for m in model.modules()}
     return [l for l, m in enumerate(adapter.out_projs) if id(m) not in present]
 
 
-def _check_attached(model: nn.Module, adapter: Adapter) -> None:
-    detached = _detached_layers(model, adapter)
+def _check_attached(model: nn.Module, adapter: Adapter, present=None) -> None:
+    detached = _detached_layers(model, adapter, present)
     if detached:
         raise PatchError(f"the output projection of layer(s) {detached[:8]} was replaced since the engine or adapter "
                          "was built: a write would go to the detached module; load the engine again")
@@ -265,9 +266,9 @@ def apply_patch(target, patch, force: bool = False, **spec_overrides) -> PatchHa
     st = _state(model)
     prepared = _prepare(adapter, patch)
     with st.lock:
-        _check_attached(model, adapter)
         touched = {n: h for h in st.handles for n in h.neurons}
         names = {id(m): name for name, m in model.named_modules()}  # to find the module again at revert
+        _check_attached(model, adapter, names)
         saved, problems = [], []
         for l, w, idx, new, e in prepared:
             cur = gather_rows(w, idx)  # [n, d] in the model's dtype

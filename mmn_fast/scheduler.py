@@ -236,9 +236,16 @@ def _prepare(out: Path, config: dict, overwrite: bool, rank: int, world: int) ->
     return parts
 
 
+def _check_settings(aggregate: str, max_failed_batches: int) -> None:
+    if aggregate not in ("dense", "sparse"):
+        raise MMNError(f"--aggregate must be 'dense' or 'sparse', got {aggregate!r}")
+    if max_failed_batches < 0:
+        raise MMNError(f"--max-failed-batches must be 0 (never stop) or more, got {max_failed_batches}")
+
+
 def check_run(images: str | Path, out_dir: str | Path, *, teacher_forced: bool = False, shard_size: int = 1000,
               overwrite: bool = False, aggregate: str = "dense", world: int = 1, heatmaps: str | None = None,
-              **options) -> None:
+              max_failed_batches: int = MAX_FAILED_BATCHES, **options) -> None:
     """The checks of `run_corpus` that need no model: option values, --out, the corpus, and an
     existing run's settings (all but the weights). `mmn find --nproc N` runs them before it starts
     N processes, so that bad input is one line, not N failing processes. Writes nothing."""
@@ -249,8 +256,7 @@ def check_run(images: str | Path, out_dir: str | Path, *, teacher_forced: bool =
     opts.validate()
     if isinstance(opts.concepts, (list, tuple)):
         resolve_mode(opts.concepts)  # an empty word list; the words themselves need the tokenizer
-    if aggregate not in ("dense", "sparse"):
-        raise MMNError(f"--aggregate must be 'dense' or 'sparse', got {aggregate!r}")
+    _check_settings(aggregate, max_failed_batches)
     out = _out_dir(out_dir, create=False)
     corpus = open_corpus(images, shard_size=shard_size)
     if overwrite:
@@ -282,10 +288,7 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, *, teach
 
     opts = FindOptions(**options)
     engine.check_options(opts)  # a bad option or word is one error now, not a skip per sample
-    if aggregate not in ("dense", "sparse"):
-        raise MMNError(f"--aggregate must be 'dense' or 'sparse', got {aggregate!r}")
-    if max_failed_batches < 0:
-        raise MMNError(f"--max-failed-batches must be 0 (never stop) or more, got {max_failed_batches}")
+    _check_settings(aggregate, max_failed_batches)
     rank, world = _dist_info(rank, world)
     if world > 1:
         import torch.distributed as dist

@@ -145,6 +145,15 @@ def absolute_spec(spec: str | os.PathLike) -> str:
     return os.path.join(head, *parts[wild:]) if wild < len(parts) else head
 
 
+def relative_names(paths: list[str], strip) -> list[str]:
+    """Each path relative to the folder common to all of them, '/'-separated, passed through
+    `strip` (drops the extension), made unique (a file listed twice gets '#2'): names that tell
+    files apart across a corpus without reading them (default/train/0000 vs default/validation/0000)."""
+    absolute = [os.path.abspath(p) for p in paths]
+    root = os.path.commonpath([os.path.dirname(a) for a in absolute])
+    return unique_keys([strip(os.path.relpath(a, root)).replace(os.sep, "/") for a in absolute])
+
+
 def unique_keys(keys: list[str]) -> list[str]:
     """Keys made unique: a repeated key gets '#2', '#3', ... in order (never a key used elsewhere)."""
     seen = set(keys)

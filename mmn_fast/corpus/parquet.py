@@ -5,7 +5,7 @@ import os
 from typing import Iterator
 
 from ..errors import MMNError
-from .base import DATA_EXTRA, Corpus, Sample, decode_image, unique_keys
+from .base import DATA_EXTRA, Corpus, Sample, decode_image, relative_names
 
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp")
 CAPTION_COLUMNS = ("caption", "text")
@@ -79,10 +79,7 @@ class ParquetCorpus(Corpus):
                         for fi, f in enumerate(self.files) for lo in range(0, f.rows, shard_size)]
         if not self._shards:
             raise MMNError(f"the parquet file(s) of '{spec}' have no rows")
-        absolute = [os.path.abspath(f.path) for f in self.files]
-        root = os.path.commonpath([os.path.dirname(a) for a in absolute])
-        self._names = unique_keys([os.path.splitext(os.path.relpath(a, root))[0].replace(os.sep, "/")
-                                   for a in absolute])
+        self._names = relative_names([f.path for f in self.files], lambda rel: os.path.splitext(rel)[0])
         super().__init__(spec, len(self._shards))
 
     def _fallback(self, fi: int, row: int) -> str:

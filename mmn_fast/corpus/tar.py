@@ -9,7 +9,7 @@ import zlib
 from typing import Iterator
 
 from ..inputs import IMAGE_EXTENSIONS
-from .base import UNSUPPORTED_IMAGE_EXTENSIONS, Corpus, Sample, decode_image, unique_keys
+from .base import UNSUPPORTED_IMAGE_EXTENSIONS, Corpus, Sample, decode_image, relative_names
 
 _IMAGE_EXTS = {e[1:] for e in IMAGE_EXTENSIONS}
 _UNSUPPORTED_EXTS = {e[1:] for e in UNSUPPORTED_IMAGE_EXTENSIONS}
@@ -46,11 +46,8 @@ class WebDatasetCorpus(Corpus):
     def __init__(self, spec: str, paths: list[str]):
         self.paths = list(paths)
         self._prefix = [""] * len(self.paths)
-        if len(self.paths) > 1:
-            absolute = [os.path.abspath(p) for p in self.paths]
-            root = os.path.commonpath([os.path.dirname(a) for a in absolute])
-            names = [_TAR_SUFFIX.sub("", os.path.relpath(a, root)).replace(os.sep, "/") for a in absolute]
-            self._prefix = [n + "/" for n in unique_keys(names)]  # a shard listed twice: 'x#2/...'
+        if len(self.paths) > 1:  # a shard listed twice: 'x#2/...'
+            self._prefix = [n + "/" for n in relative_names(self.paths, lambda rel: _TAR_SUFFIX.sub("", rel))]
         super().__init__(spec, len(self.paths))
 
     def shard_name(self, shard: int) -> str:
