@@ -1,18 +1,33 @@
 """mmn_fast: find and edit multi-modal neurons in vision-language models.
 
-`kernels/` (the Triton kernel sources and their pure-torch reference ops) is installed as
-`mmn_fast.kernels`, never as a bare top-level `kernels` module: transformers probes for Hugging
-Face's own `kernels` package under that name.
+The op modules in the top-level `kernels/` folder are installed inside `mmn_fast.kernels`, never
+as a top-level `kernels` module: that name is Hugging Face's `kernels` package, which
+transformers imports. The folder has no `__init__.py` (see mmn_fast/kernels/__init__.py).
 """
+from glob import glob
+from os.path import basename, splitext
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPy(build_py):
+    """Ships the top-level kernels/*.py modules inside the `mmn_fast.kernels` package."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        if package == "mmn_fast.kernels":
+            modules += [(package, splitext(basename(f))[0], f) for f in sorted(glob("kernels/*.py"))]
+        return modules
+
 
 setup(
     name="mmn_fast",
     version="0.1.0",
     description="Fast engine for finding and editing multi-modal neurons in vision-language models",
     python_requires=">=3.10",
-    packages=find_packages(include=["mmn_fast", "mmn_fast.*"]) + ["mmn_fast.kernels"],
-    package_dir={"mmn_fast.kernels": "kernels"},
+    packages=find_packages(include=["mmn_fast", "mmn_fast.*"]),
+    cmdclass={"build_py": BuildPy},
     install_requires=[
         "torch>=2.1",
         "transformers>=5.0,<6",
