@@ -41,7 +41,7 @@ setup(
         "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0; platform_system == 'Linux'",
                  "webdataset", "braceexpand", "pyarrow", "accelerate"],
         "triton": ["triton>=3.0"],
-        # corpus readers (mmn_fast.corpus): brace patterns for tar shards, parquet files
+        # corpus readers (mmn_fast.run.corpus): brace patterns for tar shards, parquet files
         "data": ["webdataset", "braceexpand", "pyarrow"],
         "nlp": ["spacy>=3.7"],
     },

@@ -12,8 +12,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from run_patch import SPEC_7B, llama7b_outprojs, random_patch  # noqa: E402
 
 import mmn_fast  # noqa: E402
-from mmn_fast.live import _resolve, apply_patch  # noqa: E402
-from mmn_fast.patch import load_patch  # noqa: E402
+from mmn_fast.edit.live import _resolve, apply_patch  # noqa: E402
+from mmn_fast.edit.patch_file import load_patch  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,7 @@ def find(eng, images, max_new_tokens, batch_size=8, **kw):
 
 
 def reference(eng, images, max_new_tokens):
-    from mmn_fast.reference import reference_find
+    from mmn_fast.find.reference import reference_find
 
     return [reference_find(eng, img, DEFAULT_PROMPT, concepts="all", activation="down_proj_input", top_k=50,
                            max_new_tokens=max_new_tokens) for img in images]

@@ -36,7 +36,7 @@ def measure(name, eng, images, max_new_tokens, repeats):
 def measure_gpu(repeats):
     """find (triton and torch backends, and triton with the kernel at decode steps too) vs plain
     generate, same weights, interleaved, per image."""
-    from mmn_fast import fused
+    from mmn_fast.find import fused
 
     engines, images = gpu_llava_engines()
     eng = engines["triton"]

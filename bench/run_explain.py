@@ -36,7 +36,7 @@ def main() -> int:
     from mmn_fast.explain.heatmap import maps, write_heatmaps
     from mmn_fast.explain.metrics import compute_metrics, summary_table
     from mmn_fast.explain.report import write_report
-    from mmn_fast.runner import run_find
+    from mmn_fast.run.runner import run_find
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mmn_explain_bench_"))
     model_path = build_demo_model(progress=False)

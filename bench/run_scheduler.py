@@ -40,7 +40,7 @@ def run_find(model, images, out, *extra) -> tuple[float, float]:
 
 
 # `mmn` in a child that reports its own peak RSS (KB) last on stderr.
-_CHILD = ("import resource, sys\nfrom mmn_fast.cli import main\nrc = main(sys.argv[1:])\n"
+_CHILD = ("import resource, sys\nfrom mmn_fast.cli.main import main\nrc = main(sys.argv[1:])\n"
           "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\nsys.exit(rc)")
 
 
@@ -97,7 +97,7 @@ def main():
 
     import torch
 
-    from mmn_fast.corpus import iter_samples, open_corpus
+    from mmn_fast.run.corpus import iter_samples, open_corpus
 
     pattern = write_tars(examples, work / "tars")
     corpus = open_corpus(pattern)

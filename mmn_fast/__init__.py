@@ -3,15 +3,16 @@
     engine = mmn_fast.load("path/to/checkpoint")
     results = engine.find(images, concepts="nouns", top_k=50)
 """
-from .adapters import ModelSpec, register_adapter
-from .aggregate import open_results
-from .engine import DEFAULT_PROMPT, Engine, FindOptions, load
-from .errors import MMNError
-from .live import PatchHandle, apply_patch
-from .patch import Patch, load_patch
-from .results import ConceptResult, ImageResult
+__version__ = "0.1.0"  # first: modules imported below read it
 
-__version__ = "0.1.0"
+from .model.adapters import ModelSpec, register_adapter
+from .run.aggregate import open_results
+from .find.engine import DEFAULT_PROMPT, Engine, FindOptions, load
+from .errors import MMNError
+from .edit.live import PatchHandle, apply_patch
+from .edit.patch_file import Patch, load_patch
+from .find.results import ConceptResult, ImageResult
+
 __all__ = ["load", "open_results", "Engine", "FindOptions", "ModelSpec", "register_adapter", "MMNError",
            "ConceptResult", "ImageResult", "DEFAULT_PROMPT", "__version__",
            "apply_patch", "load_patch", "Patch", "PatchHandle"]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import mmn_fast
-from mmn_fast.adapters import Adapter, discover_spec, spec_for
+from mmn_fast.model.adapters import Adapter, discover_spec, spec_for
 from mmn_fast.errors import MMNError
 
 
@@ -49,7 +49,7 @@ def test_image_processor_found_by_name_when_the_auto_class_needs_torchvision(mpl
 
     import transformers
 
-    from mmn_fast.engine import _load_processor
+    from mmn_fast.find.engine import _load_processor
 
     def needs_torchvision(*_a, **_k):
         raise ImportError("AutoImageProcessor requires the Torchvision library")

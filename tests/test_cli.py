@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from mmn_fast.cli import main
+from mmn_fast.cli.main import main
 from mmn_fast.testing import random_images
 
 
@@ -145,7 +145,7 @@ def test_torchrun_stderr_keeps_the_ranks_error_line_and_drops_the_launchers_trac
     """What `mmn find --nproc N` does with torchrun's stderr, on a stand-in launcher."""
     import sys
 
-    from mmn_fast.cli import _run_torchrun
+    from mmn_fast.cli.main import _run_torchrun
 
     script = ("import sys, time; e = sys.stderr.buffer\n"
               "e.write(b'\\rfind:  10%|#'); e.flush(); time.sleep(0.05)\n"

@@ -1,7 +1,7 @@
 """Word, token id and decoding step stay aligned, whatever words are dropped."""
 import pytest
 
-from mmn_fast.concepts import check_word_list, resolve_mode, select_concepts, split_words
+from mmn_fast.find.concepts import check_word_list, resolve_mode, select_concepts, split_words
 from mmn_fast.errors import MMNError
 from mmn_fast.testing import tiny_tokenizer
 
@@ -56,7 +56,7 @@ def test_word_list_validation(tok):
 
 
 def test_nouns_without_tagger_is_a_clear_error(monkeypatch):
-    import mmn_fast.concepts as c
+    import mmn_fast.find.concepts as c
 
     monkeypatch.setattr(c, "nouns_available", lambda: False)
     with pytest.raises(MMNError, match="spaCy"):
@@ -67,7 +67,7 @@ def test_nouns_without_tagger_is_a_clear_error(monkeypatch):
 def test_nouns_map_tagger_offsets_to_first_sub_tokens(tok, monkeypatch):
     """With a tagger (stubbed here: no English pipeline is installable offline), nouns are picked by
     character offset, so a noun after dropped words keeps its own step."""
-    import mmn_fast.concepts as c
+    import mmn_fast.find.concepts as c
 
     class Tok:
         def __init__(self, text, idx, tag):

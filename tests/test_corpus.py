@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 import pytest
 from PIL import Image
 
-from mmn_fast.corpus import Corpus, Sample, WebDatasetCorpus, iter_samples, open_corpus
+from mmn_fast.run.corpus import Corpus, Sample, WebDatasetCorpus, iter_samples, open_corpus
 from mmn_fast.errors import MMNError
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import mmn_fast
-from mmn_fast.cli import main
+from mmn_fast.cli.main import main
 from mmn_fast.demo import COLOURS, make_examples
-from mmn_fast.results import ConceptAggregator
+from mmn_fast.find.results import ConceptAggregator
 
 
 @contextlib.contextmanager

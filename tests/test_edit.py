@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from mmn_fast.cli import main
+from mmn_fast.cli.main import main
 from mmn_fast.demo import make_examples, save_examples
-from mmn_fast.edit import (concept_neurons, make_edit, optimize, perturb, random_neurons, suppress, swap,
+from mmn_fast.edit.methods import (concept_neurons, make_edit, optimize, perturb, random_neurons, suppress, swap,
                            unembed_directions, word_token)
-from mmn_fast.edit_eval import EditEval, report_table
+from mmn_fast.edit.evaluate import EditEval, report_table
 from mmn_fast.errors import MMNError
-from mmn_fast.patch import gather_rows, load_patch
+from mmn_fast.edit.patch_file import gather_rows, load_patch
 from test_patch import model_sha  # tests/ is on sys.path
 
 NEURONS = [(0, 3), (0, 10), (1, 4), (1, 50)]

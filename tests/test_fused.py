@@ -1,4 +1,4 @@
-"""The fused MLP capture (`mmn_fast.fused`) and backend selection (`mmn_fast.backend`).
+"""The fused MLP capture (`mmn_fast.find.fused`) and backend selection (`mmn_fast.model.backend`).
 
 The torch path must leave the model's logits bit-identical and capture exactly what the hooks
 capture; the Triton path runs under the interpreter here and must give find the same top-k.
@@ -12,9 +12,9 @@ import torch
 
 import mmn_fast
 from mmn_fast import DEFAULT_PROMPT
-from mmn_fast.capture import capture, gather_positions, last_position
+from mmn_fast.find.capture import capture, gather_positions, last_position
 from mmn_fast.errors import MMNError
-from mmn_fast.fused import fused_capture, fused_problem
+from mmn_fast.find.fused import fused_capture, fused_problem
 from mmn_fast.kernels._triton_util import interpreter_on  # conftest switches the interpreter on without CUDA
 
 needs_interpreter = pytest.mark.skipif(not interpreter_on(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
@@ -93,7 +93,7 @@ def test_image_stats_and_gathered_rows_match_hooks(llava64, images, reduce):
 def test_unfusable_mlp_is_named():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from mmn_fast.adapters import Adapter, discover_spec
+    from mmn_fast.model.adapters import Adapter, discover_spec
 
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=64))
     problem = fused_problem(Adapter(model, discover_spec(model)))
@@ -101,7 +101,7 @@ def test_unfusable_mlp_is_named():
 
 
 def test_backend_selection(llava_path, monkeypatch):
-    from mmn_fast.backend import resolve_backend
+    from mmn_fast.model.backend import resolve_backend
 
     monkeypatch.delenv("MMN_BACKEND", raising=False)
     assert resolve_backend("auto", "cpu") == "torch"  # the kernels only pay on a GPU
@@ -160,7 +160,7 @@ def test_find_with_the_triton_backend_matches_torch(llava_path, images, kwargs, 
 @needs_interpreter
 def test_kernel_at_decode_steps_when_asked(llava_path, images, monkeypatch):
     """fused.DECODE_WITH_KERNEL runs the kernel at every decode step too, with the same result."""
-    from mmn_fast import fused
+    from mmn_fast.find import fused
 
     launches = count_kernel_calls(monkeypatch)
     fast = mmn_fast.load(llava_path, device="cpu", backend="triton")

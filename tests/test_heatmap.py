@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import mmn_fast
-from mmn_fast.cli import main
+from mmn_fast.cli.main import main
 from mmn_fast.demo import COLOURS, make_examples
 from mmn_fast.demo.data import make_examples_with_masks
 from mmn_fast.errors import MMNError
 from mmn_fast.explain.heatmap import (Trace, bilinear, binary_mask, colourise, maps, normalise, patch_grid, render,
                                       read_heatmaps, trace, unique_name, view_box, write_heatmaps)
-from mmn_fast.scoring import Scorer
+from mmn_fast.find.scoring import Scorer
 
 
 def _iou(a, b) -> float:
@@ -304,7 +304,7 @@ def test_unique_name_keeps_safe_names_and_separates_the_rest():
 def test_cli_heatmap_refuses_a_run_of_other_shapes(llava_path, demo, tmp_path, capsys):
     """--results of a demo-model run with another checkpoint: one error line, not an IndexError."""
     from mmn_fast.demo import save_examples
-    from mmn_fast.runner import run_find
+    from mmn_fast.run.runner import run_find
 
     manifest = save_examples(make_examples(6, seed=3), tmp_path / "images")
     run_find(demo, manifest, tmp_path / "run", progress=False, concepts="all", top_k=5, max_new_tokens=12,

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import mmn_fast
-from mmn_fast.capture import CaptureStore
+from mmn_fast.find.capture import CaptureStore
 from mmn_fast.errors import MMNError
-from mmn_fast.vocab import top_tokens, vocab_table
+from mmn_fast.find.vocab import top_tokens, vocab_table
 
 
 def test_tokenizer_as_processor_still_gets_the_checkpoints_images(mplug_path, images):

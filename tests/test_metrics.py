@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from mmn_fast.cli import main
+from mmn_fast.cli.main import main
 from mmn_fast.demo import make_examples, save_examples
 from mmn_fast.errors import MMNError
 from mmn_fast.explain.heatmap import _language_model
-from mmn_fast.edit import suppress
+from mmn_fast.edit.methods import suppress
 from mmn_fast.explain import metrics as metrics_mod
 from mmn_fast.explain.metrics import (MetricOptions, RunModelWarning, auroc, compute_metrics, jaccard, rbo,
                                       shuffled_image_tokens, summary_table)
-from mmn_fast.runner import run_find
+from mmn_fast.run.runner import run_find
 
 
 # ------------------------------------------------------------------------------------ measures

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mmn_fast
-from mmn_fast.cli import main
+from mmn_fast.cli.main import main
 from mmn_fast.testing import random_images, tiny_llava_next
 
 

@@ -13,15 +13,15 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from mmn_fast.cli import main
+from mmn_fast.cli.main import main
 from mmn_fast.demo import make_examples, save_examples
-from mmn_fast.edit import suppress
+from mmn_fast.edit.methods import suppress
 from mmn_fast.errors import MMNError
 from mmn_fast.explain.heatmap import unique_name, write_heatmaps
 from mmn_fast.explain.metrics import RunModelWarning, compute_metrics
 from mmn_fast.explain.report import _metrics_section, _ratio, build_report, layer_svg, write_report
 from mmn_fast.io import write_json
-from mmn_fast.runner import run_find
+from mmn_fast.run.runner import run_find
 
 VOID = {"meta", "img", "br", "hr", "input", "link", "source", "wbr", "area", "base", "col", "embed", "param", "track"}
 SVG_LEAVES = {"rect", "line", "path", "circle"}

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import mmn_fast
-from mmn_fast.aggregate import NeuronStats, open_results
-from mmn_fast.cli import main
+from mmn_fast.run.aggregate import NeuronStats, open_results
+from mmn_fast.cli.main import main
 from mmn_fast.demo import make_examples, save_examples
 
 FIND = ["--concepts", "all", "--max-new-tokens", "12", "--batch-size", "2", "--top-k", "10", "--shard-size", "5",
@@ -240,7 +240,7 @@ def test_device_map_auto_loads_through_accelerate(llava_path, images):
 
 
 def test_an_image_the_model_rejects_is_skipped_and_a_broken_model_stops_the_run(demo, tmp_path, monkeypatch):
-    from mmn_fast.scheduler import MAX_FAILED_BATCHES, run_corpus
+    from mmn_fast.run.runner import MAX_FAILED_BATCHES, run_corpus
 
     manifest = save_examples(make_examples(6, seed=9), tmp_path / "imgs")
     bad = json.loads(manifest.read_text().splitlines()[3])["id"]
@@ -277,7 +277,7 @@ def test_an_image_the_model_rejects_is_skipped_and_a_broken_model_stops_the_run(
 def test_a_model_wide_failure_streak_is_redone_by_the_rerun(demo, tmp_path, monkeypatch):
     """Checkpoints inside a streak of failed batches would keep its images skipped for good: the run
     stops after MAX_FAILED_BATCHES ("rerun to resume") and the rerun starts from the last checkpoint."""
-    from mmn_fast.scheduler import MAX_FAILED_BATCHES, run_corpus
+    from mmn_fast.run.runner import MAX_FAILED_BATCHES, run_corpus
 
     n = MAX_FAILED_BATCHES + 4
     manifest = save_examples(make_examples(n, seed=21), tmp_path / "imgs")
@@ -307,7 +307,7 @@ def test_a_model_wide_failure_streak_is_redone_by_the_rerun(demo, tmp_path, monk
 def test_checkpoint_every_counts_batches_flushed_at_a_shard_end(demo, tmp_path):
     """Shards smaller than a batch are flushed at their end only: those images count towards
     --checkpoint-every too (3 shards of 2 with --checkpoint-every 1: one checkpoint per shard, plus the last)."""
-    from mmn_fast.scheduler import run_corpus
+    from mmn_fast.run.runner import run_corpus
 
     manifest = save_examples(make_examples(6, seed=22), tmp_path / "imgs")
     out = tmp_path / "out"
@@ -319,7 +319,7 @@ def test_checkpoint_every_counts_batches_flushed_at_a_shard_end(demo, tmp_path):
 def test_the_corpus_is_identified_by_its_absolute_path(demo, tmp_path, monkeypatch):
     """'./data/m.jsonl' and 'data/m.jsonl' are one corpus; 'data/m.jsonl' from another working
     directory (same absolute --out) is another, and refused rather than mixed in."""
-    from mmn_fast.scheduler import run_corpus
+    from mmn_fast.run.runner import run_corpus
 
     for sub, seed in (("x", 23), ("y", 24)):
         save_examples(make_examples(3, seed=seed), tmp_path / sub / "data")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmn_fast import DEFAULT_PROMPT
-from mmn_fast.reference import reference_find
+from mmn_fast.find.reference import reference_find
 
 ALL = dict(concepts="all", max_new_tokens=8)
 
@@ -205,7 +205,7 @@ def test_grad_baseline_equals_direct_effect_without_final_norm(llava_path, image
 def test_concept_aggregator_counts_images_not_occurrences():
     """A word named twice in one caption counts once for that image, at its first occurrence (as the
     corpus aggregates do); a neuron's mean score is over the images where it ranked."""
-    from mmn_fast.results import ConceptAggregator, ConceptResult, ImageResult
+    from mmn_fast.find.results import ConceptAggregator, ConceptResult, ImageResult
 
     def image(ident, *concepts):
         return ImageResult(ident, ident, [], [], "", [ConceptResult("red", 5, s, n) for s, n in concepts])

@@ -1,7 +1,7 @@
 """Neuron vocabulary: top tokens of one neuron and the cached whole-model table."""
 import torch
 
-from mmn_fast.vocab import top_tokens, vocab_table
+from mmn_fast.find.vocab import top_tokens, vocab_table
 
 
 def test_top_tokens_match_full_projection(llava):
@@ -50,7 +50,7 @@ def test_vocab_table_on_the_triton_backend_matches_torch(llava_path, llava):
     assert torch.equal(i_fast, i_ref)
     torch.testing.assert_close(v_fast, v_ref, rtol=1e-5, atol=1e-6)
     # subsets of neurons (what metrics and reports rank) go the same way, and single neurons too
-    from mmn_fast.vocab import neuron_topk, top_tokens
+    from mmn_fast.find.vocab import neuron_topk, top_tokens
 
     import mmn_fast.kernels as kernels_pkg
 

@@ -27,7 +27,7 @@ import torch
 
 from .data import COLOURS, IMAGE_SIZE, SHAPES, make_examples, make_examples_with_masks
 from ..io import umask
-from ..templates import LLAVA_CHAT_TEMPLATE
+from ..model.templates import LLAVA_CHAT_TEMPLATE
 
 RECIPE_VERSION = 3
 CACHE_SUBDIR = f"demo-v{RECIPE_VERSION}"

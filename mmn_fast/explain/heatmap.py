@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..adapters import get_module
-from ..engine import DEFAULT_PROMPT
+from ..model.adapters import get_module
+from ..find.engine import DEFAULT_PROMPT
 from ..errors import MMNError
-from ..inputs import as_image
+from ..model.inputs import as_image
 from ..io import atomic_open, write_json
 
 # Colour maps: (position, r, g, b) stops, linearly interpolated.

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..aggregate import open_results
-from ..edit import names, perturb, random_neurons, suppress, word_token
-from ..engine import DEFAULT_PROMPT
+from ..run.aggregate import open_results
+from ..edit.methods import names, perturb, random_neurons, suppress, word_token
+from ..find.engine import DEFAULT_PROMPT
 from ..errors import MMNError
-from ..inputs import load_image
-from ..vocab import neuron_topk
+from ..model.inputs import load_image
+from ..find.vocab import neuron_topk
 from .heatmap import _language_model, concept_signs, trace
 
 FORMAT_VERSION = 1
@@ -223,7 +223,7 @@ def _load_images(records: list[dict], images=None) -> list:
             except MMNError as e:
                 raise MMNError(f"{e} (record '{r['id']}'); pass --images with the corpus the run read") from None
         return out
-    from ..corpus import iter_samples, open_corpus
+    from ..run.corpus import iter_samples, open_corpus
 
     corpus = open_corpus(images)
     want, found = {r["id"] for r in records}, {}

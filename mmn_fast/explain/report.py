@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..aggregate import open_results
+from ..run.aggregate import open_results
 from ..errors import MMNError
 from ..io import atomic_open
 
@@ -95,7 +95,7 @@ def _table(header: list[str] | None, rows: list[list], numeric: set[int] = froze
 
 
 def _top_tokens(engine, neurons: list[tuple[int, int]], k: int) -> dict:
-    from ..vocab import neuron_topk
+    from ..find.vocab import neuron_topk
 
     if engine is None or not neurons:
         return {}
@@ -108,7 +108,7 @@ def _top_tokens(engine, neurons: list[tuple[int, int]], k: int) -> dict:
 
 def _examples(engine, res, words: list[str], per_concept: int, n: int, method: str) -> dict:
     """word -> [(caption, overlay uri, masked uri)] computed now for the first images naming it."""
-    from ..inputs import load_image
+    from ..model.inputs import load_image
     from .heatmap import maps
 
     if engine is None or per_concept <= 0:
@@ -146,7 +146,7 @@ def _examples(engine, res, words: list[str], per_concept: int, n: int, method: s
 
 
 def _patches(root: Path) -> list[str]:
-    from ..patch import SUFFIX, load_patch
+    from ..edit.patch_file import SUFFIX, load_patch
 
     found = []
     for d in (root, root / "edits", root / "patches"):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ..templates import LLAVA_CHAT_TEMPLATE
+from ..model.templates import LLAVA_CHAT_TEMPLATE
 from .common import (IMAGE, as_dtype, generation_config, heads_for, image_processor, llama_config, out_dir, quiet,
                      tiny_tokenizer)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..templates import LLAVA_CHAT_TEMPLATE
+from ..model.templates import LLAVA_CHAT_TEMPLATE
 from .common import as_dtype, generation_config, tiny_tokenizer
 
 _SPECIAL = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")

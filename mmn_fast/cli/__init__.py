@@ -1,0 +1,4 @@
+"""The `mmn` command."""
+from .main import main
+
+__all__ = ["main"]

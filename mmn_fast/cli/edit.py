@@ -1,0 +1,133 @@
+"""`mmn edit` and `mmn patch bake|inspect|verify`. Bad input raises MMNError (one line, exit 2)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..find.engine import DEFAULT_PROMPT
+from ..errors import MMNError
+
+
+def _engine(args):
+    from ..find.engine import load
+
+    return load(args.model, device=args.device, dtype=args.dtype)
+
+
+def _layers(value: str | None) -> list[int]:
+    if not value:
+        return []
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise MMNError(f"--exclude-layers takes comma-separated layer numbers, got {value!r}") from None
+
+
+def cmd_edit(args) -> int:
+    from ..edit.evaluate import report_table, run_edit
+
+    if args.neurons < 1:
+        raise MMNError(f"--neurons must be at least 1, got {args.neurons}")
+    if args.method in ("swap", "optimize") and not args.target:
+        raise MMNError(f"--method {args.method} needs --target WORD")
+    out = Path(args.out)  # checked before the (long) edit and evaluation, whose result it must hold
+    if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):
+        raise MMNError(f"--out '{out}' must be a file path (its folder is created if missing)")
+    engine = _engine(args)
+    params = {"scale": args.scale, "strength": args.strength, "sigma": args.sigma,
+              "steps": args.steps, "lr": args.lr, "kl_weight": args.kl_weight, "l2_weight": args.l2_weight,
+              "margin": args.margin}
+    patch, rows = run_edit(engine, args.source, args.target, args.method, args.neurons, args.from_,
+                           eval_images=args.eval_images, exclude_layers=_layers(args.exclude_layers),
+                           random=args.random, control=not args.no_control, seed=args.seed, prompt=args.prompt,
+                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                           evaluate=not args.no_eval, **params)
+    if rows:
+        patch.params["evaluation"] = [{k: v for k, v in r.items() if k != "examples"} for r in rows]
+        print(report_table(rows))
+    out = patch.save(args.out)
+    print(f"patch written to {out.resolve()}: {patch.n_neurons} neurons in {len(patch.entries)} layer(s), "
+          f"method {patch.method}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from ..edit.patch_file import load_patch
+
+    print(load_patch(args.patch).describe(max_indices=args.max_indices))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from ..edit.live import check_patch
+
+    rows = check_patch(_engine(args), args.patch)
+    meaning = {"base": "matches the patch's base (applies cleanly)", "applied": "already holds the patched vectors",
+               "mismatch": "MISMATCH: neither the base nor the patched vectors"}
+    for r in rows:
+        print(f"layer {r['layer']:>3}  {r['n']:>5} neurons  {meaning[r['status']]}")
+    states = {r["status"] for r in rows}
+    verdict = ("applies cleanly" if states == {"base"} else "already applied" if states == {"applied"}
+               else "does NOT match this model (apply with force only for deliberate cross-model use)")
+    print(f"patch {args.patch}: {verdict}")
+    return 0 if states <= {"base"} or states == {"applied"} else 1
+
+
+def cmd_bake(args) -> int:
+    from ..edit.bake import bake
+
+    done = bake(args.model, args.patch, args.out, force=args.force)
+    print(f"baked {len(args.patch)} patch(es) into {Path(args.out).resolve()}: rewrote {', '.join(done['rewritten'])}; "
+          f"linked {len(done['linked'])}, copied {len(done['copied'])} other file(s)")
+    return 0
+
+
+def register(sub) -> None:
+    """Add `edit` and `patch` to the `mmn` sub-command parsers."""
+    e = sub.add_parser("edit", help="edit a concept's neurons; write a .mmnpatch.safetensors file and report")
+    e.add_argument("--model", required=True, help="local Hugging Face checkpoint directory")
+    e.add_argument("--device", default=None)
+    e.add_argument("--dtype", default=None)
+    e.add_argument("--from", dest="from_", required=True,
+                   help="a `mmn find` output directory (neurons from concepts.json) or images (folder, manifest)")
+    e.add_argument("--source", required=True, help="the concept word to edit")
+    e.add_argument("--target", default=None, help="the word to say instead (swap, optimize)")
+    e.add_argument("--method", default="optimize", choices=["suppress", "swap", "optimize", "perturb"])
+    e.add_argument("--neurons", type=int, default=20, help="how many top neurons of the concept to edit")
+    e.add_argument("--out", required=True, help="patch file to write (e.g. red2blue.mmnpatch.safetensors)")
+    e.add_argument("--eval-images", default=None, help="held-out images (default: every other image of --from)")
+    e.add_argument("--exclude-layers", default=None, help="comma-separated layers never to edit")
+    e.add_argument("--random", action="store_true", help="edit as many uniformly random neurons instead (control)")
+    e.add_argument("--no-control", action="store_true", help="skip evaluating the random-neuron control")
+    e.add_argument("--no-eval", action="store_true", help="write the patch without evaluating it")
+    e.add_argument("--seed", type=int, default=0, help="random neurons and perturb noise")
+    e.add_argument("--scale", type=float, default=0.0, help="suppress: factor on the output vectors")
+    e.add_argument("--strength", type=float, default=1.0, help="swap: share of the source contribution moved")
+    e.add_argument("--sigma", type=float, default=0.1, help="perturb: noise std (weight units)")
+    e.add_argument("--steps", type=int, default=50, help="optimize: most Adam steps")
+    e.add_argument("--lr", type=float, default=0.1, help="optimize: step size relative to the vectors' RMS entry")
+    e.add_argument("--kl-weight", type=float, default=1.0)
+    e.add_argument("--l2-weight", type=float, default=0.01)
+    e.add_argument("--margin", type=float, default=2.0, help="optimize: stop once the target leads by this many logits")
+    e.add_argument("--prompt", default=DEFAULT_PROMPT)
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("patch", help="inspect, verify or bake a patch file")
+    psub = p.add_subparsers(dest="patch_command", required=True)
+    i = psub.add_parser("inspect", help="what a patch touches, and its metadata")
+    i.add_argument("patch")
+    i.add_argument("--max-indices", type=int, default=12)
+    i.set_defaults(func=cmd_inspect)
+    v = psub.add_parser("verify", help="check a patch against a model (exit 1 on mismatch)")
+    v.add_argument("--model", required=True)
+    v.add_argument("--patch", required=True)
+    v.add_argument("--device", default=None)
+    v.add_argument("--dtype", default=None)
+    v.set_defaults(func=cmd_verify)
+    b = psub.add_parser("bake", help="write a checkpoint with the patch(es) baked in")
+    b.add_argument("--model", required=True)
+    b.add_argument("--patch", required=True, action="append", help="repeat to bake several, in stacking order")
+    b.add_argument("--out", required=True)
+    b.add_argument("--force", action="store_true", help="bake even if the base vectors do not match")
+    b.set_defaults(func=cmd_bake)

@@ -1,0 +1,453 @@
+"""The engine: load a VLM through one path, caption with the KV cache, score concept tokens."""
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from ..model.adapters import Adapter, spec_for
+from ..model.backend import resolve_backend
+from .capture import capture, gather_positions, last_position
+from .concepts import check_word_list, resolve_mode, select_concepts, split_words
+from ..errors import MMNError
+from ..model.inputs import ImageItem, Prompter, as_image
+from ..io import tensor_fingerprint
+from .results import ConceptResult, ImageResult
+from .scoring import Scorer
+
+DEFAULT_PROMPT = "Describe the image."
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class FindOptions:
+    prompt: str = DEFAULT_PROMPT
+    prefix: str | None = None
+    concepts: str | list[str] = "auto"
+    activation: str = "down_proj_input"  # or "act_fn" (the paper's released code)
+    top_k: int = 50
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    fold_final_norm: bool = False
+    positions: str = "last"  # or "image"
+    reduce: str = "mean"  # over image positions: "mean" or "max"
+    method: str = "act"  # or "grad" (activation x gradient baseline)
+
+    def validate(self) -> None:
+        checks = [
+            (self.activation in ("down_proj_input", "act_fn"), f"activation must be 'down_proj_input' or 'act_fn', got {self.activation!r}"),
+            (self.positions in ("last", "image"), f"positions must be 'last' or 'image', got {self.positions!r}"),
+            (self.reduce in ("mean", "max"), f"reduce must be 'mean' or 'max', got {self.reduce!r}"),
+            (self.method in ("act", "grad"), f"method must be 'act' or 'grad', got {self.method!r}"),
+            (self.top_k >= 1, f"top_k must be at least 1, got {self.top_k}"),
+            (self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
+            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+            (not (self.fold_final_norm and self.positions == "image"), "fold_final_norm applies to positions='last' only"),
+            (not (self.method == "grad" and self.positions == "image"), "method='grad' scores positions='last' only"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise MMNError(msg)
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in ("auto",):
+        return None
+    if dtype not in _DTYPES:
+        raise MMNError(f"unknown dtype {dtype!r}: use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _load_model(path: Path, dtype: torch.dtype | None, device_map=None) -> nn.Module:
+    import transformers
+
+    kwargs = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if device_map is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("accelerate") is None:
+            raise MMNError("device_map needs the accelerate package: pip install accelerate")
+        kwargs["device_map"] = device_map
+    errors = []
+    for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM"):
+        auto = getattr(transformers, name, None)
+        if auto is None:
+            continue
+        try:
+            return auto.from_pretrained(str(path), **kwargs)
+        except ValueError as e:  # this Auto class does not know the config
+            errors.append(f"{name}: {str(e).splitlines()[0]}")
+        except OSError as e:
+            raise MMNError(f"cannot load model weights from '{path}': {str(e).splitlines()[0]}") from None
+    raise MMNError(f"no Auto class loads the checkpoint at '{path}' ({'; '.join(errors)}); load the model "
+                   "yourself and pass it to mmn_fast.load(model, processor=...)")
+
+
+def _load_processor(path: Path):
+    """(processor or None, tokenizer, image_processor or None) from a local checkpoint."""
+    from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase
+
+    try:
+        proc = AutoProcessor.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError, ImportError):  # ImportError: a class needing torchvision
+        proc = None
+    if proc is not None and not isinstance(proc, PreTrainedTokenizerBase) and hasattr(proc, "tokenizer"):
+        return proc, proc.tokenizer, getattr(proc, "image_processor", None)
+    try:
+        tokenizer = proc if isinstance(proc, PreTrainedTokenizerBase) else AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise MMNError(f"no tokenizer in '{path}': {str(e).splitlines()[0]}; save one beside the weights") from None
+    return None, tokenizer, _checkpoint_image_processor(path)
+
+
+def _checkpoint_image_processor(path: Path):
+    """The checkpoint's image processor, or None when it has none."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    except ImportError:  # some transformers 5.x releases gate AutoImageProcessor on torchvision
+        return _image_processor_by_name(path)
+
+
+def _image_processor_by_name(path: Path):
+    """The image processor class that preprocessor_config.json names (its PIL variant first, which
+    needs no torchvision), or None when the file or the class is missing."""
+    import transformers
+
+    try:
+        name = json.loads((path / "preprocessor_config.json").read_text())["image_processor_type"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for cls_name in (f"{name}Pil", name.removesuffix("Fast")):
+        try:
+            return getattr(transformers, cls_name).from_pretrained(str(path), local_files_only=True)
+        except (AttributeError, ImportError, OSError, ValueError):
+            continue
+    return None
+
+
+def _check_device(device) -> None:
+    """A device string torch understands and this machine has (before any weights are loaded)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise MMNError(f"unknown device '{device}' ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MMNError(f"device '{device}' asked for, but CUDA is not available here (torch "
+                           f"{torch.__version__}); use --device cpu, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MMNError(f"device '{device}' asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+
+
+def load(path_or_model, processor=None, device=None, dtype=None, n_image_tokens: int | None = None,
+         backend: str | None = None, device_map=None, **spec_overrides) -> "Engine":
+    """Load a local Hugging Face checkpoint (never downloads), or wrap an already loaded model.
+
+    processor: an HF processor, or a tokenizer (then image inputs are composed from `image_processor`
+        in spec_overrides' absence via the checkpoint's image processor).
+    device_map: e.g. "auto" to spread one model over several GPUs (needs accelerate); then `device`
+        is ignored.
+    backend: "auto" | "triton" | "torch" kernels (default $MMN_BACKEND, else "auto": Triton on CUDA).
+    spec_overrides: module paths overriding the adapter (layers, mlp, out_proj, act_fn, unembed,
+        final_norm, prompt_template), for models the registry and discovery do not cover.
+    """
+    dtype = _resolve_dtype(dtype)
+    _check_device(device)
+    image_processor = spec_overrides.pop("image_processor", None)
+    source = None
+    if isinstance(path_or_model, (str, Path)):
+        path = Path(path_or_model)
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise MMNError(f"model path '{path}' is not a local Hugging Face checkpoint (a folder with "
+                           "config.json); mmn_fast never downloads: save or copy the checkpoint locally first")
+        model = _load_model(path, dtype, device_map)
+        source = str(path)
+        if processor is None:
+            processor, tokenizer, image_processor = _load_processor(path)
+        else:
+            tokenizer = getattr(processor, "tokenizer", processor)
+            if tokenizer is processor and image_processor is None:  # a tokenizer: images need the checkpoint's
+                image_processor = _checkpoint_image_processor(path)
+    elif isinstance(path_or_model, nn.Module):
+        model = path_or_model
+        if processor is None:
+            raise MMNError("pass processor=... (a Hugging Face processor or tokenizer) with an already loaded model")
+        tokenizer = getattr(processor, "tokenizer", processor)
+        if dtype is not None:
+            model = model.to(dtype)
+    else:
+        raise MMNError(f"load() takes a checkpoint path or an nn.Module, not {type(path_or_model).__name__}")
+    if processor is tokenizer:
+        processor = None
+    if device_map is None:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = model.to(device)
+    model = model.eval()
+    return Engine(model, tokenizer, processor, image_processor, source=source,
+                  n_image_tokens=n_image_tokens, spec_overrides=spec_overrides, backend=backend)
+
+
+class Engine:
+    """A model with its adapter, prompter and scorer. `find()` is the main entry point."""
+
+    def __init__(self, model, tokenizer, processor=None, image_processor=None, source=None,
+                 n_image_tokens=None, spec_overrides=None, backend: str | None = None):
+        from .fused import fused_problem
+
+        self.model, self.tokenizer, self.processor, self.source = model, tokenizer, processor, source
+        self.adapter = Adapter(model, spec_for(model, spec_overrides))
+        self.backend = resolve_backend(backend, self.device, fused_problem(self.adapter))
+        cfg = model.config
+        n_img = n_image_tokens or getattr(cfg, "num_image_tokens", None)
+        image_token = (tokenizer.convert_ids_to_tokens(self.adapter.image_token_id)
+                       if self.adapter.image_token_id is not None else None)
+        self.prompter = Prompter(tokenizer, processor, image_processor, self.adapter.spec.prompt_template,
+                                 image_token, n_img)
+        # Models with a multimodal rope (Qwen2-VL, Qwen2.5-VL, GLM-4V) compute their own position ids;
+        # 1-D ones given to them would be wrong after the image.
+        self._own_positions = any(hasattr(m, "get_rope_index") for m in (model, getattr(model, "model", None)))
+        self._scorers: dict[bool, Scorer] = {}  # per fold_final_norm: projections cached across find calls
+        eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        from ..edit.live import model_lock
+
+        self.swap_lock = model_lock(model)  # held by each find batch, caption batch and patch swap
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the scored weights (all W_out and W_U): keys caches and records runs. Computed
+        afresh each time (a strided sample: milliseconds on a GPU), so a patch, a cast or an edit
+        through `.data` (which bypasses version counters) is always seen."""
+        return tensor_fingerprint(self._scored_weights())
+
+    def fingerprints_of_this_model(self) -> set[str]:
+        """The fingerprint and the one mmn_fast recorded before its sampling fix (io.tensor_fingerprint
+        version 1): what a run of these weights may hold."""
+        ws = self._scored_weights()
+        return {tensor_fingerprint(ws), tensor_fingerprint(ws, version=1)}
+
+    def _scored_weights(self) -> list[torch.Tensor]:
+        ad = self.adapter
+        return [ad.out_weight(l) for l in range(ad.n_layers)] + [ad.unembed_weight()]
+
+    # ------------------------------------------------------------------ inputs
+    def _inputs(self, images: list, prompt: str, prefix: str | None) -> dict[str, torch.Tensor]:
+        text = self.prompter.text(prompt, prefix)
+        enc = self.prompter(images, [text] * len(images))
+        dtype = next(self.model.parameters()).dtype
+        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in enc.items()}
+
+    def _caption_ids(self, caption) -> list[int]:
+        if isinstance(caption, str):
+            return self.tokenizer(caption, add_special_tokens=False)["input_ids"]
+        return [int(t) for t in caption]
+
+    def _teacher_forced(self, inputs: dict, captions: list[list[int]]) -> tuple[dict, torch.Tensor]:
+        """Append each caption after its (left-padded) prompt, right-pad; index [B, S] of the
+        positions that predict each caption token (clamped past a caption's end)."""
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        b, t = ids.shape
+        s = max(1, max(len(c) for c in captions))
+        pad = self.tokenizer.pad_token_id
+        cap = torch.full((b, s), pad, dtype=ids.dtype, device=ids.device)
+        cap_mask = torch.zeros((b, s), dtype=mask.dtype, device=mask.device)
+        for i, c in enumerate(captions):
+            cap[i, : len(c)] = torch.tensor(c, dtype=ids.dtype)
+            cap_mask[i, : len(c)] = 1
+        full = dict(inputs, input_ids=torch.cat([ids, cap], 1), attention_mask=torch.cat([mask, cap_mask], 1))
+        tt = full.get("mm_token_type_ids")  # per-token modality (Qwen2-VL style): captions are text, 0
+        if isinstance(tt, torch.Tensor) and tuple(tt.shape) == (b, t):
+            full["mm_token_type_ids"] = torch.cat([tt, tt.new_zeros(b, s)], 1)
+        # A multimodal rope (Qwen2-VL style) derives its 3-D positions from the mask itself.
+        if not self._own_positions and "position_ids" in inspect.signature(self.model.forward).parameters:
+            pos = full["attention_mask"].long().cumsum(-1) - 1
+            full["position_ids"] = pos.masked_fill(full["attention_mask"] == 0, 0)
+        lengths = torch.tensor([max(len(c), 1) for c in captions], device=ids.device)
+        steps = torch.arange(s, device=ids.device)[None, :].expand(b, -1)
+        index = t - 1 + torch.minimum(steps, (lengths - 1)[:, None])
+        return full, index
+
+    def _trim(self, out: list[int]) -> list[int]:
+        """Generated ids up to and including the first end-of-sequence token."""
+        for j, tok in enumerate(out):
+            if tok in self.eos_ids:
+                return out[: j + 1]
+        return out
+
+    # ------------------------------------------------------------------ find
+    def find(self, images: Iterable, **options) -> list[ImageResult]:
+        """Caption each image and score every concept token. See `iter_find` for the options."""
+        return list(self.iter_find(images, **options))
+
+    def iter_find(self, images: Iterable, captions: list | None = None, ids: list[str] | None = None,
+                  progress=None, keep_scores: bool = False, **options) -> Iterator[ImageResult]:
+        """Yield one `ImageResult` per image, batch by batch.
+
+        images: PIL images, paths or `ImageItem`s. captions: optional texts (or token id lists),
+        one per image: teacher-forced mode, one forward pass scores every concept position.
+        options: the fields of `FindOptions`. progress: a tqdm-like bar updated per image.
+        keep_scores: attach every neuron's score to each concept (`ConceptResult.scores`, [L, F]
+        fp32 on CPU, not serialised), for corpus-level aggregates.
+        """
+        opts = FindOptions(**options)
+        mode = self.check_options(opts)
+        if opts.fold_final_norm not in self._scorers:
+            self._scorers[opts.fold_final_norm] = Scorer(self.adapter, fold_norm=opts.fold_final_norm)
+        scorer = self._scorers[opts.fold_final_norm]
+        if isinstance(images, (str, Path, ImageItem)) or hasattr(images, "convert"):  # one image, not a list
+            images = [images]
+        try:
+            items = list(images)
+        except TypeError:
+            raise MMNError(f"images must be a list of PIL images, paths or ImageItems, not "
+                           f"{type(images).__name__}") from None
+        if captions is not None and len(captions) != len(items):
+            raise MMNError(f"{len(captions)} captions for {len(items)} images: give one caption per image")
+        for start in range(0, len(items), opts.batch_size):
+            batch = items[start : start + opts.batch_size]
+            caps = None if captions is None else captions[start : start + opts.batch_size]
+            batch_ids = ids[start : start + opts.batch_size] if ids is not None else None
+            yield from self._find_batch(batch, caps, batch_ids, opts, mode, scorer, start, keep_scores)
+            if progress is not None:
+                progress.update(len(batch))
+
+    def check_options(self, opts: FindOptions):
+        """Validate `opts` against this model (option values, concept words); returns the concept mode."""
+        opts.validate()
+        mode = resolve_mode(opts.concepts)
+        if isinstance(mode, list):
+            check_word_list(self.tokenizer, mode)
+        return mode
+
+    def _find_batch(self, batch, caps, batch_ids, opts: FindOptions, mode, scorer: Scorer, offset: int,
+                    keep_scores: bool = False):
+        pil = [as_image(x) for x in batch]
+        inputs = self._inputs(pil, opts.prompt, opts.prefix)
+        prompt_len = inputs["input_ids"].shape[1]
+        if caps is not None:
+            outputs = [self._caption_ids(c) for c in caps]
+            run_inputs, index = self._teacher_forced(inputs, outputs)
+            select = gather_positions(index)
+        else:
+            run_inputs, select = inputs, last_position
+        image_mask = None
+        if opts.positions == "image":
+            if self.adapter.image_token_id is None:
+                raise MMNError("positions='image' needs the image token id in the model config (image_token_id)")
+            image_mask = run_inputs["input_ids"] == self.adapter.image_token_id
+        # swap_lock: the whole batch (generation and capture) sees one patch state (see live.py)
+        with torch.no_grad(), self.swap_lock, self._capture(opts, select, image_mask) as store:
+            if caps is None:
+                seq = self.model.generate(**inputs, max_new_tokens=opts.max_new_tokens, do_sample=False,
+                                          num_beams=1, use_cache=True)
+                outputs = [self._trim(row) for row in seq[:, prompt_len:].tolist()]
+            else:
+                self.model(**run_inputs, use_cache=False)
+        records = self._concepts(outputs, mode)
+        flat = [(b, w) for b, ws in enumerate(records) for w in ws]
+        neurons, scores = self._score(flat, outputs, store, scorer, opts, inputs) if flat else ([], None)
+        if keep_scores and scores is not None:
+            scores = scores.float().cpu()  # [C, L, F]
+        k = 0
+        for b, item in enumerate(batch):
+            cons = []
+            for word in records[b]:
+                con = ConceptResult(word.text, outputs[b][word.step], word.step, neurons[k])
+                if keep_scores:
+                    con.scores = scores[k]  # [L, F]
+                cons.append(con)
+                k += 1
+            mask = inputs["attention_mask"][b].bool()
+            name = item.image if isinstance(item, ImageItem) else (str(item) if isinstance(item, (str, Path)) else "")
+            rid = batch_ids[b] if batch_ids is not None else (item.id if isinstance(item, ImageItem) else str(offset + b))
+            yield ImageResult(id=rid, image=name, prompt_ids=inputs["input_ids"][b][mask].tolist(),
+                              output_ids=outputs[b], caption=self._caption_text(outputs[b]), concepts=cons)
+
+    def _capture(self, opts: FindOptions, select, image_mask):
+        """The fused MLP forward on the Triton backend; forward hooks on the torch backend."""
+        if self.backend == "triton":
+            from .fused import fused_capture
+
+            return fused_capture(self.adapter, "triton", opts.activation, select, image_mask, opts.reduce,
+                                 opts.fold_final_norm)
+        return capture(self.adapter, opts.activation, select, opts.fold_final_norm, image_mask)
+
+    def _caption_text(self, output_ids: list[int]) -> str:
+        return self.tokenizer.decode(output_ids, skip_special_tokens=True).strip()
+
+    def _concepts(self, outputs: list[list[int]], mode) -> list:
+        picked = []
+        for out in outputs:
+            text, words = split_words(self.tokenizer, out)
+            picked.append(select_concepts(text, words, mode))
+        return picked
+
+    def _score(self, flat, outputs, store, scorer: Scorer, opts: FindOptions, inputs) -> list:
+        b_idx = torch.tensor([b for b, _ in flat])
+        s_idx = torch.tensor([w.step for _, w in flat])
+        tokens = [outputs[b][w.step] for b, w in flat]
+        if opts.method == "grad":
+            from .grad import grad_scores
+
+            scores = grad_scores(self, inputs, outputs, flat, opts)
+        elif opts.positions == "image":
+            stats = store.image_stats()
+            dev = stats["count"].device
+            per = {k: v[b_idx.to(dev)] for k, v in stats.items()}
+            scores = scorer.score_image(per, tokens, opts.reduce)
+        else:
+            acts = store.acts()  # [B, S, L, F]
+            dev = acts.device
+            norm_in = store.norm_inputs()[b_idx.to(dev), s_idx.to(dev)] if opts.fold_final_norm else None
+            scores = scorer.score(acts[b_idx.to(dev), s_idx.to(dev)], tokens, norm_in)
+        return Scorer.top(scores, opts.top_k), scores
+
+    # ------------------------------------------------------------------ patches (live.py, patch.py)
+    def apply(self, patch, force: bool = False):
+        """Apply a patch (a Patch or a .mmnpatch.safetensors path) in place; returns a handle with revert()."""
+        from ..edit.live import apply_patch
+
+        return apply_patch(self, patch, force=force)
+
+    def patched(self, patch, force: bool = False):
+        """`with engine.patched("red2blue.mmnpatch.safetensors"): ...`: applied, and reverted on exit."""
+        from ..edit.live import patched
+
+        return patched(self, patch, force=force)
+
+    def caption(self, images, prompt: str = DEFAULT_PROMPT, prefix: str | None = None, max_new_tokens: int = 32,
+                batch_size: int = 8) -> list[str]:
+        """Greedy captions; each batch is generated under swap_lock, so it sees one patch state."""
+        images, out = list(images), []
+        for s in range(0, len(images), batch_size):
+            pil = [as_image(x) for x in images[s : s + batch_size]]
+            inputs = self._inputs(pil, prompt, prefix)
+            with torch.no_grad(), self.swap_lock:
+                seq = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                          use_cache=True)
+            out += [self._caption_text(self._trim(r)) for r in seq[:, inputs["input_ids"].shape[1]:].tolist()]
+        return out
+

@@ -1,0 +1,212 @@
+"""Model adapters: where the decoder's MLPs, unembedding and final norm live in a VLM.
+
+An adapter is a small declarative `ModelSpec` of dotted module paths, registered by
+architecture name (`config.architectures[0]` / the model class name). Models that are not
+registered go through `discover_spec`, which finds LLaMA-style (gate/up/down) or GPT-style
+(fc1/fc2, c_fc/c_proj) MLPs by module pattern. Any field can be overridden by the user.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import MMNError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Dotted module paths. `mlp` is relative to a decoder layer, `out_proj`/`act_fn` to the MLP."""
+
+    layers: str  # nn.ModuleList of decoder layers
+    mlp: str = "mlp"  # "" when the projections sit on the layer itself (OPT)
+    out_proj: str = "down_proj"  # its input is h, the activation that is scored
+    act_fn: str | None = "act_fn"  # its output alone: the paper's released-code activation
+    unembed: str = "lm_head"
+    final_norm: str | None = None
+    gated: bool = True  # h = act(gate) * up; False: h = act(fc1)
+    # How the prompt is written when the processor has no chat template. "{image}" is replaced
+    # by the image placeholder (or nothing, when the processor inserts image tokens itself).
+    prompt_template: str = "{image}\n{prompt}"
+
+
+ADAPTERS: dict[str, ModelSpec] = {}
+
+
+def register_adapter(architecture: str, spec: ModelSpec) -> None:
+    """Register `spec` for models whose class (or `config.architectures[0]`) is `architecture`."""
+    ADAPTERS[architecture] = spec
+
+
+register_adapter(
+    "LlavaForConditionalGeneration",
+    ModelSpec(layers="model.language_model.layers", final_norm="model.language_model.norm",
+              prompt_template="USER: {image}\n{prompt} ASSISTANT:"),
+)
+register_adapter(
+    "InstructBlipForConditionalGeneration",
+    # The processor inserts the 32 query tokens itself; the prompt is plain text.
+    # Its language model is a full *ForCausalLM (Vicuna/LLaMA in the released checkpoints).
+    ModelSpec(layers="language_model.model.layers", final_norm="language_model.model.norm",
+              unembed="language_model.lm_head", prompt_template="{prompt}"),
+)
+
+_GATED = (("gate_proj", "up_proj", "down_proj", "act_fn"), ("w1", "w3", "w2", "act_fn"))
+_PLAIN = (("fc1", "fc2", ("activation_fn", "act_fn", "act")), ("c_fc", "c_proj", ("act",)),
+          ("dense_h_to_4h", "dense_4h_to_h", ("activation_func", "act")))
+_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "norm_f", "final_norm", "final_layer_norm")
+_VISION_WORDS = ("vision", "visual", "vit", "qformer", "abstractor", "image", "projector")
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    """`model.get_submodule(path)` ("" is the model itself) with an actionable error."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError as e:
+        raise MMNError(f"module path '{path}' not found in {type(model).__name__} ({e})") from None
+
+
+def _mlp_style(mlp: nn.Module) -> tuple[str, str | None, bool] | None:
+    """(out_proj, act_fn, gated) if `mlp` looks like a transformer MLP, else None."""
+    children = dict(mlp.named_children())
+    for gate, up, down, act in _GATED:
+        if gate in children and up in children and down in children:
+            return down, act if act in children else None, True
+    for fc_in, fc_out, acts in _PLAIN:
+        if fc_in in children and fc_out in children:
+            act = next((a for a in acts if a in children), None)
+            return fc_out, act, False
+    return None
+
+
+def _out_features(module: nn.Module) -> int | None:
+    w = getattr(module, "weight", None)
+    if w is None or w.ndim != 2:
+        return None
+    # transformers' GPT-2 Conv1D stores [in, out]; nn.Linear stores [out, in].
+    return w.shape[1] if type(module).__name__ == "Conv1D" else w.shape[0]
+
+
+def discover_spec(model: nn.Module) -> ModelSpec:
+    """Find the text decoder's layer list, MLP, unembedding and final norm by module pattern."""
+    unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if unembed is None:
+        raise MMNError(
+            f"{type(model).__name__} has no output embeddings (lm_head): mmn_fast needs a causal "
+            "LM head. Pass unembed='<path>' to mmn_fast.load()."
+        )
+    unembed_path = next(n for n, m in model.named_modules() if m is unembed)
+    d_model = unembed.weight.shape[1]
+    candidates = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        for mlp_name, mlp in mod[0].named_modules():  # "" first: MLP weights on the layer itself (OPT)
+            style = _mlp_style(mlp)
+            if style is None:
+                continue
+            out_proj, act, gated = style
+            if _out_features(getattr(mlp, out_proj)) != d_model:
+                continue
+            visionish = any(w in name.lower() for w in _VISION_WORDS)
+            candidates.append((visionish, -len(mod), name, mlp_name, out_proj, act, gated))
+            break
+    if not candidates:
+        raise MMNError(
+            f"could not find the decoder MLPs of {type(model).__name__}: no nn.ModuleList of layers "
+            "with gate_proj/up_proj/down_proj, fc1/fc2 or c_fc/c_proj projecting to the LM's hidden "
+            f"size {d_model}. Pass the module paths to mmn_fast.load(..., layers='model.layers', "
+            "mlp='mlp', out_proj='down_proj', act_fn='act_fn', final_norm='model.norm')."
+        )
+    _, _, layers, mlp_name, out_proj, act, gated = min(candidates)
+    parent = model.get_submodule(layers.rsplit(".", 1)[0]) if "." in layers else model
+    norm = next((n for n in _NORM_NAMES if n in dict(parent.named_children())), None)
+    final_norm = (f"{layers.rsplit('.', 1)[0]}.{norm}" if "." in layers else norm) if norm else None
+    return ModelSpec(layers=layers, mlp=mlp_name, out_proj=out_proj, act_fn=act, unembed=unembed_path,
+                     final_norm=final_norm, gated=gated)
+
+
+def spec_for(model: nn.Module, overrides: dict | None = None) -> ModelSpec:
+    """The registered spec for this architecture (else discovered), with user overrides applied."""
+    arch = type(model).__name__
+    archs = getattr(getattr(model, "config", None), "architectures", None) or []
+    spec = ADAPTERS.get(arch) or next((ADAPTERS[a] for a in archs if a in ADAPTERS), None)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if spec is None:
+        if "layers" in overrides:
+            spec = ModelSpec(layers=overrides["layers"])
+        else:
+            spec = discover_spec(model)
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelSpec)}
+    if unknown:
+        raise MMNError(f"unknown adapter override(s) {sorted(unknown)}; valid: "
+                       f"{[f.name for f in dataclasses.fields(ModelSpec)]}")
+    return dataclasses.replace(spec, **overrides)
+
+
+def output_matrix(out_proj: nn.Module) -> torch.Tensor:
+    """An output projection's weight as [d_model, F] (a view: GPT-2's Conv1D stores [F, d])."""
+    w = out_proj.weight
+    return w.t() if type(out_proj).__name__ == "Conv1D" else w
+
+
+class Adapter:
+    """A `ModelSpec` bound to a loaded model: modules and weights ready to use."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec):
+        self.model, self.spec = model, spec
+        layer_list = get_module(model, spec.layers)
+        if not isinstance(layer_list, (nn.ModuleList, nn.Sequential)) or len(layer_list) == 0:
+            raise MMNError(f"'{spec.layers}' in {type(model).__name__} is not a non-empty list of layers")
+        self.mlps = [get_module(layer, spec.mlp) for layer in layer_list]
+        self.out_projs = [get_module(m, spec.out_proj) for m in self.mlps]
+        self.act_fns = None
+        if spec.act_fn and all(hasattr(m, spec.act_fn) for m in self.mlps):
+            acts = [getattr(m, spec.act_fn) for m in self.mlps]
+            # A shared module would record every layer's call into each hook: unusable.
+            if all(isinstance(a, nn.Module) for a in acts) and len({id(a) for a in acts}) == len(acts):
+                self.act_fns = acts
+        self.unembed = get_module(model, spec.unembed)
+        self.final_norm = get_module(model, spec.final_norm) if spec.final_norm else None
+        self.n_layers = len(self.mlps)
+        self.d_mlp = self.out_weight(0).shape[1]
+        cfg = getattr(model, "config", None)
+        self.image_token_id = next(
+            (getattr(cfg, a) for a in ("image_token_id", "image_token_index") if getattr(cfg, a, None) is not None),
+            None,
+        )
+
+    def out_weight(self, layer: int) -> torch.Tensor:
+        """W_out of `layer` as [d_model, F] (column i is neuron i's output vector)."""
+        return output_matrix(self.out_projs[layer])
+
+    def unembed_weight(self) -> torch.Tensor:
+        """W_U as [V, d_model]."""
+        return self.unembed.weight
+
+    def norm_kind(self) -> str:
+        """'rms' or 'layer' for the final norm (what folding it means)."""
+        if self.final_norm is None:
+            raise MMNError("fold_final_norm=True needs the final norm; pass final_norm='<path>' to load()")
+        name = type(self.final_norm).__name__.lower()
+        return "layer" if ("layernorm" in name and "rms" not in name) else "rms"
+
+    def norm_weight(self) -> torch.Tensor | None:
+        """The final norm's effective scale: Gemma-family RMSNorms multiply by (1 + weight)."""
+        w = getattr(self.final_norm, "weight", None)
+        if w is None:
+            return None
+        w = w.detach()
+        return 1 + w if "gemma" in type(self.final_norm).__name__.lower() else w
+
+    def norm_eps(self) -> float:
+        for attr in ("variance_epsilon", "eps", "epsilon"):
+            if hasattr(self.final_norm, attr):
+                return float(getattr(self.final_norm, attr))
+        return 1e-6
+
+    def describe(self) -> dict:
+        return {**dataclasses.asdict(self.spec), "n_layers": self.n_layers, "d_mlp": self.d_mlp,
+                "image_token_id": self.image_token_id, "has_act_fn": self.act_fns is not None}

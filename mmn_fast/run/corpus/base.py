@@ -1,0 +1,211 @@
+"""The sample record, the corpus base class, and the helpers every reader shares."""
+from __future__ import annotations
+
+import glob
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from ...errors import MMNError
+from ...model.inputs import IMAGE_EXTENSIONS
+
+DATA_EXTRA = "pip install 'mmn_fast[data]'"
+
+# Image formats mmn_fast does not decode: a payload with one of these extensions is reported as
+# "unsupported image type" rather than silently dropped.
+UNSUPPORTED_IMAGE_EXTENSIONS = (".avif", ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".jpx", ".svg", ".ico",
+                                ".ppm", ".pgm", ".pbm", ".pnm", ".psd", ".tga", ".exr", ".hdr", ".dng",
+                                ".cr2", ".nef", ".arw", ".raw")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a corpus: where it is (shard, position), who it is (key), and its content.
+
+    shard: index of its shard in corpus order; position: 0-based index inside the shard, in shard
+    order (bad samples count too); key: stable unique id; source: where it came from, for humans;
+    image: decoded RGB PIL image, fully loaded (None when `error` is set or decoding was not asked
+    for); caption: optional caption; error: why the sample cannot be used, else None.
+    """
+    shard: int
+    position: int
+    key: str
+    source: str
+    image: "PIL.Image.Image | None" = None  # noqa: F821
+    caption: str | None = None
+    error: str | None = None
+
+
+class Corpus:
+    """A sharded, lazily read collection of images. Subclasses read one format each.
+
+    spec: what the user passed; identity: `spec` made absolute (see `absolute_spec`), the same
+    whatever the working directory it was given in and however it was spelt ('./data' or 'data');
+    kind: "folder" | "manifest" | "webdataset" | "parquet" | "image"; n_shards: number of shards.
+    A corpus holds no open files and pickles cheaply.
+    """
+    kind: str = ""
+
+    def __init__(self, spec: str, n_shards: int):
+        self.spec = spec
+        self.identity = absolute_spec(spec)
+        self.n_shards = n_shards
+
+    def shard_name(self, shard: int) -> str:
+        raise NotImplementedError
+
+    def shard_size(self, shard: int) -> int | None:
+        """Number of samples of `shard` if known without reading the data, else None."""
+        raise NotImplementedError
+
+    def size(self) -> int | None:
+        """Total number of samples if every shard size is known, else None."""
+        total = 0
+        for s in range(self.n_shards):
+            n = self.shard_size(s)
+            if n is None:
+                return None
+            total += n
+        return total
+
+    def iter_shard(self, shard: int, start: int = 0, decode: bool = True) -> Iterator[Sample]:
+        """Samples of `shard` from position `start` on, in order; skipping is cheap (nothing is decoded).
+
+        decode=False yields the same samples without decoding images (`image` is None, and errors
+        only decoding would find are not reported).
+        """
+        raise NotImplementedError
+
+    def _check(self, shard: int, start: int) -> None:
+        if not 0 <= shard < self.n_shards:
+            raise IndexError(f"shard {shard} out of range: {self.spec!r} has {self.n_shards} shards")
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} kind={self.kind} shards={self.n_shards} spec={self.spec!r}>"
+
+
+# ---------------------------------------------------------------------------------------- images
+def decode_image(data: bytes | None = None, path: str | os.PathLike | None = None):
+    """(RGB PIL image, None) or (None, error message). Never raises."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
+            rgb = im.convert("RGB")
+        rgb.load()
+        return rgb, None
+    except FileNotFoundError:
+        return None, f"missing file: {path}"
+    except IsADirectoryError:
+        return None, f"not a file: {path}"
+    except UnidentifiedImageError:
+        return None, "cannot decode image (unrecognised or corrupt image data)"
+    except Exception as e:  # corrupt, truncated, unsupported, decompression bomb ...
+        return None, f"cannot decode image ({type(e).__name__}: {e})"
+
+
+def image_error_for_extension(name: str) -> str | None:
+    """'unsupported image type' error for a known image format mmn_fast cannot decode, else None."""
+    ext = os.path.splitext(name)[1].lower()
+    if ext in UNSUPPORTED_IMAGE_EXTENSIONS:
+        return f"unsupported image type '{ext}' (supported: {', '.join(IMAGE_EXTENSIONS)})"
+    return None
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def read_text(path: str | os.PathLike) -> str | None:
+    """A caption file's stripped text; None if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", errors="replace").strip()
+    except OSError:
+        return None
+
+
+# ------------------------------------------------------------------------------------ spec paths
+def absolute_spec(spec: str | os.PathLike) -> str:
+    """`spec` as an absolute, real path: its components before the first one holding a brace or
+    glob pattern are joined to the working directory if relative and resolved as the OS resolves
+    them (symbolic links, then '..'); those from the pattern on are kept as written ('{a,b}/..'
+    means something else per alternative). 'data/m.jsonl', './data/m.jsonl', '/cwd/data/m.jsonl'
+    and a symlink to data/ give the same string; a working directory whose name holds '[' or '{'
+    is a plain prefix."""
+    spec = os.fspath(spec)
+    parts = spec.split(os.sep)
+    wild = next((i for i, c in enumerate(parts) if "{" in c or "}" in c or has_glob(c)), len(parts))
+    head = os.sep.join(parts[:wild])
+    head = os.path.realpath((head if os.path.isabs(spec) else os.path.join(os.getcwd(), head)) or os.sep)
+    return os.path.join(head, *parts[wild:]) if wild < len(parts) else head
+
+
+def relative_names(paths: list[str], strip) -> list[str]:
+    """Each path relative to the folder common to all of them, '/'-separated, passed through
+    `strip` (drops the extension), made unique (a file listed twice gets '#2'): names that tell
+    files apart across a corpus without reading them (default/train/0000 vs default/validation/0000)."""
+    absolute = [os.path.abspath(p) for p in paths]
+    root = os.path.commonpath([os.path.dirname(a) for a in absolute])
+    return unique_keys([strip(os.path.relpath(a, root)).replace(os.sep, "/") for a in absolute])
+
+
+def unique_keys(keys: list[str]) -> list[str]:
+    """Keys made unique: a repeated key gets '#2', '#3', ... in order (never a key used elsewhere)."""
+    seen = set(keys)
+    if len(seen) == len(keys):
+        return keys
+    out, used = [], set()
+    for k in keys:
+        if k in used:
+            n = 2
+            while f"{k}#{n}" in used or f"{k}#{n}" in seen:
+                n += 1
+            k = f"{k}#{n}"
+        used.add(k)
+        out.append(k)
+    return out
+
+
+def has_braces(spec: str) -> bool:
+    return "{" in spec and "}" in spec
+
+
+def has_glob(spec: str) -> bool:
+    return any(c in spec for c in "*?[")
+
+
+def expand_pattern(spec: str) -> list[str]:
+    """Brace pattern (braceexpand, in expanded order) and/or glob (sorted) to a list of paths."""
+    parts = [spec]
+    if has_braces(spec):
+        try:
+            from braceexpand import braceexpand
+        except ImportError:
+            raise MMNError(f"'{spec}' is a brace pattern, which needs the braceexpand package: {DATA_EXTRA}") from None
+        parts = list(braceexpand(spec))
+    paths: list[str] = []
+    for part in parts:
+        if has_glob(part) and not os.path.exists(part):
+            paths.extend(sorted(glob.glob(part)))
+        else:
+            paths.append(part)
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise MMNError(f"'{spec}' names {len(missing)} file(s) that do not exist ({shown}); fix the pattern")
+    if not paths:
+        raise MMNError(f"no files match '{spec}'")
+    return paths
+
+
+def data_suffix(path: str | Path) -> str:
+    """'.tar' (also for .tar.gz, .tgz), '.parquet', or the lower-case suffix."""
+    name = str(path).lower()
+    if name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
+        return ".tar"
+    return os.path.splitext(name)[1]
