@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -54,7 +55,18 @@ def _colour_images(colour: str, n: int, seed: int):
     return out[:n]
 
 
-FALLBACK = "blue"  # the colour this (deterministic) model says when a colour's evidence is removed
+@pytest.fixture(scope="module")
+def fallback(demo):
+    """The model's fallback colour: what objects turn into when their colour's top-20 neurons are zeroed,
+    pooled over every colour ({colour: count} of the colours said instead). Which colour it is depends on
+    the trained model, and so on the machine that trained it (float training differs across CPUs): it is
+    read off the model, not written down."""
+    said = Counter()
+    for colour in COLOURS:
+        images = [img for img, _ in _colour_images(colour, 16, seed=500)]
+        with zeroed(demo, _top_neurons(demo, colour)):
+            said.update(w for c in _captions(demo, images) for w in c.split() if w in COLOURS and w != colour)
+    return said.most_common(1)[0][0], said
 
 
 def _top_neurons(demo, colour, n=20):
@@ -67,11 +79,13 @@ def _top_neurons(demo, colour, n=20):
     return top
 
 
-@pytest.mark.parametrize("colour", [c for c in COLOURS if c != FALLBACK])
-def test_zeroing_top_neurons_changes_the_colour_far_more_than_random(demo, colour):
+@pytest.mark.parametrize("colour", COLOURS)
+def test_zeroing_top_neurons_changes_the_colour_far_more_than_random(demo, colour, fallback):
     """The paper's causal property on the demo model: the top-20 neurons found for a colour carry
     it. Zeroing them changes the colour in most captions; zeroing 20 random neurons (mean of 5
     draws) rarely does."""
+    if colour == fallback[0]:
+        pytest.skip(f"{colour} is this model's fallback colour: removing its evidence leaves it {colour}")
     top = _top_neurons(demo, colour)
     images = [img for img, _ in _colour_images(colour, 32, seed=500)]
     base = _captions(demo, images)
@@ -91,13 +105,15 @@ def test_zeroing_top_neurons_changes_the_colour_far_more_than_random(demo, colou
     assert top_rate >= 3 * random_rate + 0.2, (top_rate, random_rate)
 
 
-def test_the_fallback_colour_is_what_removed_evidence_turns_into(demo):
-    """Zeroing red's top neurons makes red objects mostly FALLBACK: the model's default colour.
-    (So zeroing FALLBACK's own neurons cannot change it: there is nothing for it to fall back to.)"""
-    images = [img for img, _ in _colour_images("red", 16, seed=500)]
-    with zeroed(demo, _top_neurons(demo, "red")):
+def test_the_fallback_colour_is_what_removed_evidence_turns_into(demo, fallback):
+    """Zeroing a colour's top neurons turns its objects mostly into one colour, the model's default;
+    zeroing that colour's own neurons leaves it: there is nothing for it to fall back to."""
+    colour, said = fallback
+    assert said[colour] >= 0.5 * sum(said.values()), said
+    images = [img for img, _ in _colour_images(colour, 16, seed=500)]
+    with zeroed(demo, _top_neurons(demo, colour)):
         caps = _captions(demo, images)
-    assert sum(FALLBACK in c.split() for c in caps) >= 0.5 * len(images), caps
+    assert sum(colour in c.split() for c in caps) >= 0.75 * len(images), caps
 
 
 def test_planted_neuron_ranks_first(demo_path):

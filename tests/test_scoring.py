@@ -6,6 +6,7 @@ import torch
 
 from mmn_fast import DEFAULT_PROMPT
 from mmn_fast.find.reference import reference_find
+from mmn_fast.find.scoring import Scorer
 
 ALL = dict(concepts="all", max_new_tokens=8)
 
@@ -241,3 +242,13 @@ def test_projection_cache_follows_in_place_weight_changes(llava64, images):
             w[:, index] = saved
     got = {tuple(n[:2]): n[2] for n in again.concepts[0].neurons}
     assert got[(layer, index)] == pytest.approx(2 * score, rel=1e-9)
+
+
+def test_projection_columns_do_not_depend_on_the_tokens_computed_with_them(llava):
+    """A token's projection column is the same bits whether it was computed alone or among other new
+    tokens (a matmul's rounding depends on its shape): otherwise scores would depend on what a run
+    scored before, and a resumed or multi-process run would not reproduce a single one."""
+    alone = Scorer(llava.adapter).projection([5])[0]  # [L, F]
+    for others in ([3, 5], [3, 5, 7, 9, 11], list(range(2, 13))):  # 2, 5 and 11 new tokens (two chunks)
+        together = Scorer(llava.adapter).projection(others)
+        assert torch.equal(together[others.index(5)], alone), len(others)

@@ -9,6 +9,9 @@ from ..model.adapters import Adapter
 from ..kernels import contribution_scores, token_projection, topk_neurons
 
 
+PROJECTION_CHUNK = 8  # tokens per projection matmul: one fixed shape, whatever the number of new tokens
+
+
 class Scorer:
     """`score(l, i, t) = a^l_i * <W_out^l[:, i], W_U[t]>`, optionally through the final norm.
 
@@ -52,11 +55,18 @@ class Scorer:
                 if w is not None:
                     rows = rows * w.to(rows.device, rows.dtype)
                 center = ad.norm_kind() == "layer"
-            # Each layer on its own device (a device_map split over GPUs); the columns meet on W_U's.
-            proj = torch.stack([token_projection(w, rows.to(w.device), center).to(rows.device)
-                                for w in (ad.out_weight(l) for l in range(ad.n_layers))])  # [L, F, K]
-            for k, t in enumerate(missing):
-                self._cache[t] = proj[:, :, k].contiguous()
+            for start in range(0, len(missing), PROJECTION_CHUNK):
+                chunk = rows[start : start + PROJECTION_CHUNK]  # [<=CHUNK, d]
+                # Always the same matmul shape (the last chunk padded with repeats of its last row): a
+                # matmul's rounding depends on its shape, so a token's column must not depend on which
+                # other tokens happened to be missing with it, or results would depend on a run's history
+                # (restarts, process count, batch order).
+                padded = torch.cat([chunk, chunk[-1:].expand(PROJECTION_CHUNK - len(chunk), -1)])  # [CHUNK, d]
+                # Each layer on its own device (a device_map split over GPUs); the columns meet on W_U's.
+                proj = torch.stack([token_projection(w, padded.to(w.device), center).to(rows.device)
+                                    for w in (ad.out_weight(l) for l in range(ad.n_layers))])  # [L, F, CHUNK]
+                for k, t in enumerate(missing[start : start + PROJECTION_CHUNK]):
+                    self._cache[t] = proj[:, :, k].contiguous()
         for t in tokens:
             self._cache.move_to_end(t)
         cols = torch.stack([self._cache[t] for t in tokens])  # [C, L, F]
