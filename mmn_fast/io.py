@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors.torch import save_file
 
 
 @contextlib.contextmanager
@@ -84,7 +85,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """safetensors file written atomically (temp file, fsync, rename), streamed to disk by safetensors
     (no second copy of the tensors in memory); tensors made contiguous and moved to CPU."""
-    from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,10 +24,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tqdm.auto import tqdm
+from transformers import (AutoProcessor, CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+from transformers.utils import logging as hf_logging
 
-from .data import COLOURS, IMAGE_SIZE, SHAPES, make_examples, make_examples_with_masks
 from ..io import umask
 from ..model.templates import LLAVA_CHAT_TEMPLATE
+from .data import COLOURS, IMAGE_SIZE, SHAPES, make_examples, make_examples_with_masks
+
+try:  # transformers 5: the default CLIPImageProcessor needs torchvision; the PIL one does not
+    from transformers import CLIPImageProcessorPil as ImageProcessor
+except ImportError:  # pragma: no cover
+    from transformers import CLIPImageProcessor as ImageProcessor
 
 RECIPE_VERSION = 3
 CACHE_SUBDIR = f"demo-v{RECIPE_VERSION}"
@@ -74,8 +85,6 @@ def _vocab_list() -> list[str]:
 
 def build_tokenizer():
     """Word-level PreTrainedTokenizerFast over the closed demo vocabulary (adds <s> in front)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(_vocab_list())}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
@@ -94,11 +103,6 @@ def build_tokenizer():
 
 def build_processor():
     """LlavaProcessor: CLIP image processor at IMAGE_SIZE px + tokenizer + chat template."""
-    from transformers import LlavaProcessor
-    try:  # transformers 5: the default CLIPImageProcessor needs torchvision; the PIL one does not
-        from transformers import CLIPImageProcessorPil as ImageProcessor
-    except ImportError:  # pragma: no cover
-        from transformers import CLIPImageProcessor as ImageProcessor
     image_processor = ImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                      crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                                      do_resize=True, do_center_crop=True)
@@ -115,8 +119,6 @@ def prompt_text(processor, prompt: str = DEMO_PROMPT) -> str:
 
 
 def _build_model(tokenizer):
-    from transformers import (CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration)
 
     ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in
            (("pad", PAD), ("bos", BOS), ("eos", EOS), ("image", IMAGE))}
@@ -142,7 +144,6 @@ def _build_model(tokenizer):
 def _patch_colours(examples_with_masks, tokenizer) -> torch.Tensor:
     """[N, n_img] token id of the colour covering most of each image patch (at least half of it),
     -100 where no object does: the targets of the patch loss (see _training_tensors)."""
-    import numpy as np
 
     side = IMAGE_SIZE // PATCH_SIZE
     out = torch.full((len(examples_with_masks), side * side), -100, dtype=torch.long)
@@ -229,7 +230,6 @@ def _adamw(named_params, lr: float, weight_decay: float):
 
 
 def _bar(n: int, desc: str, progress: bool):
-    from tqdm.auto import tqdm
     return tqdm(range(n), desc=desc, disable=not progress, file=sys.stderr, leave=False, dynamic_ncols=True,
                 mininterval=0.5)
 
@@ -362,7 +362,6 @@ def _remove_stale_builds(root: Path, max_age_s: float = 6 * 3600) -> None:
 def _isolated(fn, *args):
     """Run fn(*args) seeded, with BUILD_THREADS torch threads and without transformers' save/load
     progress bars; the caller's thread count, progress bars and RNG states are restored afterwards."""
-    from transformers.utils import logging as hf_logging
 
     bars, threads = hf_logging.is_progress_bar_enabled(), torch.get_num_threads()
     py_state, np_state = random.getstate(), np.random.get_state()
@@ -423,8 +422,6 @@ def build_demo_model(cache_dir: str | Path | None = None, force: bool = False, p
 
 def _build_into(out: Path, progress: bool) -> dict:
     """Train, save, reload-check and mark a checkpoint in `out`; returns the info written."""
-    import transformers
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     cfg = TRAIN
     t0 = time.perf_counter()

@@ -11,6 +11,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -93,7 +94,6 @@ def make_examples(n: int, seed: int, size: int = IMAGE_SIZE) -> list[tuple[Image
 def object_masks(objects: list[tuple[str, str, float, float, float]], size: int = IMAGE_SIZE) -> list:
     """Per object, a bool array [size, size]: the pixels at least half covered by that object alone
     (drawn as `_render` draws it, supersampled and box-filtered)."""
-    import numpy as np
 
     s, masks = _SUPERSAMPLE, []
     for _colour, shape, cx, cy, side in objects:

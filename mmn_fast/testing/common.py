@@ -9,6 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 BOS, EOS, PAD, UNK, IMAGE = "<s>", "</s>", "<pad>", "<unk>", "<image>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IMAGE)  # ids 0..4, LLaMA-like (<unk>=0, <s>=1, </s>=2)
@@ -50,7 +55,6 @@ def _corpus() -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Sequence([  # split at spaces, punctuation, digits and newlines
@@ -74,8 +78,6 @@ def tiny_tokenizer(*, named_image_token: bool = True):
     are single "▁word" tokens, rare ones (e.g. "zebra") several sub-tokens, and decoding gives plain text.
     named_image_token: expose `<image>` as `tokenizer.image_token` / `image_token_id` (a string).
     """
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tokenizer_json()), bos_token=BOS, eos_token=EOS, pad_token=PAD,
@@ -85,7 +87,6 @@ def tiny_tokenizer(*, named_image_token: bool = True):
 
 @functools.lru_cache(maxsize=1)
 def _bert_tokenizer_json() -> str:
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     # A fixed vocabulary (no training, so no tie-breaking): specials, characters, "##" continuations,
     # then every corpus word, sorted. Other words split into a first character and "##" pieces.
@@ -107,8 +108,6 @@ def _bert_tokenizer_json() -> str:
 
 def tiny_bert_tokenizer():
     """Lower-casing BERT-style WordPiece `PreTrainedTokenizerFast` (~230 tokens), e.g. for the Q-Former."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_bert_tokenizer_json()), cls_token="[CLS]", sep_token="[SEP]",
@@ -118,7 +117,6 @@ def tiny_bert_tokenizer():
 
 def random_images(n: int, size: int = 32, seed: int = 0) -> list:
     """`n` deterministic RGB PIL images: low-amplitude noise over a background with a coloured rectangle."""
-    from PIL import Image
 
     rng = np.random.default_rng(seed)
     images = []
@@ -133,7 +131,6 @@ def random_images(n: int, size: int = 32, seed: int = 0) -> list:
 
 def image_processor(kind: str, size: int):
     """A PIL-backend CLIP or BLIP image processor at `size` px (transformers 5's default backend needs torchvision)."""
-    import transformers
 
     if kind == "clip":
         cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
@@ -146,7 +143,6 @@ def image_processor(kind: str, size: int):
 def llama_config(tokenizer, *, num_layers: int, hidden_size: int, intermediate_size: int, num_heads: int,
                  max_positions: int = 1024, **kw):
     """A small `LlamaConfig` (SwiGLU MLP, untied lm_head) sized for `tokenizer`."""
-    from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
                        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
@@ -157,7 +153,6 @@ def llama_config(tokenizer, *, num_layers: int, hidden_size: int, intermediate_s
 
 def generation_config(tokenizer):
     """Greedy decoding with the tokenizer's bos/eos/pad ids."""
-    from transformers import GenerationConfig
 
     return GenerationConfig(do_sample=False, num_beams=1, bos_token_id=tokenizer.bos_token_id,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -186,12 +181,11 @@ def as_dtype(dtype) -> torch.dtype:
 @contextlib.contextmanager
 def quiet():
     """Hide transformers' progress bars (e.g. "Writing model shards") for the duration."""
-    from transformers.utils import logging
 
-    was_enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         if was_enabled:
-            logging.enable_progress_bar()
+            hf_logging.enable_progress_bar()

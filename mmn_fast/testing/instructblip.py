@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import (InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor,
+                          InstructBlipQFormerConfig, InstructBlipVisionConfig)
 
 from .common import (IMAGE, as_dtype, generation_config, heads_for, image_processor, llama_config, out_dir, quiet,
                      tiny_bert_tokenizer, tiny_tokenizer)
@@ -18,8 +20,6 @@ def tiny_instructblip(path, *, seed: int = 0, num_layers: int = 2, hidden_size: 
     The processor prepends `num_query_tokens` `<image>` tokens to every prompt (before any padding
     and before <s>); the model replaces their embeddings with the Q-Former outputs.
     """
-    from transformers import (InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor,
-                              InstructBlipQFormerConfig, InstructBlipVisionConfig)
 
     path = out_dir(path)
     # InstructBlipProcessor (5.x) reads `tokenizer.image_token.content`: a tokenizer with a plain-string

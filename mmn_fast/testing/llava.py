@@ -4,10 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import (CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
+                          LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor,
+                          LlavaProcessor)
 
 from ..model.templates import LLAVA_CHAT_TEMPLATE
 from .common import (IMAGE, as_dtype, generation_config, heads_for, image_processor, llama_config, out_dir, quiet,
                      tiny_tokenizer)
+
 
 def llava_model(*, seed: int = 0, num_layers: int = 2, hidden_size: int = 64, intermediate_size: int = 96,
                 image_size: int = 32, patch_size: int = 8, vision_hidden: int = 32, vision_layers: int = 2,
@@ -18,7 +22,6 @@ def llava_model(*, seed: int = 0, num_layers: int = 2, hidden_size: int = 64, in
     feature strategy): 16 at the defaults, 256 for image_size=128, patch_size=8. `device`: where the
     weights are created (benchmarks build LLaMA-7B-shaped layers straight on the GPU).
     """
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tok = tiny_tokenizer()
     image_token_id = tok.convert_tokens_to_ids(IMAGE)
@@ -63,8 +66,6 @@ def tiny_llava_next(path, *, seed: int = 0, image_size: int = 32, patch_size: in
     square image get different numbers of image tokens (52, 56 and 36 at the defaults), so one batch
     mixes them.
     """
-    from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextImageProcessorPil, LlavaNextProcessor)
 
     path = out_dir(path)
     tok = tiny_tokenizer()

@@ -7,6 +7,8 @@ passed from outside are wrong after the image. The processor here handles images
 from __future__ import annotations
 
 import torch
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+from transformers.processing_utils import ProcessorMixin
 
 from ..model.templates import LLAVA_CHAT_TEMPLATE
 from .common import as_dtype, generation_config, tiny_tokenizer
@@ -18,8 +20,6 @@ def qwen2_vl_model(*, seed: int = 0, hidden_size: int = 64, intermediate_size: i
                    torch_dtype: torch.dtype = torch.float32):
     """(random-weight `Qwen2VLForConditionalGeneration`, an image-only Qwen2-VL processor with a chat
     template). A 32x32 image gives 4 image tokens (8-pixel patches, 2x2 merge)."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor
-    from transformers.processing_utils import ProcessorMixin
 
     tok = tiny_tokenizer(named_image_token=False)
     tok.add_special_tokens({"additional_special_tokens": list(_SPECIAL)})
