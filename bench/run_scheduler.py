@@ -20,7 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from mmn_fast.demo import build_demo_model, make_examples, save_examples
+from mmn_fast.run.corpus import iter_samples, open_corpus
 
 FIND = ["--concepts", "all", "--max-new-tokens", "12", "--top-k", "20", "--quiet", "--checkpoint-seconds", "30",
         "--shard-size", "100"]
@@ -94,10 +97,6 @@ def main():
     r1, r2 = images_per_second(work / "p1", t1), images_per_second(work / "p2", t2)
     tk, rss_1k = run_find(model, first_k, work / "k1", "--batch-size", "16", "--num-workers", "1")
     tl, rss_10k = run_find(model, long_manifest, work / "k10", "--batch-size", "16", "--num-workers", "1")
-
-    import torch
-
-    from mmn_fast.run.corpus import iter_samples, open_corpus
 
     pattern = write_tars(examples, work / "tars")
     corpus = open_corpus(pattern)

@@ -145,7 +145,7 @@ def test_torchrun_stderr_keeps_the_ranks_error_line_and_drops_the_launchers_trac
     """What `mmn find --nproc N` does with torchrun's stderr, on a stand-in launcher."""
     import sys
 
-    from mmn_fast.cli.main import _run_torchrun
+    from mmn_fast.cli.find import run_torchrun
 
     script = ("import sys, time; e = sys.stderr.buffer\n"
               "e.write(b'\\rfind:  10%|#'); e.flush(); time.sleep(0.05)\n"
@@ -153,13 +153,13 @@ def test_torchrun_stderr_keeps_the_ranks_error_line_and_drops_the_launchers_trac
               "e.write(b'ror: unknown concept word\\nmmn: error: unknown concept word\\n')\n"
               "e.write(b'Traceback (most recent call last):\\n  ...\\nChildFailedError: mmn_fast FAILED\\n')\n"
               "sys.exit({rc})\n")
-    assert _run_torchrun([sys.executable, "-c", script.format(rc=1)]) == 2
+    assert run_torchrun([sys.executable, "-c", script.format(rc=1)]) == 2
     err = capsys.readouterr().err
     assert [l for l in err.splitlines() if "mmn: error:" in l] == ["mmn: error: unknown concept word"]
     assert "find:  10%" in err and "Traceback" not in err and "ChildFailedError" not in err
     plain = "import sys; sys.stderr.write('Traceback (most recent call last):\\nRuntimeError: bug\\n'); sys.exit(1)"
-    assert _run_torchrun([sys.executable, "-c", plain]) == 1                    # no mmn error: all of it, as is
+    assert run_torchrun([sys.executable, "-c", plain]) == 1                    # no mmn error: all of it, as is
     assert "RuntimeError: bug" in capsys.readouterr().err
     ok = "import sys; sys.stderr.write('mmn: warning: 1 images skipped\\n'); sys.exit(0)"
-    assert _run_torchrun([sys.executable, "-c", ok]) == 0
+    assert run_torchrun([sys.executable, "-c", ok]) == 0
     assert "mmn: warning: 1 images skipped" in capsys.readouterr().err

@@ -240,7 +240,7 @@ def test_device_map_auto_loads_through_accelerate(llava_path, images):
 
 
 def test_an_image_the_model_rejects_is_skipped_and_a_broken_model_stops_the_run(demo, tmp_path, monkeypatch):
-    from mmn_fast.run.runner import MAX_FAILED_BATCHES, run_corpus
+    from mmn_fast.run.runner import MAX_FAILED_BATCHES, RunSettings, run_corpus
 
     manifest = save_examples(make_examples(6, seed=9), tmp_path / "imgs")
     bad = json.loads(manifest.read_text().splitlines()[3])["id"]
@@ -252,8 +252,9 @@ def test_an_image_the_model_rejects_is_skipped_and_a_broken_model_stops_the_run(
         return real(images, ids=ids, **kw)
 
     monkeypatch.setattr(demo, "iter_find", picky)
-    kw = dict(progress=False, num_workers=0, concepts="all", max_new_tokens=12, batch_size=2)
-    run_corpus(demo, manifest, tmp_path / "out", **kw)
+    settings = RunSettings(progress=False, num_workers=0)
+    opts = mmn_fast.FindOptions(concepts="all", max_new_tokens=12, batch_size=2)
+    run_corpus(demo, manifest, tmp_path / "out", settings, opts)
     skipped = [json.loads(l) for l in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
     assert [s["key"] for s in skipped] == [bad] and "TypeError: odd image" in skipped[0]["reason"]
     assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 5
@@ -264,20 +265,22 @@ def test_an_image_the_model_rejects_is_skipped_and_a_broken_model_stops_the_run(
     monkeypatch.setattr(demo, "iter_find", broken)
     many = save_examples(make_examples(2 * MAX_FAILED_BATCHES + 2, seed=10), tmp_path / "many")
     with pytest.raises(mmn_fast.MMNError, match="batches in a row failed"):
-        run_corpus(demo, many, tmp_path / "out2", **kw)
+        run_corpus(demo, many, tmp_path / "out2", settings, opts)
     assert not (tmp_path / "out2" / "run.json").exists()  # not marked finished: a rerun resumes
     # images the model truly rejects, many in a row: --max-failed-batches 0 goes through them all
     with pytest.raises(mmn_fast.MMNError, match=f"none of the {2 * MAX_FAILED_BATCHES + 2} images could be used"):
-        run_corpus(demo, many, tmp_path / "out2", max_failed_batches=0, **kw)
+        run_corpus(demo, many, tmp_path / "out2", RunSettings(progress=False, num_workers=0, max_failed_batches=0),
+                   opts)
     assert len((tmp_path / "out2" / "skipped.jsonl").read_text().splitlines()) == 2 * MAX_FAILED_BATCHES + 2
     with pytest.raises(mmn_fast.MMNError, match="max-failed-batches"):
-        run_corpus(demo, many, tmp_path / "out3", max_failed_batches=-1, **kw)
+        run_corpus(demo, many, tmp_path / "out3", RunSettings(progress=False, num_workers=0, max_failed_batches=-1),
+                   opts)
 
 
 def test_a_model_wide_failure_streak_is_redone_by_the_rerun(demo, tmp_path, monkeypatch):
     """Checkpoints inside a streak of failed batches would keep its images skipped for good: the run
     stops after MAX_FAILED_BATCHES ("rerun to resume") and the rerun starts from the last checkpoint."""
-    from mmn_fast.run.runner import MAX_FAILED_BATCHES, run_corpus
+    from mmn_fast.run.runner import MAX_FAILED_BATCHES, RunSettings, run_corpus
 
     n = MAX_FAILED_BATCHES + 4
     manifest = save_examples(make_examples(n, seed=21), tmp_path / "imgs")
@@ -289,16 +292,16 @@ def test_a_model_wide_failure_streak_is_redone_by_the_rerun(demo, tmp_path, monk
             raise RuntimeError("CUDA error: out of memory")  # model-wide and transient
         return real(images, **kw)
 
-    kw = dict(progress=False, num_workers=0, concepts="all", max_new_tokens=6, batch_size=1, top_k=5,
-              checkpoint_every=1)
+    settings = RunSettings(progress=False, num_workers=0, checkpoint_every=1)
+    opts = mmn_fast.FindOptions(concepts="all", max_new_tokens=6, batch_size=1, top_k=5)
     out = tmp_path / "out"
     monkeypatch.setattr(demo, "iter_find", fails_after_two)
     with pytest.raises(mmn_fast.MMNError, match="batches in a row failed"):
-        run_corpus(demo, manifest, out, **kw)
+        run_corpus(demo, manifest, out, settings, opts)
     state = json.loads((out / "parts" / "rank-000-of-001.state.json").read_text())
     assert state["counts"]["images"] == 2 and state["counts"]["skipped"] == 0  # last checkpoint: before the streak
     monkeypatch.setattr(demo, "iter_find", real)  # the cause fixed
-    summary = run_corpus(demo, manifest, out, **kw)
+    summary = run_corpus(demo, manifest, out, settings, opts)
     assert (summary["images"], summary["skipped"]) == (n, 0)
     assert (out / "skipped.jsonl").read_text() == ""
     assert len((out / "results.jsonl").read_text().splitlines()) == n
@@ -307,33 +310,35 @@ def test_a_model_wide_failure_streak_is_redone_by_the_rerun(demo, tmp_path, monk
 def test_checkpoint_every_counts_batches_flushed_at_a_shard_end(demo, tmp_path):
     """Shards smaller than a batch are flushed at their end only: those images count towards
     --checkpoint-every too (3 shards of 2 with --checkpoint-every 1: one checkpoint per shard, plus the last)."""
-    from mmn_fast.run.runner import run_corpus
+    from mmn_fast.run.runner import RunSettings, run_corpus
 
     manifest = save_examples(make_examples(6, seed=22), tmp_path / "imgs")
     out = tmp_path / "out"
-    run_corpus(demo, manifest, out, progress=False, num_workers=0, concepts="all", max_new_tokens=6, batch_size=4,
-               top_k=5, shard_size=2, checkpoint_every=1, checkpoint_seconds=1e9)
+    run_corpus(demo, manifest, out,
+               RunSettings(progress=False, num_workers=0, shard_size=2, checkpoint_every=1, checkpoint_seconds=1e9),
+               mmn_fast.FindOptions(concepts="all", max_new_tokens=6, batch_size=4, top_k=5))
     assert json.loads((out / "parts" / "rank-000-of-001.state.json").read_text())["seq"] == 4
 
 
 def test_the_corpus_is_identified_by_its_absolute_path(demo, tmp_path, monkeypatch):
     """'./data/m.jsonl' and 'data/m.jsonl' are one corpus; 'data/m.jsonl' from another working
     directory (same absolute --out) is another, and refused rather than mixed in."""
-    from mmn_fast.run.runner import run_corpus
+    from mmn_fast.run.runner import RunSettings, run_corpus
 
     for sub, seed in (("x", 23), ("y", 24)):
         save_examples(make_examples(3, seed=seed), tmp_path / sub / "data")
-    kw = dict(progress=False, num_workers=0, concepts="all", max_new_tokens=6, batch_size=2, top_k=5)
+    settings = RunSettings(progress=False, num_workers=0)
+    opts = mmn_fast.FindOptions(concepts="all", max_new_tokens=6, batch_size=2, top_k=5)
     out = tmp_path / "out"
     monkeypatch.chdir(tmp_path / "x")
-    run_corpus(demo, "./data/manifest.jsonl", out, **kw)
+    run_corpus(demo, "./data/manifest.jsonl", out, settings, opts)
     before = (out / "results.jsonl").read_bytes()
-    assert run_corpus(demo, "data/manifest.jsonl", out, **kw)["images"] == 3  # the same corpus: a no-op rerun
+    assert run_corpus(demo, "data/manifest.jsonl", out, settings, opts)["images"] == 3  # the same corpus: a no-op rerun
     assert (out / "results.jsonl").read_bytes() == before
     assert json.loads((out / "run.json").read_text())["corpus"] == str(tmp_path / "x" / "data" / "manifest.jsonl")
     monkeypatch.chdir(tmp_path / "y")
     with pytest.raises(mmn_fast.MMNError, match=r"different settings \(corpus\)"):
-        run_corpus(demo, "data/manifest.jsonl", out, **kw)
+        run_corpus(demo, "data/manifest.jsonl", out, settings, opts)
 
 
 def test_overwrite_removes_the_previous_runs_heatmaps_metrics_and_report(demo_path, tmp_path):

@@ -1,16 +1,16 @@
 """`mmn edit` and `mmn patch bake|inspect|verify`. Bad input raises MMNError (one line, exit 2)."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from ..find.engine import DEFAULT_PROMPT
+from ..edit.bake import bake
+from ..edit.evaluate import report_table, run_edit
+from ..edit.live import check_patch
+from ..edit.patch_file import load_patch
 from ..errors import MMNError
-
-
-def _engine(args):
-    from ..find.engine import load
-
-    return load(args.model, device=args.device, dtype=args.dtype)
+from ..find.engine import DEFAULT_PROMPT
+from .common import add_model_options, load_engine
 
 
 def _layers(value: str | None) -> list[int]:
@@ -22,9 +22,7 @@ def _layers(value: str | None) -> list[int]:
         raise MMNError(f"--exclude-layers takes comma-separated layer numbers, got {value!r}") from None
 
 
-def cmd_edit(args) -> int:
-    from ..edit.evaluate import report_table, run_edit
-
+def cmd_edit(args: argparse.Namespace) -> int:
     if args.neurons < 1:
         raise MMNError(f"--neurons must be at least 1, got {args.neurons}")
     if args.method in ("swap", "optimize") and not args.target:
@@ -32,7 +30,7 @@ def cmd_edit(args) -> int:
     out = Path(args.out)  # checked before the (long) edit and evaluation, whose result it must hold
     if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):
         raise MMNError(f"--out '{out}' must be a file path (its folder is created if missing)")
-    engine = _engine(args)
+    engine = load_engine(args)
     params = {"scale": args.scale, "strength": args.strength, "sigma": args.sigma,
               "steps": args.steps, "lr": args.lr, "kl_weight": args.kl_weight, "l2_weight": args.l2_weight,
               "margin": args.margin}
@@ -50,17 +48,13 @@ def cmd_edit(args) -> int:
     return 0
 
 
-def cmd_inspect(args) -> int:
-    from ..edit.patch_file import load_patch
-
+def cmd_inspect(args: argparse.Namespace) -> int:
     print(load_patch(args.patch).describe(max_indices=args.max_indices))
     return 0
 
 
-def cmd_verify(args) -> int:
-    from ..edit.live import check_patch
-
-    rows = check_patch(_engine(args), args.patch)
+def cmd_verify(args: argparse.Namespace) -> int:
+    rows = check_patch(load_engine(args), args.patch)
     meaning = {"base": "matches the patch's base (applies cleanly)", "applied": "already holds the patched vectors",
                "mismatch": "MISMATCH: neither the base nor the patched vectors"}
     for r in rows:
@@ -72,9 +66,7 @@ def cmd_verify(args) -> int:
     return 0 if states <= {"base"} or states == {"applied"} else 1
 
 
-def cmd_bake(args) -> int:
-    from ..edit.bake import bake
-
+def cmd_bake(args: argparse.Namespace) -> int:
     done = bake(args.model, args.patch, args.out, force=args.force)
     print(f"baked {len(args.patch)} patch(es) into {Path(args.out).resolve()}: rewrote {', '.join(done['rewritten'])}; "
           f"linked {len(done['linked'])}, copied {len(done['copied'])} other file(s)")
@@ -84,9 +76,7 @@ def cmd_bake(args) -> int:
 def register(sub) -> None:
     """Add `edit` and `patch` to the `mmn` sub-command parsers."""
     e = sub.add_parser("edit", help="edit a concept's neurons; write a .mmnpatch.safetensors file and report")
-    e.add_argument("--model", required=True, help="local Hugging Face checkpoint directory")
-    e.add_argument("--device", default=None)
-    e.add_argument("--dtype", default=None)
+    add_model_options(e)
     e.add_argument("--from", dest="from_", required=True,
                    help="a `mmn find` output directory (neurons from concepts.json) or images (folder, manifest)")
     e.add_argument("--source", required=True, help="the concept word to edit")
@@ -120,10 +110,8 @@ def register(sub) -> None:
     i.add_argument("--max-indices", type=int, default=12)
     i.set_defaults(func=cmd_inspect)
     v = psub.add_parser("verify", help="check a patch against a model (exit 1 on mismatch)")
-    v.add_argument("--model", required=True)
+    add_model_options(v)
     v.add_argument("--patch", required=True)
-    v.add_argument("--device", default=None)
-    v.add_argument("--dtype", default=None)
     v.set_defaults(func=cmd_verify)
     b = psub.add_parser("bake", help="write a checkpoint with the patch(es) baked in")
     b.add_argument("--model", required=True)

@@ -1,26 +1,28 @@
 """`mmn heatmap`, `mmn metrics`, `mmn report`. Bad input raises MMNError (one line, exit 2)."""
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import sys
 import warnings
 from pathlib import Path
 
-from ..find.engine import DEFAULT_PROMPT
+from ..edit.methods import word_token
 from ..errors import MMNError
-
-
-def _engine(args, model=None):
-    from ..find.engine import load
-
-    return load(model or args.model, device=args.device, dtype=args.dtype)
+from ..explain.heatmap import DISPLAY_MIN, maps, safe_name, save_heatmap
+from ..explain.metrics import ALL, MetricOptions, RunModelWarning, check_run_model, compute_metrics, summary_table
+from ..explain.report import write_report
+from ..find.engine import DEFAULT_PROMPT
+from ..io import write_json
+from ..model.inputs import load_image
+from ..run.aggregate import open_results
+from .common import add_model_options, load_engine
 
 
 @contextlib.contextmanager
 def _model_notices():
     """Print the library's RunModelWarning (a model other than the run's) as one "mmn: warning:" line."""
-    from ..explain.metrics import RunModelWarning
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RunModelWarning)
         try:
@@ -44,11 +46,7 @@ def _neuron(value: str) -> tuple[int, int]:
         raise MMNError(f"--neuron takes LAYER.INDEX (e.g. 12.345), got {value!r}") from None
 
 
-def cmd_heatmap(args) -> int:
-    from ..edit.methods import word_token
-    from ..explain.heatmap import DISPLAY_MIN, maps, safe_name, save_heatmap
-    from ..model.inputs import load_image
-
+def cmd_heatmap(args: argparse.Namespace) -> int:
     if args.neurons is not None and args.neurons < 1:
         raise MMNError(f"--neurons must be at least 1, got {args.neurons}")
     n = args.neurons or 10
@@ -57,14 +55,10 @@ def cmd_heatmap(args) -> int:
     image = load_image(args.image)
     res_dir = None
     if args.results and not picked:
-        from ..run.aggregate import open_results
-
         res_dir = open_results(args.results)
-    engine = _engine(args)
+    engine = load_engine(args)
     ad = engine.adapter
     if res_dir is not None:  # the run's neuron indices must be this model's
-        from ..explain.metrics import check_run_model
-
         with _model_notices():
             check_run_model(res_dir, engine, "the heatmap")
     res = engine.find([image], concepts=[word], top_k=max(n, 1), prompt=args.prompt, prefix=args.prefix,
@@ -107,12 +101,7 @@ def _words(value: str | None):
     return [w.strip() for w in value.split(",") if w.strip()] if value else None
 
 
-def cmd_metrics(args) -> int:
-    import json
-
-    from ..explain.metrics import ALL, MetricOptions, compute_metrics, summary_table
-    from ..io import write_json
-
+def cmd_metrics(args: argparse.Namespace) -> int:
     run = Path(args.results) / "run.json"
     try:
         model = args.model or json.loads(run.read_text())["model"]
@@ -128,7 +117,7 @@ def cmd_metrics(args) -> int:
                    causal_modes=tuple(_words(args.causal_modes) or ()), sigma=args.sigma,
                    batch_size=args.batch_size, metrics=metrics)
     MetricOptions(**options).validate()  # before the model loads
-    engine = _engine(args, model)
+    engine = load_engine(args, model)
     with _model_notices():
         out = compute_metrics(engine, args.results, images=args.images, progress=not args.quiet, **options)
     path = Path(args.out or args.results) / "metrics.json"
@@ -138,11 +127,7 @@ def cmd_metrics(args) -> int:
     return 0
 
 
-def cmd_report(args) -> int:
-    import json
-
-    from ..explain.report import write_report
-
+def cmd_report(args: argparse.Namespace) -> int:
     if args.neurons < 1:
         raise MMNError(f"--neurons must be at least 1, got {args.neurons}")
     if args.examples < 0:
@@ -160,7 +145,7 @@ def cmd_report(args) -> int:
                       "tokens or computed heatmaps (pass --model PATH)", file=sys.stderr)
                 model = None
         if model:
-            engine = _engine(args, model)
+            engine = load_engine(args, model)
     with _model_notices():
         path = write_report(args.results_dir, args.out, engine, neurons=args.neurons, examples=args.examples,
                             method=args.method)
@@ -170,12 +155,8 @@ def cmd_report(args) -> int:
 
 def register(sub) -> None:
     """Add `heatmap`, `metrics` and `report` to the `mmn` sub-command parsers."""
-    def device_args(p):
-        p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
-        p.add_argument("--dtype", default=None, help="float32, bfloat16 ... (default: the checkpoint's)")
-
     h = sub.add_parser("heatmap", help="heatmap and mask of a concept's neurons over an image")
-    h.add_argument("--model", required=True, help="local Hugging Face checkpoint directory")
+    add_model_options(h)
     h.add_argument("--image", required=True)
     h.add_argument("--concept", required=True, help="the word whose neurons to map")
     which = h.add_mutually_exclusive_group()
@@ -191,14 +172,13 @@ def register(sub) -> None:
     h.add_argument("--prefix", default=None)
     h.add_argument("--max-new-tokens", type=int, default=32)
     h.add_argument("--out", required=True, help="output directory")
-    device_args(h)
     h.set_defaults(func=cmd_heatmap)
 
     m = sub.add_parser("metrics", help="the paper's property metrics for a find run (docs/metrics.md)")
     m.add_argument("--results", required=True, help="a finished `mmn find` output directory")
     m.add_argument("--images", default=None, help="the corpus the run read (default: the image paths in results.jsonl)")
     m.add_argument("--out", default=None, help="directory for metrics.json (default: --results)")
-    m.add_argument("--model", default=None, help="checkpoint (default: the run's)")
+    add_model_options(m, required=False, model_help="checkpoint (default: the run's)")
     m.add_argument("--neurons", type=int, default=10, help="top-n neurons per concept")
     m.add_argument("--top-tokens", type=int, default=10, help="top-k tokens per neuron (semantic sensitivity)")
     m.add_argument("--concepts", default=None, help="comma-separated concepts (default: the most frequent)")
@@ -213,16 +193,14 @@ def register(sub) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--batch-size", type=int, default=16)
     m.add_argument("--quiet", action="store_true")
-    device_args(m)
     m.set_defaults(func=cmd_metrics)
 
     r = sub.add_parser("report", help="one self-contained HTML report of a find run")
     r.add_argument("results_dir")
     r.add_argument("--out", default=None, help="HTML file (default: RESULTS_DIR/report.html)")
-    r.add_argument("--model", default=None, help="checkpoint for top tokens and heatmaps (default: the run's)")
+    add_model_options(r, required=False, model_help="checkpoint for top tokens and heatmaps (default: the run's)")
     r.add_argument("--no-model", action="store_true", help="do not load the model (no top tokens, no computed heatmaps)")
     r.add_argument("--neurons", type=int, default=10, help="top neurons shown per concept")
     r.add_argument("--examples", type=int, default=3, help="example heatmaps per concept")
     r.add_argument("--method", default="activation", choices=["activation", "occlusion"])
-    device_args(r)
     r.set_defaults(func=cmd_report)

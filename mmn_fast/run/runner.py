@@ -7,12 +7,12 @@ processes or restarts. Each shard's result lines go to `DIR/parts/shard-XXXXX.js
 
 Every `checkpoint_every` images or `checkpoint_seconds` the rank fsyncs its part files and writes
 its aggregates and a state file (how far each shard got, and the part files' byte lengths)
-atomically; never inside a streak of batches the model failed on, so that a run stopped by a
-model-wide error (MAX_FAILED_BATCHES) redoes the whole streak when rerun. A rank killed at any
-moment restarts from its last state: part files are cut back to the recorded lengths and reading
-resumes at the recorded positions, so no image is lost or counted twice. When every rank is
-done, rank 0 concatenates the parts in shard order into `results.jsonl` / `skipped.jsonl`, merges
-the aggregates, and writes `concepts.json` and, last, `run.json`.
+atomically (see mmn_fast.run.parts); never inside a streak of batches the model failed on, so that
+a run stopped by a model-wide error (MAX_FAILED_BATCHES) redoes the whole streak when rerun. A rank
+killed at any moment restarts from its last state: part files are cut back to the recorded
+lengths and reading resumes at the recorded positions, so no image is lost or counted twice. When
+every rank is done, rank 0 concatenates the parts in shard order into `results.jsonl` /
+`skipped.jsonl`, merges the aggregates, and writes `concepts.json` and, last, `run.json`.
 """
 from __future__ import annotations
 
@@ -22,17 +22,190 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from .aggregate import NeuronStats
-from ..find.engine import Engine, FindOptions
+from tqdm.auto import tqdm
+
 from ..errors import MMNError
-from ..io import atomic_open, write_json
+from ..explain.heatmap import write_heatmaps
+from ..find.concepts import resolve_mode
+from ..find.engine import Engine, FindOptions
+from ..io import write_json
+from .aggregate import NeuronStats
+from .corpus import Corpus, Sample, ShardEnd, iter_samples, open_corpus
+from .parts import RankState, join_parts, merge_ranks
+from .runinfo import library_versions
 
-STATE_VERSION = 1
 MAX_FAILED_BATCHES = 8  # this many batches in a row with no usable image: a model-wide error, not bad images
+RUN_FORMAT_VERSION = 2  # run.json's format_version
+# How sample keys are formed (2: tar keys prefixed by their shard, parquet fallbacks by the file's
+# relative path): a run started under another scheme is not resumed into mixed keys.
+KEY_FORMAT = 2
+# What a finished run leaves in DIR besides parts/: --overwrite removes these (and only these).
+RUN_FILES = ("results.jsonl", "skipped.jsonl", "concepts.json", "run.json", "aggregates.json",
+             "aggregates.safetensors", "metrics.json", "report.html")
+RUN_DIRS = ("heatmaps",)
 
 
+@dataclass
+class RunSettings:
+    """How a corpus run reads, records and checkpoints (FindOptions: how each batch is scored).
+
+    teacher_forced: score the corpus' captions instead of generating. num_workers: image-decoding
+    processes (0: in this one). shard_size: samples per shard for folders, manifests, parquet.
+    checkpoint_every / checkpoint_seconds: checkpoint after this many images or seconds.
+    overwrite: discard a previous run in the folder. aggregate: "dense" (every neuron's per-concept
+    statistics) or "sparse" (top-k neurons only). rank / world: this process and the process count
+    (default: $RANK / $WORLD_SIZE). heatmaps: None, "activation" or "occlusion": also write each
+    concept's heatmap and mask per image into DIR/heatmaps/<id>/ (see mmn_fast.explain.write_heatmaps).
+    max_failed_batches: stop after this many batches in a row in which no image could be scored (a
+    model-wide error; the rerun redoes them); 0: never stop, skip them all (images the model truly
+    rejects, many in a row)."""
+    teacher_forced: bool = False
+    progress: bool = True
+    num_workers: int = 0
+    shard_size: int = 1000
+    checkpoint_every: int = 256
+    checkpoint_seconds: float = 60.0
+    overwrite: bool = False
+    aggregate: str = "dense"
+    rank: int | None = None
+    world: int | None = None
+    heatmaps: str | None = None
+    max_failed_batches: int = MAX_FAILED_BATCHES
+
+    def validate(self) -> None:
+        if self.aggregate not in ("dense", "sparse"):
+            raise MMNError(f"--aggregate must be 'dense' or 'sparse', got {self.aggregate!r}")
+        if self.max_failed_batches < 0:
+            raise MMNError(f"--max-failed-batches must be 0 (never stop) or more, got {self.max_failed_batches}")
+
+
+_SETTINGS = frozenset(f.name for f in dataclasses.fields(RunSettings))
+
+
+def split_options(**keywords) -> tuple[RunSettings, FindOptions]:
+    """Keywords of both kinds (as `run_find` takes them) into RunSettings and FindOptions."""
+    settings = {k: v for k, v in keywords.items() if k in _SETTINGS}
+    options = {k: v for k, v in keywords.items() if k not in _SETTINGS}
+    return RunSettings(**settings), FindOptions(**options)
+
+
+# ----------------------------------------------------------------------------------- public API
+def run_find(engine: Engine, images: str | Path, out_dir: str | Path, teacher_forced: bool = False,
+             progress: bool = True, **options) -> dict:
+    """Score every image of a folder, manifest, WebDataset or Parquet corpus into `out_dir`
+    (results.jsonl, skipped.jsonl, concepts.json, aggregates, run.json); a killed run resumes when
+    called again with the same arguments. Returns concepts.json's content (on rank 0).
+
+    options: the fields of `FindOptions` and of `RunSettings` (num_workers, shard_size, ...).
+    """
+    settings, opts = split_options(teacher_forced=teacher_forced, progress=progress, **options)
+    return run_corpus(engine, images, out_dir, settings, opts).get("concepts_json", {})
+
+
+def check_run(images: str | Path, out_dir: str | Path, settings: RunSettings, options: FindOptions) -> None:
+    """The checks of `run_corpus` that need no model: option values, --out, the corpus, and an
+    existing run's settings (all but the weights), for `settings.world` processes (default 1).
+    `mmn find --nproc N` runs them before it starts N processes, so that bad input is one line, not
+    N failing processes. Writes nothing."""
+    options.validate()
+    if isinstance(options.concepts, (list, tuple)):
+        resolve_mode(options.concepts)  # an empty word list; the words themselves need the tokenizer
+    settings.validate()
+    out = _out_dir(out_dir, create=False)
+    corpus = open_corpus(images, shard_size=settings.shard_size)
+    if settings.overwrite:
+        return
+    cfg_path = out / "parts" / "config.json"
+    if cfg_path.is_file():
+        world = 1 if settings.world is None else settings.world
+        config = _config(None, corpus, options, settings, world)
+        _compare(out, json.loads(cfg_path.read_text()), config, ignore=("weight_fingerprint",))
+    else:
+        why = _finished_without_parts(out)
+        if why:
+            raise MMNError(why)
+
+
+def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, settings: RunSettings,
+               options: FindOptions) -> dict:
+    """Score a corpus into `out_dir`, resuming a killed run with the same settings. Returns the run
+    summary (images, skipped, concepts, neurons scored, seconds, and concepts.json's content on rank 0)."""
+    engine.check_options(options)  # a bad option or word is one error now, not a skip per sample
+    settings.validate()
+    rank, world = _dist_info(settings.rank, settings.world)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise MMNError(f"rank {rank} of {world}: no torch.distributed process group; run through `mmn find "
+                           "--nproc N` or torchrun `-m mmn_fast find`, or call init_process_group() first")
+    corpus = open_corpus(images, shard_size=settings.shard_size)
+    out = _out_dir(out_dir, create=rank == 0)
+    config = _config(engine.fingerprint, corpus, options, settings, world)
+    parts = _prepare(out, config, settings.overwrite, rank, world)
+    ad = engine.adapter
+    state = RankState(parts, rank, world, NeuronStats(settings.aggregate, ad.n_layers, ad.d_mlp))
+    state.restore()
+    mine = list(range(rank, corpus.n_shards, world))
+    state.forget_unrecorded(mine)
+    todo = [s for s in mine if not state.shards.get(s, {}).get("complete")]
+    starts = {s: state.shards[s]["done"] for s in todo if s in state.shards}
+    t0, done_before = time.perf_counter(), state.counts["images"] + state.counts["skipped"]
+    bar = _progress_bar(corpus, world, done_before, settings.progress and rank == 0)
+    runner = _BatchRunner(engine, options, settings, state, bar, out / "heatmaps")
+    last_ckpt, since_ckpt = time.monotonic(), 0
+    pending: dict[int, list[Sample]] = {}
+    try:
+        for item in iter_samples(corpus, todo, starts, settings.num_workers, shard_ends=True):
+            if isinstance(item, ShardEnd):
+                since_ckpt += runner.flush(item.shard, pending.pop(item.shard, []))
+                state.close_shard(item.shard)
+            else:
+                batch = pending.setdefault(item.shard, [])
+                batch.append(item)
+                if sum(s.error is None for s in batch) >= options.batch_size:
+                    since_ckpt += runner.flush(item.shard, pending.pop(item.shard))
+            # No checkpoint inside a streak of batches the model failed on: if it turns out to be a
+            # model-wide error (the run stops after max_failed_batches), the rerun must redo the whole
+            # streak rather than keep its images as skipped.
+            if runner.failed_batches == 0 and (since_ckpt >= settings.checkpoint_every
+                                               or time.monotonic() - last_ckpt >= settings.checkpoint_seconds):
+                state.checkpoint()
+                last_ckpt, since_ckpt = time.monotonic(), 0
+        state.checkpoint()
+    finally:
+        state.close()
+        bar.close()
+    _barrier(world)
+    summary = dict(state.counts, seconds=round(time.perf_counter() - t0, 3))
+    if rank == 0:
+        summary["concepts_json"] = _merge(engine, out, parts, corpus, config, world, options,
+                                          seconds=time.perf_counter() - t0)
+        totals = json.loads((out / "run.json").read_text())["totals"]
+        summary.update(totals)
+    _barrier(world)
+    if summary["images"] == 0 and summary["skipped"] > 0 and rank == 0:
+        first = json.loads((out / "skipped.jsonl").read_text().splitlines()[0])
+        raise MMNError(f"none of the {summary['skipped']} images could be used (first, '{first['key']}': "
+                       f"{first['reason']}); every reason is in {out / 'skipped.jsonl'}")
+    return summary
+
+
+def summary_table(summary: dict, max_rows: int = 20, neurons: int = 3) -> str:
+    """A short text table of concepts.json: concept, images, its most frequent top neurons (layer:index)."""
+    lines = [f"{'concept':<16} {'images':>6}  top neurons (layer:index x count)"]
+    for word, info in list(summary.items())[:max_rows]:
+        top = ", ".join(f"{n['layer']}:{n['index']} x{n['count']}" for n in info["neurons"][:neurons])
+        lines.append(f"{word:<16} {info['images']:>6}  {top}")
+    if len(summary) > max_rows:
+        lines.append(f"... {len(summary) - max_rows} more concepts in concepts.json")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- processes and the run folder
 def _dist_info(rank: int | None, world: int | None) -> tuple[int, int]:
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
@@ -47,118 +220,17 @@ def _barrier(world: int) -> None:
             dist.barrier()
 
 
-class _Rank:
-    """One rank's progress: open part files, per-shard positions, aggregates, checkpoints."""
-
-    def __init__(self, parts: Path, rank: int, world: int, stats: NeuronStats):
-        self.parts, self.rank = parts, rank
-        self.state_path = parts / f"rank-{rank:03d}-of-{world:03d}.state.json"
-        self.stats = stats
-        self.shards: dict[int, dict] = {}  # shard -> {"done", "results", "skipped", "complete"}
-        self.counts = {"images": 0, "skipped": 0, "concepts": 0, "neurons_scored": 0}
-        self.files: dict[tuple[int, str], object] = {}
-        self.seq = 0
-
-    def info(self, shard: int) -> dict:
-        """The shard's progress: samples done, part-file lengths, complete."""
-        return self.shards.setdefault(shard, {"done": 0, "results": 0, "skipped": 0, "complete": False})
-
-    def part(self, shard: int, kind: str) -> Path:
-        suffix = ".jsonl" if kind == "results" else ".skipped.jsonl"
-        return self.parts / f"shard-{shard:05d}{suffix}"
-
-    def restore(self) -> None:
-        """Load the last checkpoint and cut every part file of this rank back to it."""
-        if self.state_path.is_file():
-            state = json.loads(self.state_path.read_text())
-            if state.get("version") != STATE_VERSION:
-                raise MMNError(f"{self.state_path} was written by another mmn_fast version; rerun with --overwrite")
-            self.shards = {int(k): v for k, v in state["shards"].items()}
-            self.counts = state["counts"]
-            self.seq = state["seq"]
-            self.stats = NeuronStats.load(self.parts / f"rank-{self.rank:03d}.agg-{self.seq}")
-        for shard, info in self.shards.items():
-            for kind in ("results", "skipped"):
-                path = self.part(shard, kind)
-                if path.exists():
-                    with open(path, "r+b") as f:
-                        f.truncate(info[kind])
-        self._cleanup(keep=self.seq)
-
-    def forget_unrecorded(self, shards: list[int]) -> None:
-        """Part files of shards the checkpoint never saw were written after it: drop them."""
-        for shard in shards:
-            if shard not in self.shards:
-                for kind in ("results", "skipped"):
-                    self.part(shard, kind).unlink(missing_ok=True)
-
-    def write(self, shard: int, kind: str, lines: list[str]) -> None:
-        key = (shard, kind)
-        if key not in self.files:
-            self.files[key] = open(self.part(shard, kind), "ab")
-        f = self.files[key]
-        f.write("".join(lines).encode())
-        info = self.info(shard)
-        info[kind] = f.tell()
-
-    def close_shard(self, shard: int) -> None:
-        info = self.info(shard)
-        info["complete"] = True
-        for kind in ("results", "skipped"):
-            f = self.files.pop((shard, kind), None)
-            if f is not None:
-                f.flush()
-                os.fsync(f.fileno())
-                f.close()
-
-    def checkpoint(self) -> None:
-        """Part files to disk, then the aggregates under a new name, then the state naming them:
-        a kill between any two steps leaves the previous checkpoint intact."""
-        for f in self.files.values():
-            f.flush()
-            os.fsync(f.fileno())
-        self.seq += 1
-        self.stats.save(self.parts / f"rank-{self.rank:03d}.agg-{self.seq}")
-        write_json(self.state_path, {"version": STATE_VERSION, "seq": self.seq, "counts": self.counts,
-                                     "shards": {str(k): v for k, v in sorted(self.shards.items())}})
-        self._cleanup(keep=self.seq)
-
-    def _cleanup(self, keep: int) -> None:
-        for p in self.parts.glob(f"rank-{self.rank:03d}.agg-*"):
-            if p.name.split(".agg-")[1].split(".")[0] != str(keep):
-                p.unlink(missing_ok=True)
-
-    def close(self) -> None:
-        files, self.files = list(self.files.values()), {}
-        for f in files:
-            try:
-                f.close()
-            except OSError:
-                pass  # the last checkpoint is what a restart trusts
-
-
-RUN_FORMAT_VERSION = 2  # run.json's format_version, written by _merge
-# How sample keys are formed (2: tar keys prefixed by their shard, parquet fallbacks by the file's
-# relative path): a run started under another scheme is not resumed into mixed keys.
-KEY_FORMAT = 2
-# What a finished run leaves in DIR besides parts/: --overwrite removes these (and only these).
-_RUN_FILES = ("results.jsonl", "skipped.jsonl", "concepts.json", "run.json", "aggregates.json",
-              "aggregates.safetensors", "metrics.json", "report.html")
-_RUN_DIRS = ("heatmaps",)
-
-
-def _config(fingerprint: str | None, corpus, opts: FindOptions, teacher_forced, aggregate, shard_size, world,
-            heatmaps=None) -> dict:
+def _config(fingerprint: str | None, corpus: Corpus, opts: FindOptions, settings: RunSettings, world: int) -> dict:
     """What a resumed run must share with the run it resumes, as its JSON copy (tuples become lists).
     corpus: the absolute spec (Corpus.identity), so the same corpus typed another way, or from
     another working directory, is recognised, and another corpus under the same relative path is not."""
     config = {"corpus": corpus.identity, "kind": corpus.kind, "n_shards": corpus.n_shards,
-              "corpus_size": corpus.size(), "shard_size": shard_size,
-              "options": dataclasses.asdict(opts), "teacher_forced": teacher_forced, "aggregate": aggregate,
-              "world_size": world, "weight_fingerprint": fingerprint,
+              "corpus_size": corpus.size(), "shard_size": settings.shard_size,
+              "options": dataclasses.asdict(opts), "teacher_forced": settings.teacher_forced,
+              "aggregate": settings.aggregate, "world_size": world, "weight_fingerprint": fingerprint,
               "key_format": KEY_FORMAT}
-    if heatmaps:
-        config["heatmaps"] = heatmaps
+    if settings.heatmaps:
+        config["heatmaps"] = settings.heatmaps
     return json.loads(json.dumps(config))
 
 
@@ -208,9 +280,9 @@ def _remove_run(out: Path) -> None:
     if not ((out / "parts" / "config.json").is_file() or (out / "run.json").is_file()):
         return
     shutil.rmtree(out / "parts", ignore_errors=True)
-    for name in _RUN_FILES:
+    for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
-    for name in _RUN_DIRS:
+    for name in RUN_DIRS:
         path = out / name
         if path.is_symlink() or path.is_file():
             path.unlink()
@@ -236,122 +308,8 @@ def _prepare(out: Path, config: dict, overwrite: bool, rank: int, world: int) ->
     return parts
 
 
-def _check_settings(aggregate: str, max_failed_batches: int) -> None:
-    if aggregate not in ("dense", "sparse"):
-        raise MMNError(f"--aggregate must be 'dense' or 'sparse', got {aggregate!r}")
-    if max_failed_batches < 0:
-        raise MMNError(f"--max-failed-batches must be 0 (never stop) or more, got {max_failed_batches}")
-
-
-def check_run(images: str | Path, out_dir: str | Path, *, teacher_forced: bool = False, shard_size: int = 1000,
-              overwrite: bool = False, aggregate: str = "dense", world: int = 1, heatmaps: str | None = None,
-              max_failed_batches: int = MAX_FAILED_BATCHES, **options) -> None:
-    """The checks of `run_corpus` that need no model: option values, --out, the corpus, and an
-    existing run's settings (all but the weights). `mmn find --nproc N` runs them before it starts
-    N processes, so that bad input is one line, not N failing processes. Writes nothing."""
-    from ..find.concepts import resolve_mode
-    from .corpus import open_corpus
-
-    opts = FindOptions(**options)
-    opts.validate()
-    if isinstance(opts.concepts, (list, tuple)):
-        resolve_mode(opts.concepts)  # an empty word list; the words themselves need the tokenizer
-    _check_settings(aggregate, max_failed_batches)
-    out = _out_dir(out_dir, create=False)
-    corpus = open_corpus(images, shard_size=shard_size)
-    if overwrite:
-        return
-    cfg_path = out / "parts" / "config.json"
-    if cfg_path.is_file():
-        config = _config(None, corpus, opts, teacher_forced, aggregate, shard_size, world, heatmaps)
-        _compare(out, json.loads(cfg_path.read_text()), config, ignore=("weight_fingerprint",))
-    else:
-        why = _finished_without_parts(out)
-        if why:
-            raise MMNError(why)
-
-
-def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, *, teacher_forced: bool = False,
-               progress: bool = True, num_workers: int = 0, shard_size: int = 1000, checkpoint_every: int = 256,
-               checkpoint_seconds: float = 60.0, overwrite: bool = False, aggregate: str = "dense",
-               rank: int | None = None, world: int | None = None, heatmaps: str | None = None,
-               max_failed_batches: int = MAX_FAILED_BATCHES, **options) -> dict:
-    """Score a corpus into `out_dir`, resuming a killed run with the same settings. Returns the run
-    summary (images, skipped, concepts, neurons scored, seconds, and concepts.json's content on rank 0).
-
-    heatmaps: None, "activation" or "occlusion": also write each concept's heatmap and mask per image
-    into DIR/heatmaps/<id>/ (see mmn_fast.explain.write_heatmaps).
-    max_failed_batches: stop after this many batches in a row in which no image could be scored (a
-    model-wide error; the rerun redoes them); 0: never stop, skip them all (images the model truly
-    rejects, many in a row)."""
-    from .corpus import ShardEnd, iter_samples, open_corpus
-
-    opts = FindOptions(**options)
-    engine.check_options(opts)  # a bad option or word is one error now, not a skip per sample
-    _check_settings(aggregate, max_failed_batches)
-    rank, world = _dist_info(rank, world)
-    if world > 1:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise MMNError(f"rank {rank} of {world}: no torch.distributed process group; run through `mmn find "
-                           "--nproc N` or torchrun `-m mmn_fast find`, or call init_process_group() first")
-    corpus = open_corpus(images, shard_size=shard_size)
-    out = _out_dir(out_dir, create=rank == 0)
-    config = _config(engine.fingerprint, corpus, opts, teacher_forced, aggregate, shard_size, world, heatmaps)
-    parts = _prepare(out, config, overwrite, rank, world)
-    ad = engine.adapter
-    state = _Rank(parts, rank, world, NeuronStats(aggregate, ad.n_layers, ad.d_mlp))
-    state.restore()
-    mine = list(range(rank, corpus.n_shards, world))
-    state.forget_unrecorded(mine)
-    todo = [s for s in mine if not state.shards.get(s, {}).get("complete")]
-    starts = {s: state.shards[s]["done"] for s in todo if s in state.shards}
-    t0, done_before = time.perf_counter(), state.counts["images"] + state.counts["skipped"]
-    bar = _progress_bar(corpus, world, done_before, progress and rank == 0)
-    runner = _BatchRunner(engine, opts, teacher_forced, aggregate == "dense", state, bar,
-                          (out / "heatmaps", heatmaps) if heatmaps else None, max_failed_batches)
-    last_ckpt, since_ckpt = time.monotonic(), 0
-    pending: dict[int, list] = {}
-    try:
-        for item in iter_samples(corpus, todo, starts, num_workers, shard_ends=True):
-            if isinstance(item, ShardEnd):
-                since_ckpt += runner.flush(item.shard, pending.pop(item.shard, []))
-                state.close_shard(item.shard)
-            else:
-                batch = pending.setdefault(item.shard, [])
-                batch.append(item)
-                if sum(s.error is None for s in batch) >= opts.batch_size:
-                    since_ckpt += runner.flush(item.shard, pending.pop(item.shard))
-            # No checkpoint inside a streak of batches the model failed on: if it turns out to be a
-            # model-wide error (the run stops after MAX_FAILED_BATCHES), the rerun must redo the whole
-            # streak rather than keep its images as skipped.
-            if runner.failed_batches == 0 and (since_ckpt >= checkpoint_every
-                                               or time.monotonic() - last_ckpt >= checkpoint_seconds):
-                state.checkpoint()
-                last_ckpt, since_ckpt = time.monotonic(), 0
-        state.checkpoint()
-    finally:
-        state.close()
-        bar.close()
-    _barrier(world)
-    summary = dict(state.counts, seconds=round(time.perf_counter() - t0, 3))
-    if rank == 0:
-        summary["concepts_json"] = _merge(engine, out, parts, corpus, config, world, opts,
-                                          seconds=time.perf_counter() - t0)
-        totals = json.loads((out / "run.json").read_text())["totals"]
-        summary.update(totals)
-    _barrier(world)
-    if summary["images"] == 0 and summary["skipped"] > 0 and rank == 0:
-        first = json.loads((out / "skipped.jsonl").read_text().splitlines()[0])
-        raise MMNError(f"none of the {summary['skipped']} images could be used (first, '{first['key']}': "
-                       f"{first['reason']}); every reason is in {out / 'skipped.jsonl'}")
-    return summary
-
-
-def _progress_bar(corpus, world, initial, enabled):
-    from tqdm.auto import tqdm
-
+# ------------------------------------------------------------------------------------ scoring
+def _progress_bar(corpus: Corpus, world: int, initial: int, enabled: bool) -> tqdm:
     total = corpus.size()
     total = -(-total // world) if total is not None else None
     return tqdm(total=total, initial=initial, desc="find", unit="img", disable=not enabled, file=sys.stderr,
@@ -361,16 +319,18 @@ def _progress_bar(corpus, world, initial, enabled):
 class _BatchRunner:
     """Runs one shard's batch through the engine and records lines, skips and aggregates."""
 
-    def __init__(self, engine, opts, teacher_forced, keep_scores, state: _Rank, bar, heatmaps=None,
-                 max_failed_batches: int = MAX_FAILED_BATCHES):
-        self.engine, self.opts, self.teacher_forced, self.keep_scores = engine, opts, teacher_forced, keep_scores
-        self.state, self.bar, self.heatmaps = state, bar, heatmaps  # heatmaps: (dir, method) or None
+    def __init__(self, engine: Engine, opts: FindOptions, settings: RunSettings, state: RankState, bar: tqdm,
+                 heatmap_dir: Path):
+        self.engine, self.opts, self.state, self.bar = engine, opts, state, bar
+        self.teacher_forced = settings.teacher_forced
+        self.keep_scores = settings.aggregate == "dense"
+        self.heatmaps, self.heatmap_dir = settings.heatmaps, heatmap_dir  # heatmaps: method or None
+        self.max_failed_batches = settings.max_failed_batches  # 0: never stop
         self.kwargs = dict(dataclasses.asdict(opts), batch_size=max(1, opts.batch_size))
         self.t0 = time.perf_counter()
         self.failed_batches = 0  # consecutive batches in which no image could be scored
-        self.max_failed_batches = max_failed_batches  # 0: never stop
 
-    def flush(self, shard: int, samples: list) -> int:
+    def flush(self, shard: int, samples: list[Sample]) -> int:
         """Process `samples` (one shard, in order); returns the number of samples consumed."""
         if not samples:
             return 0
@@ -390,10 +350,8 @@ class _BatchRunner:
             self._aggregate(res)
             scored.append((s.image, res))
         if self.heatmaps and scored:  # rewritten identically if a restart redoes this batch
-            from ..explain import write_heatmaps
-
-            write_heatmaps(self.engine, [im for im, _ in scored], [r for _, r in scored], self.heatmaps[0],
-                           method=self.heatmaps[1], prompt=self.opts.prompt, prefix=self.opts.prefix,
+            write_heatmaps(self.engine, [im for im, _ in scored], [r for _, r in scored], self.heatmap_dir,
+                           method=self.heatmaps, prompt=self.opts.prompt, prefix=self.opts.prefix,
                            activation=self.opts.activation)
         skipped.sort(key=lambda x: x[0].position)
         st = self.state
@@ -402,8 +360,7 @@ class _BatchRunner:
         if skipped:
             st.write(shard, "skipped", [json.dumps({"key": s.key, "source": s.source, "shard": s.shard,
                                                     "position": s.position, "reason": r}) + "\n" for s, r in skipped])
-        info = st.info(shard)
-        info["done"] = samples[-1].position + 1
+        st.info(shard)["done"] = samples[-1].position + 1
         st.counts["images"] += len(lines)
         st.counts["skipped"] += len(skipped)
         self.bar.update(len(samples))
@@ -411,7 +368,7 @@ class _BatchRunner:
         self.bar.set_postfix_str(f"neurons/s={st.counts['neurons_scored'] / elapsed:.3g}", refresh=False)
         return len(samples)
 
-    def _score(self, samples: list, top: bool = False) -> list:
+    def _score(self, samples: list[Sample], top: bool = False) -> list:
         """ImageResults in order; a sample the engine cannot take alone becomes its error string.
         An error every sample of a batch hits alone is not the samples' fault: it is raised."""
         if not samples:
@@ -447,29 +404,11 @@ class _BatchRunner:
         st.counts["neurons_scored"] += len(res.concepts) * self.engine.adapter.n_layers * self.engine.adapter.d_mlp
 
 
-def _merge(engine, out: Path, parts: Path, corpus, config: dict, world: int, opts: FindOptions,
+def _merge(engine: Engine, out: Path, parts: Path, corpus: Corpus, config: dict, world: int, opts: FindOptions,
            seconds: float) -> dict:
     """Rank 0, after every rank finished: the final files, run.json last."""
-    from .runinfo import library_versions
-
-    for kind, name in (("results", "results.jsonl"), ("skipped", "skipped.jsonl")):
-        with atomic_open(out / name, "wb") as dst:
-            for shard in range(corpus.n_shards):
-                suffix = ".jsonl" if kind == "results" else ".skipped.jsonl"
-                part = parts / f"shard-{shard:05d}{suffix}"
-                if part.is_file():
-                    with open(part, "rb") as src:
-                        shutil.copyfileobj(src, dst)
-    stats, totals = None, {"images": 0, "skipped": 0, "concepts": 0, "neurons_scored": 0}
-    for r in range(world):
-        state = json.loads((parts / f"rank-{r:03d}-of-{world:03d}.state.json").read_text())
-        part = NeuronStats.load(parts / f"rank-{r:03d}.agg-{state['seq']}")
-        if stats is None:
-            stats = part
-        else:
-            stats.merge(part)
-        for k in totals:
-            totals[k] += state["counts"][k]
+    join_parts(parts, corpus.n_shards, out)
+    stats, totals = merge_ranks(parts, world)
     stats.save(out / "aggregates")
     summary = stats.summary(top_n=opts.top_k)
     write_json(out / "concepts.json", summary)
@@ -486,28 +425,3 @@ def _merge(engine, out: Path, parts: Path, corpus, config: dict, world: int, opt
         "versions": library_versions(),
     })
     return summary
-
-
-def run_find(engine: Engine, images: str | Path, out_dir: str | Path, teacher_forced: bool = False,
-             progress: bool = True, **options) -> dict:
-    """Score every image of a folder, manifest, WebDataset or Parquet corpus into `out_dir`
-    (results.jsonl, skipped.jsonl, concepts.json, aggregates, run.json); a killed run resumes when
-    called again with the same arguments. Returns concepts.json's content (on rank 0).
-
-    options: the fields of `FindOptions`, plus the scheduler's `num_workers`, `shard_size`,
-    `checkpoint_every`, `checkpoint_seconds`, `overwrite`, `aggregate` (see `run_corpus`).
-    """
-    summary = run_corpus(engine, images, out_dir, teacher_forced=teacher_forced, progress=progress, **options)
-    return summary.get("concepts_json", {})
-
-
-def summary_table(summary: dict, max_rows: int = 20, neurons: int = 3) -> str:
-    """A short text table: concept, images, its most frequent top neurons (layer:index)."""
-    lines = [f"{'concept':<16} {'images':>6}  top neurons (layer:index x count)"]
-    for word, info in list(summary.items())[:max_rows]:
-        top = ", ".join(f"{n['layer']}:{n['index']} x{n['count']}" for n in info["neurons"][:neurons])
-        lines.append(f"{word:<16} {info['images']:>6}  {top}")
-    if len(summary) > max_rows:
-        lines.append(f"... {len(summary) - max_rows} more concepts in concepts.json")
-    return "\n".join(lines)
-

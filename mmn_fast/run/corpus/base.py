@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from PIL import Image, UnidentifiedImageError
+
 from ...errors import MMNError
 from ...model.inputs import IMAGE_EXTENSIONS
 
@@ -33,7 +35,7 @@ class Sample:
     position: int
     key: str
     source: str
-    image: "PIL.Image.Image | None" = None  # noqa: F821
+    image: Image.Image | None = None
     caption: str | None = None
     error: str | None = None
 
@@ -91,8 +93,6 @@ class Corpus:
 # ---------------------------------------------------------------------------------------- images
 def decode_image(data: bytes | None = None, path: str | os.PathLike | None = None):
     """(RGB PIL image, None) or (None, error message). Never raises."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as im:
             rgb = im.convert("RGB")

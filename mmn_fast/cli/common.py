@@ -1,0 +1,27 @@
+"""What every `mmn` command that loads a model shares: its model options, and the engine they describe."""
+from __future__ import annotations
+
+import argparse
+
+from ..find.engine import Engine, load
+
+CHECKPOINT_HELP = "local Hugging Face checkpoint directory"
+
+
+def add_model_options(parser: argparse.ArgumentParser, required: bool = True, model_help: str = CHECKPOINT_HELP,
+                      ) -> None:
+    """--model, --device, --dtype, --backend, --device-map: read back by `load_engine`."""
+    parser.add_argument("--model", required=required, help=model_help)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: checkpoint's)")
+    parser.add_argument("--backend", default=None, choices=["auto", "triton", "torch"],
+                        help="kernels (default: $MMN_BACKEND, else auto: Triton on CUDA)")
+    parser.add_argument("--device-map", default=None,
+                        help='"auto": spread one model over several GPUs (accelerate)')
+
+
+def load_engine(args: argparse.Namespace, model: str | None = None) -> Engine:
+    """The engine of `args`' model options; `model` overrides --model (e.g. the run's own checkpoint)."""
+    return load(model or args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                device_map=args.device_map)
+

@@ -1,0 +1,277 @@
+"""`mmn find` (on one process, or launched on N with torchrun), `mmn top-tokens` and `mmn demo`.
+Bad input raises MMNError (one line, exit 2)."""
+from __future__ import annotations
+
+import argparse
+import codecs
+import os
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from ..demo.run import run_demo
+from ..errors import MMNError
+from ..find.engine import DEFAULT_PROMPT, FindOptions
+from ..find.vocab import top_tokens, vocab_table
+from ..run.runner import RunSettings, check_run, run_corpus, summary_table
+from .common import add_model_options, load_engine
+
+DEVICE_MAP_WITH_PROCESSES = ("--device-map spreads one model over this machine's GPUs; do not combine it with "
+                             "--nproc or torchrun (one replica per process)")
+
+
+# ------------------------------------------------------------------------------------------ find
+def cmd_find(args: argparse.Namespace) -> int:
+    if args.nproc and args.nproc > 1:
+        return _launch_torchrun(args)
+    _init_distributed(args)
+    engine = load_engine(args)
+    t0 = time.perf_counter()
+    summary = run_corpus(engine, args.images, args.out, _run_settings(args), _find_options(args))
+    if "concepts_json" not in summary:  # not rank 0
+        return 0
+    if summary["skipped"]:
+        print(f"mmn: warning: {summary['skipped']} images skipped (reasons in {Path(args.out) / 'skipped.jsonl'})",
+              file=sys.stderr)
+    print(summary_table(summary["concepts_json"]))
+    print(f"{summary['images']} images, {summary['skipped']} skipped, {summary['concepts']} concepts, "
+          f"{summary['neurons_scored']:,} neurons scored in {time.perf_counter() - t0:.1f}s")
+    print(f"results written to {Path(args.out).resolve()} (results.jsonl, skipped.jsonl, concepts.json, "
+          "aggregates.*, run.json)")
+    return 0
+
+
+def _concepts_arg(value: str) -> str | list[str]:
+    return value if value in ("nouns", "all", "auto") else [w for w in value.split(",") if w.strip()]
+
+
+def _find_options(args: argparse.Namespace) -> FindOptions:
+    return FindOptions(
+        prompt=args.prompt, prefix=args.prefix, concepts=_concepts_arg(args.concepts), activation=args.activation,
+        top_k=args.top_k, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        fold_final_norm=args.fold_final_norm, positions=args.positions, reduce=args.reduce, method=args.method,
+    )
+
+
+def _run_settings(args: argparse.Namespace, world: int | None = None) -> RunSettings:
+    """world: None under torchrun or alone ($WORLD_SIZE), N when checking for a launch of N processes."""
+    return RunSettings(
+        teacher_forced=args.teacher_forced, progress=not args.quiet, num_workers=args.num_workers,
+        shard_size=args.shard_size, checkpoint_every=args.checkpoint_every,
+        checkpoint_seconds=args.checkpoint_seconds, overwrite=args.overwrite, aggregate=args.aggregate,
+        world=world, heatmaps=args.heatmaps, max_failed_batches=args.max_failed_batches,
+    )
+
+
+def _init_distributed(args: argparse.Namespace) -> None:
+    """Under torchrun: one process group (NCCL on GPU, gloo on CPU), one device and a share of the cores."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        return
+    if args.device_map is not None:
+        raise MMNError(DEVICE_MAP_WITH_PROCESSES)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and (args.device is None or args.device.startswith("cuda"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+    else:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    # A rank that runs out of shards waits at the final barrier for the slowest one: hours, on a big
+    # corpus, so the process group's timeout (default 10-30 minutes) must not end the job.
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(days=30))
+
+
+# ------------------------------------------------------------------------- launching N processes
+def _launch_torchrun(args: argparse.Namespace) -> int:
+    """`mmn find --nproc N ...` = `torchrun --standalone --nproc-per-node N -m mmn_fast find ...`, after
+    the checks that need no model (so that bad input is one line, not N failing processes)."""
+    if os.environ.get("WORLD_SIZE"):
+        raise MMNError("--nproc is for launching; this process already runs under torchrun")
+    if args.device_map is not None:
+        raise MMNError(DEVICE_MAP_WITH_PROCESSES)
+    check_run(args.images, args.out, _run_settings(args, world=args.nproc), _find_options(args))
+    rest, skip = [], False
+    for a in args.argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "mmn_fast", *rest]
+    return run_torchrun(cmd)
+
+
+_ERROR_MARK = b"mmn: error:"
+
+
+class _StderrFilter:
+    """Passes a child's stderr through as it comes (progress bars included) up to the end of the
+    first line holding 'mmn: error:'; what follows (other ranks' copies of the error, torchrun's own
+    log lines and ChildFailedError traceback) is held back, and shown only if the launch succeeds."""
+
+    def __init__(self, write):
+        self.write = write
+        self.tail = b""  # the last bytes passed on, to find a mark split between two reads
+        self.in_error = False  # passing on the rest of the error line
+        self.held: list[bytes] | None = None  # set once the error line is complete
+
+    def feed(self, data: bytes) -> None:
+        if self.held is not None:
+            self.held.append(data)
+            return
+        if not self.in_error:
+            window = self.tail + data
+            j = window.find(_ERROR_MARK)
+            if j < 0:
+                self.write(data)
+                self.tail = window[-(len(_ERROR_MARK) - 1):]
+                return
+            self.in_error = True
+            start = max(0, j - len(self.tail))  # where the mark (or what is left of it) starts in data
+            self.write(data[:start])
+            data = data[start:]
+        end = data.find(b"\n")
+        if end < 0:
+            self.write(data)
+            return
+        self.write(data[:end + 1])
+        self.held = [data[end + 1:]]
+
+    def close(self, failed: bool) -> bool:
+        """End of the stream; returns whether an error line was seen (and the rest dropped, if failed)."""
+        if not self.in_error:
+            return False
+        if not failed and self.held:
+            self.write(b"".join(self.held))
+        return True
+
+
+def run_torchrun(cmd: list[str]) -> int:
+    """Run the launcher with its stderr filtered: when a rank ended with an `mmn: error:` line and the
+    launch failed, that line alone is shown and the exit code is 2, as for one process."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(data: bytes) -> None:
+        text = decoder.decode(data)
+        if text:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+    filt = _StderrFilter(write)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    fd = proc.stderr.fileno()
+
+    def drain() -> None:
+        while True:
+            data = os.read(fd, 1 << 16)
+            if not data:
+                break
+            filt.feed(data)
+
+    try:
+        drain()
+    except KeyboardInterrupt:  # Ctrl-C reached torchrun too: let it stop its processes; a second one kills it
+        try:
+            drain()
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+        raise
+    rc = proc.wait()
+    proc.stderr.close()
+    seen = filt.close(failed=rc != 0)
+    return 2 if rc != 0 and seen else rc
+
+
+# ------------------------------------------------------------------------------ top-tokens, demo
+def cmd_top_tokens(args: argparse.Namespace) -> int:
+    engine = load_engine(args)
+    if args.layer is not None and args.neuron is not None:
+        for tok, tid, val in top_tokens(engine, args.layer, args.neuron, args.k):
+            print(f"{tok!r:>20} {tid:>8} {val:+.4f}")
+        return 0
+    if args.layer is not None or args.neuron is not None:
+        raise MMNError("give both --layer and --neuron for one neuron, or neither for the whole table")
+    cache = args.cache_dir or (Path(args.model) / ".mmn_cache")
+    values, ids = vocab_table(engine, k=args.k, cache_dir=cache, progress=not args.quiet)
+    print(f"top-{args.k} tokens of {values.shape[0]} x {values.shape[1]} neurons cached in {Path(cache).resolve()}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    demo = run_demo(out_dir=args.out, cache_dir=args.cache_dir, n_images=args.n_images, top_k=args.top_k,
+                    device=args.device, progress=not args.quiet)
+    print(f"demo model: {demo.model_path} (held-out exact-match {100 * demo.heldout_accuracy:.1f}%)")
+    print(f"captions: {demo.correct}/{demo.captions} exactly right on fresh images\n")
+    print(summary_table(demo.concepts))
+    print("\ntop neurons per concept, with the tokens each one promotes:")
+    for word, neurons in demo.top_tokens.items():
+        print(f"  {word:<10} " + "; ".join(f"L{layer}.{index} [{' '.join(toks)}]" for layer, index, toks in neurons))
+    print(f"\nresults written to {demo.out_dir.resolve()} (results.jsonl, concepts.json, run.json, images/)")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- parsers
+def register(sub) -> None:
+    """Add `find`, `top-tokens` and `demo` to the `mmn` sub-command parsers."""
+    f = sub.add_parser("find", help="caption images and score the neurons of each concept")
+    add_model_options(f)
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.add_argument("--images", required=True, help="a folder of images or a JSONL manifest")
+    f.add_argument("--out", required=True, help="output directory")
+    f.add_argument("--prompt", default=DEFAULT_PROMPT)
+    f.add_argument("--prefix", default=None, help='text the answer starts with, e.g. "An image of"')
+    f.add_argument("--concepts", default="auto", help="nouns | all | comma-separated words (default: nouns if spaCy, else all)")
+    f.add_argument("--activation", default="down_proj_input", choices=["down_proj_input", "act_fn"])
+    f.add_argument("--top-k", type=int, default=50)
+    f.add_argument("--max-new-tokens", type=int, default=32)
+    f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--fold-final-norm", action="store_true", help="exact attribution through the final norm")
+    f.add_argument("--positions", default="last", choices=["last", "image"])
+    f.add_argument("--reduce", default="mean", choices=["mean", "max"], help="over image positions")
+    f.add_argument("--method", default="act", choices=["act", "grad"])
+    f.add_argument("--teacher-forced", action="store_true", help="score the manifest's captions in one pass")
+    f.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes (0: in-process)")
+    f.add_argument("--shard-size", type=int, default=1000, help="images per shard for folders/manifests/parquet")
+    f.add_argument("--checkpoint-every", type=int, default=256, help="checkpoint after this many images ...")
+    f.add_argument("--checkpoint-seconds", type=float, default=60.0, help="... or this many seconds")
+    f.add_argument("--max-failed-batches", type=int, default=8,
+                   help="stop after this many batches in a row with no usable image (0: never stop)")
+    f.add_argument("--overwrite", action="store_true", help="discard an existing run in --out and start again")
+    f.add_argument("--aggregate", default="dense", choices=["dense", "sparse"],
+                   help="per-concept statistics of every neuron (dense) or of top-k neurons only (sparse)")
+    f.add_argument("--heatmaps", nargs="?", const="activation", default=None, choices=["activation", "occlusion"],
+                   help="also write each concept's heatmap and mask per image to DIR/heatmaps/ (default method: "
+                        "activation)")
+    f.add_argument("--nproc", type=int, default=0, help="launch N processes with torchrun (one per GPU)")
+    f.set_defaults(func=cmd_find)
+
+    t = sub.add_parser("top-tokens", help="tokens each neuron promotes most")
+    add_model_options(t)
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--layer", type=int)
+    t.add_argument("--neuron", type=int)
+    t.add_argument("-k", type=int, default=10)
+    t.add_argument("--cache-dir", default=None, help="where the whole-model table is cached")
+    t.set_defaults(func=cmd_top_tokens)
+
+    d = sub.add_parser("demo", help="build (once) the trained demo model and find its neurons")
+    d.add_argument("--out", default="mmn_demo_out")
+    d.add_argument("--cache-dir", default=None, help="demo model cache (default: $MMN_CACHE or ~/.cache/mmn_fast)")
+    d.add_argument("--n-images", type=int, default=24)
+    d.add_argument("--top-k", type=int, default=20)
+    d.add_argument("--device", default=None)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
