@@ -12,14 +12,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 from run_patch import SPEC_7B, llama7b_outprojs, random_patch  # noqa: E402
 
 import mmn_fast  # noqa: E402
-from mmn_fast.edit.live import _resolve, apply_patch  # noqa: E402
+from mmn_fast.demo import build_demo_model  # noqa: E402
+from mmn_fast.edit.live import apply_patch, resolve_target  # noqa: E402
 from mmn_fast.edit.patch_file import load_patch  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def demo_setup():
-    from mmn_fast.demo import build_demo_model
-
     eng = mmn_fast.load(build_demo_model(progress=False), device="cpu")
     return eng, random_patch(eng.adapter, eng.adapter.n_layers * eng.adapter.d_mlp)
 
@@ -27,7 +26,7 @@ def demo_setup():
 @pytest.fixture(scope="module")
 def llama7b_setup():
     model = llama7b_outprojs()
-    return model, random_patch(_resolve(model, SPEC_7B)[1], 1000)
+    return model, random_patch(resolve_target(model, SPEC_7B)[1], 1000)
 
 
 def _cycle(target, patch, **spec):

@@ -21,6 +21,14 @@ from pathlib import Path
 
 import torch
 
+import mmn_fast
+from mmn_fast.demo import build_demo_model, make_examples, save_examples
+from mmn_fast.explain.heatmap import maps, write_heatmaps
+from mmn_fast.explain.metrics import compute_metrics, summary_table
+from mmn_fast.explain.report import write_report
+from mmn_fast.io import write_json
+from mmn_fast.run.runner import run_find
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,14 +38,6 @@ def main() -> int:
     ap.add_argument("--causal-images", type=int, default=32)
     ap.add_argument("--occlusion-images", type=int, default=50)
     args = ap.parse_args()
-
-    import mmn_fast
-    from mmn_fast.demo import build_demo_model, make_examples, save_examples
-    from mmn_fast.explain.heatmap import maps, write_heatmaps
-    from mmn_fast.explain.metrics import compute_metrics, summary_table
-    from mmn_fast.explain.report import write_report
-    from mmn_fast.run.runner import run_find
-
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mmn_explain_bench_"))
     model_path = build_demo_model(progress=False)
     engine = mmn_fast.load(model_path, device="cpu")
@@ -62,8 +62,6 @@ def main() -> int:
         engine, run, k=1, batch_size=args.batch_size, causal_images=args.causal_images), args.images)
     for name, s in m["seconds"].items():
         rows.append((f"  {name}", s, args.images / s if s > 0 else float("inf")))
-    from mmn_fast.io import write_json
-
     write_json(run / "metrics.json", m)
     timed("report with tokens + heatmaps (in process)", lambda: write_report(run, engine=engine), args.images)
 

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 import mmn_fast
-from mmn_fast.edit.live import _resolve, apply_patch
+from mmn_fast.demo import build_demo_model
+from mmn_fast.edit.live import apply_patch, resolve_target
 from mmn_fast.edit.patch_file import load_patch, make_patch
 
 SPEC_7B = dict(layers="layers", mlp="mlp", out_proj="down_proj", gated=False)
@@ -91,7 +92,7 @@ def measure(name, target, adapter, n, repeats, device, **spec):
         handle = apply_patch(target, patch, **spec)
         sync()
         t1 = time.perf_counter()
-        held = sum(o.numel() * o.element_size() + w.numel() * w.element_size() for *_, o, w in handle._saved)
+        held = sum(o.numel() * o.element_size() + w.numel() * w.element_size() for _, o, w in handle.saved_rows)
         handle.revert()
         sync()
         t_apply.append(t1 - t0)
@@ -111,8 +112,6 @@ def main(argv=None):
     ap.add_argument("--skip-7b", action="store_true")
     args = ap.parse_args(argv)
     rows = []
-    from mmn_fast.demo import build_demo_model
-
     demo = mmn_fast.load(build_demo_model(progress=False), device=args.device)
     n_demo = min(args.neurons, demo.adapter.n_layers * demo.adapter.d_mlp)
     rows.append(measure("demo (LLaVA 4L, 128d, 4x64 neurons)", demo, demo.adapter, n_demo, args.repeats, args.device))
@@ -120,7 +119,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         model = llama7b_outprojs(args.device)
         print(f"(built the 7B-shaped out projections in {time.perf_counter() - t0:.1f}s)", file=sys.stderr)
-        adapter = _resolve(model, SPEC_7B)[1]
+        adapter = resolve_target(model, SPEC_7B)[1]
         rows.append(measure("LLaMA-7B shape (32L x 4096 x 11008)", model, adapter, args.neurons, args.repeats,
                             args.device, **SPEC_7B))
     cpu = platform.processor() or platform.machine()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 
 import pytest
 import torch
@@ -154,3 +155,30 @@ def test_cli_edit_from_images_and_from_results(demo_path, tmp_path, capsys):
     assert main(["edit", "--model", str(demo_path), "--from", str(results), "--source", "red", "--method", "swap",
                  "--out", str(out)]) == 2
     assert "needs --target" in capsys.readouterr().err
+
+
+def test_cli_edit_reads_its_images_like_find(demo_path, tmp_path):
+    """`mmn edit` reads --from and --eval-images through the corpus reader of `mmn find`: a WebDataset
+    tar shard and a CSV manifest give the evaluation that JSONL manifests of the same images give."""
+    images = tmp_path / "images"
+    manifest = save_examples(make_examples(24, seed=21), images)
+    recs = [json.loads(line) for line in manifest.read_text().splitlines()]
+    edit, held = recs[:12], recs[12:]
+    with tarfile.open(tmp_path / "edit.tar", "w") as tf:
+        for r in edit:
+            tf.add(images / r["image"], arcname=f"{r['id']}.png")
+    (tmp_path / "held.csv").write_text("image,id\n" + "".join(f"images/{r['image']},{r['id']}\n" for r in held))
+    for name, part in (("edit", edit), ("held", held)):
+        (tmp_path / f"{name}.jsonl").write_text(
+            "".join(json.dumps(dict(r, image=f"images/{r['image']}")) + "\n" for r in part))
+
+    def evaluation(from_, eval_images):
+        out = tmp_path / "p.mmnpatch.safetensors"
+        assert main(["edit", "--model", str(demo_path), "--from", str(tmp_path / from_), "--eval-images",
+                     str(tmp_path / eval_images), "--source", "red", "--target", "blue", "--method", "swap",
+                     "--neurons", "6", "--out", str(out), "--max-new-tokens", "12"]) == 0
+        return load_patch(out).params["evaluation"]
+
+    want = evaluation("edit.jsonl", "held.jsonl")
+    assert want[0]["n_success"] > 0 and want[0]["n_generality"] + want[0]["n_locality"] == len(held)
+    assert evaluation("edit.tar", "held.csv") == want

@@ -3,8 +3,11 @@ adapter, missing dtype hashes, Hugging Face cache snapshots (symlinked shards), 
 weight fingerprint under a patch, and file modes of what mmn_fast writes."""
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import stat
+import threading
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ import mmn_fast
 from mmn_fast.edit.bake import bake
 from mmn_fast.edit.methods import perturb, replace_word, suppress
 from mmn_fast.io import atomic_open, save_safetensors, tensor_fingerprint, umask, write_json
-from mmn_fast.edit.live import active_patches, apply_patch
+from mmn_fast.edit.live import active_patches, apply_patch, model_lock, resolve_target
 from mmn_fast.edit.patch_file import PatchError, make_patch
 from mmn_fast.find.vocab import vocab_table
 
@@ -71,16 +74,49 @@ def test_plain_module_patch_follows_a_replaced_output_projection():
     land in the live module, not in the detached one."""
     torch.manual_seed(0)
     model = _plain_model()
-    adapter = mmn_fast.edit.live._resolve(model, SPEC)[1]
+    adapter = mmn_fast.edit.live.resolve_target(model, SPEC)[1]
     first = apply_patch(model, make_patch(adapter, {1: (torch.tensor([3]), torch.randn(1, 8))}, "first"))
     first.revert()
     model.layers[1].mlp.down_proj = nn.Linear(12, 8)  # replaced after the adapter was cached
     live = model.layers[1].mlp.down_proj
-    adapter = mmn_fast.edit.live._resolve(model, {})[1]  # rebuilt with the paths it was first given
+    adapter = mmn_fast.edit.live.resolve_target(model, {})[1]  # rebuilt with the paths it was first given
     vec = torch.randn(1, 8)
     handle = apply_patch(model, make_patch(adapter, {1: (torch.tensor([3]), vec)}, "second"))
     assert torch.equal(live.weight[:, 3], vec[0])
     handle.revert()
+
+
+def test_patch_state_lives_on_the_model():
+    """One state per model, whichever thread reaches it first; a copy of a patched model gets its own
+    (no lock or handles of the original's) and keeps a single forward guard when patched itself."""
+    torch.manual_seed(0)
+    model = _plain_model()
+    start, locks = threading.Barrier(8), []
+
+    def first_use():
+        start.wait()
+        locks.append(model_lock(model))
+
+    threads = [threading.Thread(target=first_use) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(locks) == 8 and all(lock is locks[0] for lock in locks)
+    adapter = resolve_target(model, SPEC)[1]
+    vec = torch.randn(2, 8)
+    handle = apply_patch(model, make_patch(adapter, {1: (torch.tensor([3, 5]), vec)}, "orig"))
+    assert [(l, tuple(o.shape)) for l, o, _ in handle.saved_rows] == [(1, (2, 8))]
+    assert torch.equal(handle.saved_rows[0][2], vec)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert model_lock(twin) is not model_lock(model) and active_patches(twin) == []
+        twin_adapter = resolve_target(twin, SPEC)[1]
+        other = apply_patch(twin, make_patch(twin_adapter, {0: (torch.tensor([1]), torch.randn(1, 8))}, "twin"))
+        assert len(twin._forward_pre_hooks) == len(twin._forward_hooks) == 1
+        other.revert()
+    assert active_patches(model) == [handle]
+    handle.revert()
+    assert handle.saved_rows == []
 
 
 def test_engine_refuses_to_patch_a_detached_output_projection(llava_path):

@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..errors import MMNError
 from ..io import fsync_dir, fsync_path, umask
@@ -26,8 +28,6 @@ SINGLE = "model.safetensors"
 
 def _weight_map(model_dir: Path) -> tuple[dict[str, str], dict | None]:
     """{tensor key: shard file name}, and the index JSON (None for a single-file checkpoint)."""
-    from safetensors import safe_open
-
     if (model_dir / INDEX).is_file():
         index = json.loads((model_dir / INDEX).read_text())
         return dict(index["weight_map"]), index
@@ -92,9 +92,6 @@ def _link_or_copy(src: Path, dst: Path) -> str:
 def bake(model_dir, patches, out_dir, force: bool = False) -> dict:
     """Write `out_dir`: the checkpoint at `model_dir` with `patches` (one, or several in stacking
     order) baked in. Returns {"rewritten": [shards], "linked": [...], "copied": [...]}."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     patches: list[Patch] = [as_patch(p) for p in (patches if isinstance(patches, (list, tuple)) else [patches])]
     if not (model_dir / "config.json").is_file():

@@ -11,12 +11,13 @@ Metrics, on captions made greedily before and under the patch:
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
-from ..find.engine import DEFAULT_PROMPT
-from .methods import concept_neurons, make_edit, names, random_neurons, replace_word
 from ..errors import MMNError
-from ..model.inputs import list_images
+from ..find.engine import DEFAULT_PROMPT
+from ..run.corpus import iter_samples, open_corpus
+from .methods import concept_neurons, make_edit, names, random_neurons, replace_word
 
 TARGETED = ("swap", "optimize")  # methods judged by "replace"; the others by "remove"
 
@@ -56,8 +57,28 @@ class EditEval:
                 "examples": [(b, n) for b, n in zip(self.heldout_base, held_new) if b != n][:3]}
 
 
+def corpus_images(spec) -> list:
+    """The images (PIL) of a corpus, in corpus order, read like `mmn find` reads its --images: a
+    folder, a JSONL/CSV manifest, WebDataset tar shards, parquet files or one image. Samples that
+    cannot be read are left out with a warning."""
+    corpus = open_corpus(spec)
+    images, bad = [], []
+    for s in iter_samples(corpus, list(range(corpus.n_shards))):
+        if s.error is None:
+            images.append(s.image)
+        else:
+            bad.append(s)
+    if bad:
+        warnings.warn(f"{len(bad)} image(s) of '{spec}' cannot be read and are left out (first: "
+                      f"{bad[0].source}: {bad[0].error})", stacklevel=2)
+    if not images:
+        raise MMNError(f"'{spec}' holds no readable image")
+    return images
+
+
 def _images_from(source) -> tuple[list, Path | None]:
-    """(image paths, results dir or None) from a find output directory or an image folder/manifest."""
+    """(images, results dir or None) from a find output directory (the image paths of its
+    results.jsonl) or a corpus (`corpus_images`)."""
     path = Path(source)
     if path.is_dir() and (path / "concepts.json").is_file():
         images = []
@@ -73,7 +94,7 @@ def _images_from(source) -> tuple[list, Path | None]:
                     if isinstance(rec, dict) and rec.get("image"):
                         images.append(rec["image"])
         return images, path
-    return [it.image for it in list_images(path)], None
+    return corpus_images(path), None
 
 
 def run_edit(engine, source: str, target: str | None, method: str, n: int, from_, eval_images=None,
@@ -83,12 +104,13 @@ def run_edit(engine, source: str, target: str | None, method: str, n: int, from_
     """Select the top-n neurons of `source` (or n random ones), edit them, and evaluate the edit and,
     with `control`, the same method on n random neurons. Returns (patch, report rows).
 
-    from_: a find output directory (neurons from its concepts.json, edit images from results.jsonl)
-    or images. Held-out images: `eval_images`, else every other image of `from_` is held out.
+    from_: a find output directory (neurons from its concepts.json, edit images from results.jsonl),
+    a corpus path (`corpus_images`) or images. Held-out images: `eval_images` (a corpus path or
+    images), else every other image of `from_` is held out.
     """
     images, results_dir = _images_from(from_) if isinstance(from_, (str, Path)) else (list(from_), None)
     if eval_images is not None:
-        heldout = [it.image for it in list_images(eval_images)] if isinstance(eval_images, (str, Path)) else list(eval_images)
+        heldout = corpus_images(eval_images) if isinstance(eval_images, (str, Path)) else list(eval_images)
         edit_images = images
     else:
         edit_images, heldout = images[0::2], images[1::2]

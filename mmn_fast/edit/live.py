@@ -47,32 +47,41 @@ class _Guard:
 
 
 class _State:
-    def __init__(self):
+    """A model's patch state: its swap lock and applied handles. Lives on the model itself (attribute
+    `STATE_ATTR`), so it goes when the model goes. A copy or unpickled model gets a fresh state (no
+    lock or handles of the original's); whether the guard hooks are installed travels with the hooks."""
+
+    def __init__(self, guarded: bool = False):
         self.lock = threading.RLock()
         self.local = threading.local()  # forward-pass depth per thread
+        self.guarded = guarded  # the _Guard hooks are on the model
         self.handles: list[PatchHandle] = []  # applied, in order
         self.adapter: Adapter | None = None  # for plain modules: built from spec_overrides
         self.spec_overrides: dict = {}
+
+    def __reduce__(self):
+        return _State, (self.guarded,)
+
+
+STATE_ATTR = "_mmn_patch_state"  # the attribute of an nn.Module holding its _State
 
 
 def _key(w: torch.Tensor):
     return (w.device, w.untyped_storage().data_ptr())
 
 
-_STATES: "weakref.WeakKeyDictionary[nn.Module, _State]" = weakref.WeakKeyDictionary()
-_STATES_LOCK = threading.Lock()
-
-
 def _state(model: nn.Module, install: bool = True) -> _State:
-    with _STATES_LOCK:
-        st = _STATES.get(model)
-        if st is None:
-            st = _STATES[model] = _State()
-    if install:
+    """The model's state, made on first use. `dict.setdefault` on the instance dict is atomic, so two
+    threads reaching a model for the first time get the same state (and lock)."""
+    st = vars(model).get(STATE_ATTR)
+    if st is None:
+        st = vars(model).setdefault(STATE_ATTR, _State())
+    if install and not st.guarded:
         with st.lock:
-            if not any(isinstance(h, _Guard) for h in model._forward_pre_hooks.values()):
+            if not st.guarded:
                 model.register_forward_pre_hook(_Guard(True), prepend=True)
                 model.register_forward_hook(_Guard(False), always_call=True)
+                st.guarded = True
     return st
 
 
@@ -88,7 +97,9 @@ def active_patches(target) -> list["PatchHandle"]:
     return list(_state(model, install=False).handles)
 
 
-def _resolve(target, spec_overrides: dict) -> tuple[nn.Module, Adapter]:
+def resolve_target(target, spec_overrides: dict | None = None) -> tuple[nn.Module, Adapter]:
+    """(model, adapter) of a patch target: an Engine, an Adapter, or an nn.Module (its adapter built
+    from `spec_overrides`, kept on the model and rebuilt when the overrides or its modules change)."""
     if isinstance(target, Adapter):
         return target.model, target
     if hasattr(target, "adapter") and isinstance(getattr(target, "model", None), nn.Module):  # an Engine
@@ -137,6 +148,12 @@ class PatchHandle:
     def __repr__(self) -> str:
         state = "applied" if self.active else "reverted"
         return (f"<PatchHandle {self.patch.method} {self.patch.concepts} {len(self.neurons)} neurons, {state}>")
+
+    @property
+    def saved_rows(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(layer, original rows [n, d], patched rows [n, d]) per patched layer: what the handle keeps
+        (in the weight's dtype and device at apply time) to revert and to check; empty once reverted."""
+        return [(layer, orig, new) for layer, *_, orig, new in self._saved]
 
     def revert(self, force: bool = False) -> None:
         """Restore the original vectors exactly. Refused (nothing changes) when a patch applied later
@@ -262,7 +279,7 @@ def apply_patch(target, patch, force: bool = False, **spec_overrides) -> PatchHa
     deliberate cross-model use.
     """
     patch = as_patch(patch)
-    model, adapter = _resolve(target, spec_overrides)
+    model, adapter = resolve_target(target, spec_overrides)
     st = _state(model)
     prepared = _prepare(adapter, patch)
     with st.lock:
@@ -308,7 +325,7 @@ def check_patch(target, patch, **spec_overrides) -> list[dict]:
     """Per layer: {"layer", "n", "status"} with status "base" (the patch applies), "applied" (the
     vectors already equal the patch's) or "mismatch"; shape problems raise PatchError."""
     patch = as_patch(patch)
-    model, adapter = _resolve(target, spec_overrides)
+    model, adapter = resolve_target(target, spec_overrides)
     rows = []
     with _state(model, install=False).lock:
         _check_attached(model, adapter)
@@ -318,14 +335,6 @@ def check_patch(target, patch, **spec_overrides) -> list[dict]:
                       else "applied" if _same_bits(cur, new) else "mismatch")
             rows.append({"layer": l, "n": int(idx.numel()), "status": status})
     return rows
-
-
-@contextlib.contextmanager
-def holding(lock, make_cm):
-    """Enter `lock`, then the context `make_cm()` makes (only once the lock is held); yields what it
-    yields. Engine.find's batches (generation and activation capture) run inside."""
-    with lock, make_cm() as value:
-        yield value
 
 
 @contextlib.contextmanager

@@ -15,14 +15,17 @@ from __future__ import annotations
 import json
 import random
 import re
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
-from ..find.engine import DEFAULT_PROMPT
 from ..errors import MMNError
-from .patch_file import Patch, gather_rows, make_patch
+from ..find.engine import DEFAULT_PROMPT
 from ..find.results import ConceptAggregator
+from ..run.aggregate import open_results
+from ..run.runinfo import check_run_model
+from .patch_file import Patch, gather_rows, make_patch
 
 Neuron = tuple[int, int]  # (layer, index)
 
@@ -40,9 +43,6 @@ def concept_neurons(engine, source: str, n: int, results=None, images=None, excl
     word = source.lower()
     if results is not None and isinstance(results, (str, Path)):
         if (Path(results) / "run.json").is_file():  # the run's neuron indices must be this model's
-            from ..run.aggregate import open_results
-            from ..explain.metrics import check_run_model
-
             check_run_model(open_results(results), engine, "the edit")
         path = Path(results) / "concepts.json"
         try:
@@ -194,30 +194,60 @@ def _sequences(engine, captions: list[str], source: str, target: str):
     return ids, steps
 
 
-def optimize(engine, neurons, source: str, target: str, images, steps: int = 50, lr: float = 0.1,
-             kl_weight: float = 1.0, l2_weight: float = 0.01, margin: float = 2.0, captions: list[str] | None = None,
-             prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 32) -> Patch:
-    """Learn delta [n, d] per selected layer with Adam; stop early once the target word's first
-    token leads every other token by `margin` logits at every edited position.
+@dataclass
+class OptimizeOptions:
+    """The settings of `optimize`. lr is relative: in units of the RMS entry of the selected vectors
+    (so it transfers across model sizes); l2_weight multiplies sum ||delta||^2 / sum ||w||^2 over the
+    selected neurons; training stops early once the target word's first token leads every other
+    token by `margin` logits at every edited position, else after `steps` Adam steps."""
 
-    images: the edit images; those whose caption names `source` give the NLL term, all give the KL
-    term. lr is relative: in units of the RMS entry of the selected vectors (so it transfers across
-    model sizes). l2_weight multiplies sum ||delta||^2 / sum ||w||^2 over the selected neurons.
+    steps: int = 50
+    lr: float = 0.1
+    kl_weight: float = 1.0
+    l2_weight: float = 0.01
+    margin: float = 2.0
+    prompt: str = DEFAULT_PROMPT
+    max_new_tokens: int = 32  # of the captions made when none are given
+
+
+@dataclass
+class _EditBatch:
+    """The edit images teacher-forced on their edited captions, and the caption positions each loss term reads."""
+
+    full: dict  # model inputs: prompt and caption
+    index: torch.Tensor  # [B, S] positions predicting caption tokens
+    cap: torch.Tensor  # [B, S] caption token ids (0 past a caption's end)
+    is_t: torch.Tensor  # [B, S] bool: tokens of the target word (the NLL term)
+    keep: torch.Tensor  # [B, S] bool: every other caption token (the KL term)
+
+
+def optimize(engine, neurons, source: str, target: str, images, *, captions: list[str] | None = None,
+             options: OptimizeOptions | None = None, **settings) -> Patch:
+    """Learn delta [n, d] per selected layer with Adam (see `OptimizeOptions`; its fields may also be
+    given as keywords: `optimize(engine, neurons, "red", "blue", images, steps=20)`).
+
+    images: the edit images; those whose caption (`captions`, else made now) names `source` give
+    the NLL term, all give the KL term.
     """
+    opts = replace(options or OptimizeOptions(), **settings)
     images = list(images)
-    captions = captions if captions is not None else engine.caption(images, prompt, max_new_tokens=max_new_tokens)
+    captions = captions if captions is not None else engine.caption(images, opts.prompt,
+                                                                    max_new_tokens=opts.max_new_tokens)
     if not any(names(c, source) for c in captions):
         raise MMNError(f"no caption of the edit images names '{source}'")
     seqs, tsteps = _sequences(engine, captions, source, target)
     if not any(tsteps):
         raise MMNError(f"cannot locate the tokens of '{target}' in the edited captions")
-    ad, model = engine.adapter, engine.model
     rows = _rows(engine, neurons)
-    ref = torch.cat([v for _, v in rows.values()]).float()  # [n, d] on CPU
-    scale, ref_sq = float(ref.pow(2).mean().sqrt()) or 1.0, float(ref.pow(2).sum()) or 1.0
-    deltas = {l: torch.zeros(tuple(v.shape), device=ad.out_weight(l).device, requires_grad=True)
-              for l, (_, v) in rows.items()}  # [n, d] fp32
-    opt = torch.optim.Adam(list(deltas.values()), lr=lr * scale)
+    deltas, done = _learn_deltas(engine, rows, _edit_batch(engine, images, seqs, tsteps, opts.prompt), opts)
+    new = {l: (idx, (v.float() + deltas[l].detach().cpu()).to(v.dtype)) for l, (idx, v) in rows.items()}
+    params = {"steps": done, "max_steps": opts.steps, "lr": opts.lr, "kl_weight": opts.kl_weight,
+              "l2_weight": opts.l2_weight, "margin": opts.margin, "n_images": len(images),
+              "n_edit": int(sum(1 for s in tsteps if s)), "neurons": len(neurons), "prompt": opts.prompt}
+    return _patch(engine, new, "optimize", {"source": source, "target": target}, params)
+
+
+def _edit_batch(engine, images: list, seqs: list[list[int]], tsteps: list[list[int]], prompt: str) -> _EditBatch:
     inputs = engine._inputs(images, prompt, None)
     full, index = engine._teacher_forced(inputs, seqs)  # index [B, S]: positions predicting caption tokens
     lengths = torch.tensor([len(s) for s in seqs])
@@ -226,7 +256,19 @@ def optimize(engine, neurons, source: str, target: str, images, steps: int = 50,
     for b, st in enumerate(tsteps):
         is_t[b, st] = True
     cap = torch.tensor([s + [0] * (index.shape[1] - len(s)) for s in seqs])  # [B, S]
-    keep = valid & ~is_t
+    return _EditBatch(full, index, cap, is_t, valid & ~is_t)
+
+
+def _learn_deltas(engine, rows: dict, batch: _EditBatch, opts: OptimizeOptions) -> tuple[dict, int]:
+    """{layer: delta [n, d] fp32 on the layer's device} learned with the model frozen and its swap
+    lock held (forward hooks add them to the output projections), and the number of steps taken."""
+    ad, model = engine.adapter, engine.model
+    ref = torch.cat([v for _, v in rows.values()]).float()  # [n, d] on CPU
+    scale, ref_sq = float(ref.pow(2).mean().sqrt()) or 1.0, float(ref.pow(2).sum()) or 1.0
+    deltas = {l: torch.zeros(tuple(v.shape), device=ad.out_weight(l).device, requires_grad=True)
+              for l, (_, v) in rows.items()}  # [n, d] fp32
+    opt = torch.optim.Adam(list(deltas.values()), lr=opts.lr * scale)
+    full, index = batch.full, batch.index
 
     def logprobs():  # [B, S, V] fp32 at the caption positions, on the logits' device
         logits = model(**full, use_cache=False).logits
@@ -245,21 +287,22 @@ def optimize(engine, neurons, source: str, target: str, images, steps: int = 50,
             model.requires_grad_(False)
             with torch.no_grad():
                 ref_lp = logprobs()
-            is_t, keep, cap = is_t.to(ref_lp.device), keep.to(ref_lp.device), cap.to(ref_lp.device)
+            is_t, keep, cap = (t.to(ref_lp.device) for t in (batch.is_t, batch.keep, batch.cap))
             ref_lp = ref_lp[keep]  # [K, V]
             handles = [ad.out_projs[l].register_forward_hook(hook(l, idx.to(ad.out_weight(l).device)))
                        for l, (idx, _) in rows.items()]
             try:
-                for done in range(steps + 1):
+                for done in range(opts.steps + 1):
                     lp = logprobs()
                     lp_t, want = lp[is_t], cap[is_t][:, None]  # [T, V], [T, 1] at the target-word positions
-                    tgt = lp_t.gather(1, want)[:, 0]
-                    if bool((tgt - lp_t.scatter(1, want, float("-inf")).amax(-1) >= margin).all()) or done == steps:
+                    tgt = lp_t.gather(1, want)[:, 0]  # [T]
+                    lead = tgt - lp_t.scatter(1, want, float("-inf")).amax(-1)  # [T] over the best other token
+                    if done == opts.steps or bool((lead >= opts.margin).all()):
                         break
                     nll = -tgt.mean()
                     kl = (ref_lp.exp() * (ref_lp - lp[keep])).sum(-1).mean() if ref_lp.numel() else 0.0
                     l2 = sum(d.pow(2).sum().to(lp.device) for d in deltas.values()) / ref_sq
-                    loss = nll + kl_weight * kl + l2_weight * l2
+                    loss = nll + opts.kl_weight * kl + opts.l2_weight * l2
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -269,11 +312,7 @@ def optimize(engine, neurons, source: str, target: str, images, steps: int = 50,
         finally:
             for p, f in zip(model.parameters(), flags):
                 p.requires_grad_(f)
-    new = {l: (idx, (v.float() + deltas[l].detach().cpu()).to(v.dtype)) for l, (idx, v) in rows.items()}
-    params = {"steps": done, "max_steps": steps, "lr": lr, "kl_weight": kl_weight, "l2_weight": l2_weight,
-              "margin": margin, "n_images": len(images), "n_edit": int(sum(1 for s in tsteps if s)),
-              "neurons": len(neurons), "prompt": prompt}
-    return _patch(engine, new, "optimize", {"source": source, "target": target}, params)
+    return deltas, done
 
 
 METHODS = ("suppress", "swap", "optimize", "perturb")
@@ -293,7 +332,7 @@ def make_edit(engine, method: str, neurons, source: str, target: str | None = No
     if method == "optimize":
         if images is None:
             raise MMNError("method 'optimize' needs edit images")
-        keys = ("steps", "lr", "kl_weight", "l2_weight", "margin", "prompt", "max_new_tokens")
+        keys = {f.name for f in fields(OptimizeOptions)}
         return optimize(engine, neurons, source, target, images, captions=captions,
                         **{k: v for k, v in params.items() if k in keys and v is not None})
     raise MMNError(f"unknown edit method {method!r}; use one of {', '.join(METHODS)}")

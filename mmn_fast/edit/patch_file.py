@@ -24,7 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from transformers import core_model_loading
 
+from .. import __version__
 from ..errors import MMNError
 from ..io import save_safetensors, tensor_fingerprint
 
@@ -143,10 +146,8 @@ def weight_names(adapter, layer: int) -> tuple[str, str, str]:
     name = f"{qual}.weight" if qual else "weight"
     ckpt = name
     try:  # the key save_pretrained writes (it reverts the renamings transformers applies on load)
-        from transformers.core_model_loading import revert_weight_conversion
-
         if hasattr(adapter.model, "config"):
-            keys = list(revert_weight_conversion(adapter.model, {name: mod.weight}))
+            keys = list(core_model_loading.revert_weight_conversion(adapter.model, {name: mod.weight}))
             ckpt = keys[0] if len(keys) == 1 else name
     except Exception:  # not a transformers model, or an API change: the live key is the best guess
         pass
@@ -157,8 +158,6 @@ def make_patch(adapter, new_vectors: dict[int, tuple[torch.Tensor, torch.Tensor]
                concepts: dict | None = None, params: dict | None = None, source: str | None = None) -> Patch:
     """A Patch giving neurons `idx` of each layer the rows `vectors` ([n, d]), against the model's
     current weights (whose original vectors are hashed into the patch)."""
-    from .. import __version__
-
     entries = {}
     for layer, (idx, vectors) in sorted(new_vectors.items()):
         idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1).cpu()
@@ -229,8 +228,6 @@ def _check_entry(path, layer: int, info, base: dict, indices: torch.Tensor, vect
 
 def load_patch(path: str | Path) -> Patch:
     """Read and validate a patch file; a malformed or hostile file raises PatchError and executes nothing."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise PatchError(f"patch file '{path}' not found")

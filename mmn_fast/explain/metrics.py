@@ -9,19 +9,19 @@ tokens shuffled (no generation); only the causal experiment generates captions a
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
+import logging
 import random
 import time
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..run.aggregate import open_results
+from ..run.corpus import iter_samples, open_corpus
+# RunModelWarning and check_run_model are imported from here too (mmn_fast.cli.explain, user code)
+from ..run.runinfo import RunModelWarning, check_run_model, ids_digest, model_name, run_fingerprint  # noqa: F401
 from ..edit.methods import names, perturb, random_neurons, suppress, word_token
 from ..find.engine import DEFAULT_PROMPT
 from ..errors import MMNError
@@ -31,6 +31,8 @@ from .heatmap import _language_model, concept_signs, trace
 
 FORMAT_VERSION = 1
 ALL = ("semantic", "cross_image", "specificity", "region", "causal")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,64 +72,6 @@ class MetricOptions:
         bad = set(self.causal_modes) - {"zero", "noise"}
         if bad:
             raise MMNError(f"unknown causal mode(s) {sorted(bad)}: use zero and/or noise")
-
-
-# ----------------------------------------------------------------------------------- run <-> model
-class RunModelWarning(UserWarning):
-    """The loaded model's weights are not those a find run recorded (same shapes: results may not match)."""
-
-
-def _model_name(engine) -> str:
-    return str(engine.source or type(engine.model).__name__)
-
-
-def run_fingerprint(res) -> str | None:
-    """The weight fingerprint a find run recorded (run.json, else DIR/parts/config.json)."""
-    fp = res.run.get("weight_fingerprint")
-    if not fp:
-        try:
-            fp = json.loads((Path(res.path) / "parts" / "config.json").read_text()).get("weight_fingerprint")
-        except (OSError, ValueError, AttributeError):
-            fp = None
-    return fp or None
-
-
-def check_run_model(res, engine, what: str = "this run") -> str | None:
-    """Refuse an engine whose decoder is not shaped like the one the run in `res` (open_results) was
-    scored on: its neuron indices would be out of range or mean other neurons. With the same shapes but
-    other weights (fingerprint) warn (RunModelWarning) and return the warning's text; else None."""
-    run = res.run
-    ad = engine.adapter
-    rec = run.get("adapter") or {}
-    n_layers, d_mlp = rec.get("n_layers"), rec.get("d_mlp")
-    if n_layers is None or d_mlp is None:  # older runs: the aggregates' shape
-        try:
-            n_layers, d_mlp = res.stats.n_layers, res.stats.d_mlp
-        except Exception:  # noqa: BLE001 - nothing recorded: nothing to compare
-            n_layers = d_mlp = None
-    run_model = run.get("model", "?")
-    if n_layers is not None and d_mlp is not None and (int(n_layers), int(d_mlp)) != (ad.n_layers, ad.d_mlp):
-        raise MMNError(f"the run in '{res.path}' was scored on '{run_model}' ({n_layers} layers x {d_mlp} MLP "
-                       f"neurons), but the loaded model '{_model_name(engine)}' has {ad.n_layers} x {ad.d_mlp}: the "
-                       f"run's neuron indices do not fit it. Load the run's checkpoint ('{run_model}'; mmn metrics "
-                       "and mmn report use it when --model is left out)")
-    fp = run_fingerprint(res)
-    mine = engine.fingerprint
-    if fp and fp != mine and fp not in engine.fingerprints_of_this_model():  # older runs: the old hash
-        msg = (f"the loaded model '{_model_name(engine)}' (weights {mine}) is not the one the run in '{res.path}' "
-               f"recorded ('{run_model}', weights {fp}): another or edited checkpoint, a patch applied, another "
-               f"dtype; {what} may not match the run's neurons")
-        warnings.warn(msg, RunModelWarning, stacklevel=3)
-        return msg
-    return None
-
-
-def ids_digest(ids) -> str:
-    """Short sha1 of a list of record ids, in order: ties metrics.json to the records it was computed on."""
-    h = hashlib.sha1()
-    for i in ids:
-        h.update(json.dumps(str(i)).encode() + b"\n")
-    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------- measures
@@ -223,8 +167,6 @@ def _load_images(records: list[dict], images=None) -> list:
             except MMNError as e:
                 raise MMNError(f"{e} (record '{r['id']}'); pass --images with the corpus the run read") from None
         return out
-    from ..run.corpus import iter_samples, open_corpus
-
     corpus = open_corpus(images)
     want, found = {r["id"] for r in records}, {}
     for s in iter_samples(corpus, list(range(corpus.n_shards))):
@@ -246,7 +188,8 @@ def _first(rec: dict) -> dict[str, dict]:
 
 # ----------------------------------------------------------------------------------- metrics
 def compute_metrics(engine, results_dir, images=None, progress: bool = False, **options) -> dict:
-    """Every metric of `options.metrics` for the run in `results_dir`; returns the metrics.json object."""
+    """Every metric of `options.metrics` for the run in `results_dir`; returns the metrics.json object.
+    progress: log each metric's seconds when it is done (logger `mmn_fast.explain.metrics`, level INFO)."""
     opts = MetricOptions(**options)
     opts.validate()
     res = open_results(results_dir)
@@ -280,7 +223,7 @@ def compute_metrics(engine, results_dir, images=None, progress: bool = False, **
     top = {w: [(n["layer"], n["index"]) for n in res.top_neurons(w, opts.n)] for w in words}
     rand_sets = [random_neurons(engine, opts.n, seed=opts.seed + r) for r in range(opts.random_sets)]
     out = {"format_version": FORMAT_VERSION, "results_dir": str(results_dir),
-           "model": _model_name(engine), "weight_fingerprint": engine.fingerprint,  # what computed the metrics
+           "model": model_name(engine), "weight_fingerprint": engine.fingerprint,  # what computed the metrics
            "run": {"model": res.run.get("model"), "weight_fingerprint": run_fingerprint(res),  # what they belong to
                    "images": (res.run.get("totals") or {}).get("images"),
                    "ids_sha1": ids_digest(r["id"] for r in records)},
@@ -313,7 +256,7 @@ def compute_metrics(engine, results_dir, images=None, progress: bool = False, **
             _causal(ctx, base, per)
         out["seconds"][name] = round(time.perf_counter() - t0, 3)
         if progress:
-            print(f"  {name}: {out['seconds'][name]:.1f}s", flush=True)
+            log.info("  %s: %.1fs", name, out["seconds"][name])
     out["summary"] = summarise(per)
     return out
 

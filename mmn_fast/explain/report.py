@@ -17,9 +17,14 @@ from pathlib import Path
 
 import torch
 
-from ..run.aggregate import open_results
+from ..edit.patch_file import SUFFIX, load_patch
 from ..errors import MMNError
+from ..find.vocab import neuron_topk
 from ..io import atomic_open
+from ..model.inputs import load_image
+from ..run.aggregate import open_results
+from ..run.runinfo import check_run_model, ids_digest
+from .heatmap import maps, read_heatmaps, unique_name
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
@@ -95,8 +100,6 @@ def _table(header: list[str] | None, rows: list[list], numeric: set[int] = froze
 
 
 def _top_tokens(engine, neurons: list[tuple[int, int]], k: int) -> dict:
-    from ..find.vocab import neuron_topk
-
     if engine is None or not neurons:
         return {}
     ad = engine.adapter
@@ -108,9 +111,6 @@ def _top_tokens(engine, neurons: list[tuple[int, int]], k: int) -> dict:
 
 def _examples(engine, res, words: list[str], per_concept: int, n: int, method: str) -> dict:
     """word -> [(caption, overlay uri, masked uri)] computed now for the first images naming it."""
-    from ..model.inputs import load_image
-    from .heatmap import maps
-
     if engine is None or per_concept <= 0:
         return {}
     want = {w: [] for w in words}
@@ -146,8 +146,6 @@ def _examples(engine, res, words: list[str], per_concept: int, n: int, method: s
 
 
 def _patches(root: Path) -> list[str]:
-    from ..edit.patch_file import SUFFIX, load_patch
-
     found = []
     for d in (root, root / "edits", root / "patches"):
         if d.is_dir():
@@ -219,8 +217,6 @@ def _heatmaps_on_disk(root: Path, ids: set) -> dict:
     """concept -> heatmap records of DIR/heatmaps that belong to this run: the image id is one of its
     records (a discarded run's folders are not), one record per (id, concept), preferring the folder
     write_heatmaps names for the id."""
-    from .heatmap import read_heatmaps, unique_name
-
     hdir = root / "heatmaps"
     recs = [dict(r, id=str(r["id"])) for r in (read_heatmaps(hdir) if hdir.is_dir() else [])
             if r.get("id") is not None and str(r["id"]) in ids and isinstance(r.get("concept"), str)]
@@ -235,8 +231,6 @@ def _heatmaps_on_disk(root: Path, ids: set) -> dict:
 
 def _stale_metrics(metrics: dict, run: dict, ids: list[str]) -> str | None:
     """Why DIR/metrics.json was not computed on this run's records (another run's file), or None."""
-    from .metrics import ids_digest
-
     if not isinstance(metrics, dict) or not isinstance(metrics.get("summary", {}), dict):
         return "it is not a metrics.json of mmn metrics"
     rec = metrics.get("run") if isinstance(metrics.get("run"), dict) else {}
@@ -266,8 +260,6 @@ def build_report(results_dir, engine=None, neurons: int = 10, examples: int = 3,
                  method: str = "activation", max_concepts: int = 30) -> str:
     """The report's HTML text. `engine` (optional) adds top tokens and computed heatmaps; it must be the
     run's model (MMNError on other shapes, a RunModelWarning on other weights)."""
-    from .metrics import check_run_model
-
     if not isinstance(neurons, int) or neurons < 1:
         raise MMNError(f"neurons (--neurons) must be at least 1, got {neurons!r}")
     if not isinstance(examples, int) or examples < 0:

@@ -19,37 +19,6 @@ class ImageItem:
     caption: str | None = None
 
 
-def list_images(path: str | Path) -> list[ImageItem]:
-    """A folder of images (sorted by name) or a JSONL manifest of {"image", "caption"?, "id"?}."""
-    path = Path(path)
-    if not path.exists():
-        raise MMNError(f"images path '{path}' does not exist: give a folder of images or a .jsonl manifest")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            raise MMNError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder '{path}'")
-        return [ImageItem(id=p.stem, image=str(p)) for p in files]
-    if path.suffix.lower() in (".jsonl", ".json"):
-        items = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                img = rec["image"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise MMNError(f"{path}:{n}: each manifest line must be a JSON object with an \"image\" path") from None
-            img_path = Path(img) if Path(img).is_absolute() else path.parent / img
-            items.append(ImageItem(id=str(rec.get("id", Path(img).stem)), image=str(img_path),
-                                   caption=rec.get("caption")))
-        if not items:
-            raise MMNError(f"manifest '{path}' lists no images")
-        return items
-    if path.suffix.lower() in IMAGE_EXTENSIONS:
-        return [ImageItem(id=path.stem, image=str(path))]
-    raise MMNError(f"'{path}' is neither a folder, an image nor a .jsonl manifest")
-
-
 def load_image(item: ImageItem | str):
     """PIL RGB image; a missing or corrupt file is one clear error naming it."""
     from PIL import Image, UnidentifiedImageError

@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from ..errors import MMNError
 from ..io import save_safetensors, write_json
@@ -147,8 +148,6 @@ class NeuronStats:
 
     @classmethod
     def load(cls, stem: str | Path) -> "NeuronStats":
-        from safetensors.torch import load_file
-
         try:
             index = json.loads(Path(f"{stem}.json").read_text())
             tensors = load_file(f"{stem}.safetensors")
