@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
 
 from safetensors import SafetensorError
@@ -20,12 +22,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _library_messages(quiet: bool):
+    """The library reports progress through the `mmn_fast` logger (INFO): the CLI shows it on stdout
+    unless --quiet, for the duration of the command only."""
+    logger = logging.getLogger("mmn_fast")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    if not quiet:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # `find --nproc N` passes it on to the processes it launches
     try:
-        return args.func(args)
+        with _library_messages(quiet=getattr(args, "quiet", False)):
+            return args.func(args)
     except MMNError as e:
         print(f"mmn: error: {e}", file=sys.stderr)
         return 2
