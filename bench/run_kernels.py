@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -23,7 +24,14 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from common import median_time  # noqa: E402
 
-from mmn_fast.kernels import act_score, vocab_topk, vocab_topk_torch, vocab_topk_triton  # noqa: E402
+from mmn_fast.kernels import (  # noqa: E402
+    ActScorePlans,
+    act_score,
+    triton_available,
+    vocab_topk,
+    vocab_topk_torch,
+    vocab_topk_triton,
+)
 
 
 def timed(fn, repeats: int) -> float:
@@ -110,14 +118,11 @@ def host_rows(device, dtype, f, calls=2000):
     Python and launch overhead is what a decode step pays per layer). On CUDA: `calls` launches
     timed with one sync at the end. On CPU the Triton launch is replaced by a no-op (the
     interpreter would time itself), so that row is our own Python only."""
-    import time
-
-    from mmn_fast.kernels._triton_util import triton_available
-
     g = torch.randn(8, f, device=device, dtype=dtype)
     u = torch.randn_like(g)
     rows = torch.arange(8, device=device)
     silu = torch.nn.SiLU()
+    plans = ActScorePlans()  # as find keeps them: the index checks and row plan made once for all calls
 
     def per_call(fn):
         for _ in range(50):
@@ -135,24 +140,26 @@ def host_rows(device, dtype, f, calls=2000):
            ("fused decode step as find runs it (last position: the step's own rows)",
             per_call(lambda: (silu(g) * u).detach())),
            ("torch path: h + capture of the last rows",
-            per_call(lambda: act_score(g, u, "silu", capture_rows=rows, backend="torch", act_module=silu)))]
+            per_call(lambda: act_score(g, u, "silu", capture_rows=rows, backend="torch", act_module=silu,
+                                      plans=plans)))]
     if not triton_available():
         return out
     import mmn_fast.kernels._act_score_triton as kmod
 
-    real, env = kmod._act_score_kernel, os.environ.get("TRITON_INTERPRET")
+    real, env = kmod.act_score_kernel, os.environ.get("TRITON_INTERPRET")
     if device.type != "cuda":  # CPU tensors pass the device check only with the interpreter flag set
 
         class _NoLaunch:
             def __getitem__(self, grid):
                 return lambda *a, **k: None
 
-        kmod._act_score_kernel, os.environ["TRITON_INTERPRET"] = _NoLaunch(), "1"
+        kmod.act_score_kernel, os.environ["TRITON_INTERPRET"] = _NoLaunch(), "1"
     try:
         name = "triton path: h + capture" + ("" if device.type == "cuda" else " (launch stubbed: our Python only)")
-        out.append((name, per_call(lambda: act_score(g, u, "silu", capture_rows=rows, backend="triton"))))
+        out.append((name, per_call(lambda: act_score(g, u, "silu", capture_rows=rows, backend="triton",
+                                                           plans=plans))))
     finally:
-        kmod._act_score_kernel = real
+        kmod.act_score_kernel = real
         if env is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:

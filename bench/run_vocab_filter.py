@@ -19,9 +19,11 @@ if "--interpret" in sys.argv:
 
 import torch  # noqa: E402
 
+from mmn_fast.kernels import vocab_topk_triton  # noqa: E402
+
 
 def counts(d=256, f=2000, shapes=((32000, 64), (32000, 10), (128256, 64))):
-    from mmn_fast.kernels._vocab_filter_triton import probe_thresholds
+    from mmn_fast.kernels._vocab_filter_triton import default_capacity, probe_thresholds
 
     print(f"candidates per row (d = {d}, {f} neurons, probe every 8th token)")
     print("| V | k | mean | p99 | max | capacity |")
@@ -32,17 +34,15 @@ def counts(d=256, f=2000, shapes=((32000, 64), (32000, 10), (128256, 64))):
         w_u = (torch.randn(v, d) / d**0.5).bfloat16()
         top, _, n_probe = probe_thresholds(w_out, w_u, k, 8, True, False)
         cnt = (w_out.float().t() @ w_u.float().t() >= top[:, None]).sum(1).float()
-        cap = 2 * k * -(-v // n_probe) + 256  # the launcher's default
+        cap = default_capacity(k, v, n_probe)
         print(f"| {v} | {k} | {cnt.mean():.0f} | {cnt.quantile(0.99):.0f} | {cnt.max():.0f} | {cap} |")
 
 
 def interpret(d=256, f=300, v=32000, k=64):
-    from mmn_fast.kernels import vocab_topk_triton
-
     mod = importlib.import_module("mmn_fast.kernels._vocab_filter_triton")
     redone = []
-    exact_rows = mod._exact_rows
-    mod._exact_rows = lambda w, *a, **kw: redone.append(w.shape[1]) or exact_rows(w, *a, **kw)
+    exact_rows = mod.exact_rows
+    mod.exact_rows = lambda w, *a, **kw: redone.append(w.shape[1]) or exact_rows(w, *a, **kw)
     torch.manual_seed(0)
     w_out = (torch.randn(d, f) / d**0.5).bfloat16()
     w_u = (torch.randn(v, d) / d**0.5).bfloat16()

@@ -27,9 +27,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mmn_fast.kernels._act_score_triton import _act_score_kernel  # noqa: E402
-from mmn_fast.kernels._vocab_filter_triton import _vocab_filter_kernel  # noqa: E402
-from mmn_fast.kernels._vocab_topk_triton import _vocab_topk_kernel  # noqa: E402
+from mmn_fast.kernels._act_score_triton import act_score_kernel  # noqa: E402
+from mmn_fast.kernels._vocab_filter_triton import vocab_filter_kernel  # noqa: E402
+from mmn_fast.kernels._vocab_topk_triton import vocab_topk_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -49,7 +49,7 @@ def _compile(fn, types: dict, consts: dict, num_warps: int, num_stages: int = 3,
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def _sass(kernel) -> list[str]:
+def _sass(kernel) -> tuple[list[str], list[str]]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
@@ -99,19 +99,19 @@ def check() -> list[str]:
     tests/test_kernels_sass.py in CI): a filter GEMM main loop with no spills and both operand
     tiles on 128-bit cp.async, and an act_score that never spills and loads 128 bits at a time."""
     problems = []
-    f = stats(filter_kernel(True, True))
+    f = stats(compiled_filter(True, True))
     if f["loop_local"]:
         problems.append(f"vocab_topk filter: {f['loop_local']} spill instructions inside its main loop")
     if not f["wgmma"] or f["loads"].get("LDGSTS.128", 0) < 24 or any(op.startswith("LDG.U") for op in f["loads"]):
         problems.append(f"vocab_topk filter: operand tiles not all on 128-bit cp.async with wgmma: {f}")
     for reduce_max in (False, True):
-        a = stats(act_score_kernel(reduce_max))
+        a = stats(compiled_act_score(reduce_max))
         if a["stack"] or a["local"] or not a["loads"].get("LDG.128"):
             problems.append(f"act_score (max={reduce_max}): spills or narrow loads: {a}")
     return problems
 
 
-def filter_kernel(top, bottom, bf=128, bv=128, bd=64, warps=8, from_logits=False, hints=True):
+def compiled_filter(top, bottom, bf=128, bv=128, bd=64, warps=8, from_logits=False, hints=True):
     types = {"wo_ptr": "*bf16", "wu_ptr": "*bf16", "top_thr_ptr": "*fp32", "bot_thr_ptr": "*fp32",
              "top_cnt_ptr": "*i32", "bot_cnt_ptr": "*i32", "top_val_ptr": "*fp32", "top_id_ptr": "*i32",
              "bot_val_ptr": "*fp32", "bot_id_ptr": "*i32", **{a: "i32" for a in
@@ -121,24 +121,24 @@ def filter_kernel(top, bottom, bf=128, bv=128, bd=64, warps=8, from_logits=False
     consts = dict(s_wo_f=1, s_wu_d=1, TOP=top, BOTTOM=bottom, BLOCK_F=bf, BLOCK_V=bv, BLOCK_D=bd, GROUP_F=8, EVEN_D=True,
                   UPCAST=False, PRECISION="tf32", FROM_LOGITS=from_logits, HINT_F=hints, HINT_V=hints)
     unaligned = () if hints else ("F",)  # a column slice W_out[:, :100] of a 1024-wide matrix
-    return _compile(_vocab_filter_kernel, types, consts, warps, unaligned=unaligned)
+    return _compile(vocab_filter_kernel, types, consts, warps, unaligned=unaligned)
 
 
-def bitonic_kernel(bf=64, bv=128, bd=64, kp=64):
+def compiled_bitonic(bf=64, bv=128, bd=64, kp=64):
     types = {"wo_ptr": "*bf16", "wu_ptr": "*bf16", "top_v_ptr": "*fp32", "top_i_ptr": "*i64",
              "bot_v_ptr": "*fp32", "bot_i_ptr": "*i64",
              **{a: "i32" for a in ("D", "F", "V", "K", "s_wo_d", "s_wu_v")}}
     consts = dict(s_wo_f=1, s_wu_d=1, TOP=True, BOTTOM=True, KP=kp, BLOCK_F=bf, BLOCK_V=bv, BLOCK_D=bd, UPCAST=False, PRECISION="tf32")
-    return _compile(_vocab_topk_kernel, types, consts, 4)
+    return _compile(vocab_topk_kernel, types, consts, 4)
 
 
-def act_score_kernel(reduce_max, block_f=1024):
+def compiled_act_score(reduce_max, block_f=1024):
     types = {"gate_ptr": "*bf16", "up_ptr": "*bf16", "h_ptr": "*bf16", "red_ptr": "*fp32", "cap_dst_ptr": "*i64",
              "cap_ptr": "*bf16", "cap_act_ptr": "*bf16", "chunk_start_ptr": "*i64", "chunk_end_ptr": "*i64",
              "chunk_group_ptr": "*i64", "F": "i32"}
     consts = dict(G=1, ACT="silu", HAS_UP=True, HAS_PROJ=True, REDUCE_MAX=reduce_max, HAS_CAPTURE=True,
                   CAPTURE_ACT=False, BLOCK_N=1, BLOCK_F=block_f, RNE_BF16=False)
-    return _compile(_act_score_kernel, types, consts, 4)
+    return _compile(act_score_kernel, types, consts, 4)
 
 
 def main():
@@ -151,16 +151,16 @@ def main():
           "| global loads |")
     print("|---|---|---|---|---|---|---|---|---|")
     rows = [
-        ("vocab_topk filter, top-k, 128x128x64, 8 warps", lambda: filter_kernel(True, False)),
-        ("vocab_topk filter, top + bottom, 128x128x64, 8 warps", lambda: filter_kernel(True, True)),
-        ("vocab_topk filter, top + bottom, 128x128x64, 4 warps", lambda: filter_kernel(True, True, warps=4)),
-        ("vocab_topk filter, top + bottom, 128x256x64, 8 warps", lambda: filter_kernel(True, True, bv=256)),
+        ("vocab_topk filter, top-k, 128x128x64, 8 warps", lambda: compiled_filter(True, False)),
+        ("vocab_topk filter, top + bottom, 128x128x64, 8 warps", lambda: compiled_filter(True, True)),
+        ("vocab_topk filter, top + bottom, 128x128x64, 4 warps", lambda: compiled_filter(True, True, warps=4)),
+        ("vocab_topk filter, top + bottom, 128x256x64, 8 warps", lambda: compiled_filter(True, True, bv=256)),
         ("vocab_topk filter, top + bottom, W_out[:, :100] of a wider matrix (no hints)",
-         lambda: filter_kernel(True, True, hints=False)),
-        ("vocab_topk filter on cuBLAS logits, top + bottom", lambda: filter_kernel(True, True, from_logits=True)),
-        ("vocab_topk bitonic, top + bottom, 64x128x64, k=64", bitonic_kernel),
-        ("act_score, SiLU, sums, capture", lambda: act_score_kernel(False)),
-        ("act_score, SiLU, max/min, capture", lambda: act_score_kernel(True)),
+         lambda: compiled_filter(True, True, hints=False)),
+        ("vocab_topk filter on cuBLAS logits, top + bottom", lambda: compiled_filter(True, True, from_logits=True)),
+        ("vocab_topk bitonic, top + bottom, 64x128x64, k=64", compiled_bitonic),
+        ("act_score, SiLU, sums, capture", lambda: compiled_act_score(False)),
+        ("act_score, SiLU, max/min, capture", lambda: compiled_act_score(True)),
     ]
     for name, make in rows:
         try:

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._act_score_common import ActScoreOut, ActScorePlans, planned
 from ._triton_util import interpreter_on
-from .act_score import ActScoreOut
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def _round(x, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
 
 
 @triton.jit
-def _act_score_kernel(
+def act_score_kernel(
     gate_ptr,  # [N, F] contiguous
     up_ptr,  # [N, F] contiguous (unused unless HAS_UP)
     h_ptr,  # [N, F] contiguous, input dtype
@@ -142,28 +142,6 @@ def _row_chunks(row_group: torch.Tensor, block_n: int) -> tuple[torch.Tensor, to
     return start, end, row_group[run_start][run]
 
 
-_plans: dict[tuple, tuple] = {}  # (name, device) -> (key object, its _version or None, extra key, value)
-
-
-def _cached(name: str, obj, device: torch.device, extra: tuple, make):
-    """A single-entry cache per name and device, keyed by object identity plus its _version for
-    tensors (a tensor kept here cannot be freed, so its identity cannot be reused by another).
-    One entry per device: a model spread over GPUs alternates devices layer by layer, and one
-    shared entry would rebuild (with device syncs) at every boundary. Inference-mode tensors have
-    no version counter: never cached."""
-    version = None
-    if isinstance(obj, torch.Tensor):
-        if obj.is_inference():
-            return make()
-        version = obj._version
-    last = _plans.get((name, device))
-    if last is not None and last[0] is obj and last[1] == version and last[2] == extra:
-        return last[3]
-    value = make()
-    _plans[(name, device)] = (obj, version, extra, value)
-    return value
-
-
 def _capture_slots(rows: torch.Tensor, n: int):
     """[N] capture slot of each row (-1: not captured) and, only when rows has duplicates, the
     [R] slot each output row must be copied from (one device sync)."""
@@ -184,9 +162,24 @@ def _buffer(given: torch.Tensor | None, shape, dtype, device, name: str) -> torc
 
 
 def launch_act_score(
-    gate, up, act, proj, row_group, n_groups, reduce, capture_rows, capture_act, out, block_n, block_f, chunk_rows
-):
-    """Launcher (arguments already validated by `act_score_triton`)."""
+    gate: torch.Tensor,
+    up: torch.Tensor | None,
+    act: str,
+    *,
+    proj: torch.Tensor | None,
+    row_group: torch.Tensor | None,
+    n_groups: int,
+    reduce: str,
+    capture_rows: torch.Tensor | None,
+    capture_act: bool,
+    out: ActScoreOut | None,
+    block_n: int,
+    block_f: int,
+    chunk_rows: int | None,
+    plans: ActScorePlans | None,
+) -> ActScoreOut:
+    """Launcher (arguments already validated by `act_score_triton`). The row plan and capture
+    slots come from `plans` when it holds them for these very tensors."""
     if block_n < 1 or block_n & (block_n - 1) or block_f < 16 or block_f & (block_f - 1):
         raise ValueError("block_n must be a power of two and block_f a power of two >= 16")
     n, f = gate.shape
@@ -227,13 +220,13 @@ def launch_act_score(
             captured_act = _buffer(out.captured_act, (r, f), dtype, dev, "captured_act")
     cap_dst, slot = gate, None  # placeholder pointer when nothing is captured
     if has_capture:
-        cap_dst, slot = _cached("capture", capture_rows, dev, (n,), lambda: _capture_slots(rows, n))
+        cap_dst, slot = planned(plans, "capture", capture_rows, dev, (n,), lambda: _capture_slots(rows, n))
 
     if n > 0 and f > 0:
-        start, end, chunk_group = _cached("rows", plan_key, dev, (n, chunk_rows), lambda: _row_chunks(
+        start, end, chunk_group = planned(plans, "rows", plan_key, dev, (n, chunk_rows), lambda: _row_chunks(
             groups if groups is not None else torch.full((n,), -1, dtype=torch.long, device=dev), chunk_rows))
         grid = (start.shape[0], triton.cdiv(f, block_f))
-        _act_score_kernel[grid](
+        act_score_kernel[grid](
             gate, up if up is not None else gate, h, red if has_proj else h,
             cap_dst, captured if has_capture else h, captured_act if has_capture and capture_act else h,
             start, end, chunk_group, f, g,

@@ -12,12 +12,13 @@ ties go to the smaller id and the result does not depend on the order the atomic
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from ._triton_util import interpreter_on
-from ._vocab_topk_triton import _buffers
+from ._triton_util import interpreter_on, topk_buffers
 
 # Relative margin under each row's probe threshold (times the row's largest |probe logit|). The
 # probe is a torch matmul with fp32 output, so its logits differ from the kernel's fp32 accumulators
@@ -73,7 +74,7 @@ def _logits_tile(wo_ptr, wu_ptr, fs, vs, D, s_wo_d, s_wo_f, s_wu_v, s_wu_d, BLOC
 
 
 @triton.jit
-def _vocab_filter_kernel(
+def vocab_filter_kernel(
     wo_ptr,  # [d, F], strides (s_wo_d, s_wo_f); FROM_LOGITS: fp32 logits [F, V - V0], strides (s_wo_f, s_wo_d)
     wu_ptr,  # [V, d], strides (s_wu_v, s_wu_d); unused with FROM_LOGITS
     top_thr_ptr,  # [F] fp32: keep logits >= this
@@ -201,7 +202,7 @@ def _matmul_fp32(a: torch.Tensor, b: torch.Tensor, exact: bool = True) -> torch.
     return a.float() @ b.float()
 
 
-def _exact_rows(w_out: torch.Tensor, w_u: torch.Tensor, k: int, negate: bool, chunk: int = 4096):
+def exact_rows(w_out: torch.Tensor, w_u: torch.Tensor, k: int, negate: bool, chunk: int = 4096):
     """Top-k of -logits if negate else logits, for the few rows the candidate buffer could not
     hold, ranked by the same packed keys (so ties still go to the smaller id): a running top-k
     over vocabulary chunks. Returns (values [n, k] fp32 of the logits, ids [n, k] int64)."""
@@ -216,14 +217,49 @@ def _exact_rows(w_out: torch.Tensor, w_u: torch.Tensor, k: int, negate: bool, ch
     return (-values if negate else values), ids
 
 
-def launch_vocab_filter(w_out, w_u, k, largest, both, probe_stride, capacity, gemm, chunk, block_f, block_v,
-                        block_d, group_f, num_warps, num_stages, out):
+class FilterTuning(NamedTuple):
+    """How `launch_vocab_filter` runs (what it computes does not depend on any of it).
+
+    probe_stride: every probe_stride-th token goes into the threshold probe
+    capacity:     candidate slots per row, None for `default_capacity`
+    gemm:         "triton" (the kernel computes the logits) or "torch" (cuBLAS, `chunk` tokens at a time)
+    block_*, group_f, num_warps, num_stages: the filter kernel's tiles and launch configuration
+    """
+
+    probe_stride: int = 8
+    capacity: int | None = None
+    gemm: str = "triton"
+    chunk: int = 8192
+    block_f: int = 128
+    block_v: int = 128
+    block_d: int = 64
+    group_f: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+def default_capacity(k: int, v: int, n_probe: int) -> int:
+    """Candidate slots per row: about k * V / n_probe candidates are expected, room for twice that."""
+    return 2 * k * -(-v // n_probe) + 256
+
+
+def launch_vocab_filter(
+    w_out: torch.Tensor,
+    w_u: torch.Tensor,
+    k: int,
+    *,
+    largest: bool,
+    both: bool,
+    out: tuple[torch.Tensor, ...] | None,
+    tuning: FilterTuning,
+) -> tuple[torch.Tensor, ...]:
     """Probe thresholds, the filtering pass, then a top-k of each row's candidates. Rows whose
-    candidates overflowed `capacity` (or, defensively, came out under k) are recomputed exactly in
-    torch with the same ranking (`_exact_rows`), so the result never depends on the capacity.
+    candidates overflowed the capacity (or, defensively, came out under k) are recomputed exactly in
+    torch with the same ranking (`exact_rows`), so the result never depends on the capacity.
     gemm="triton": one kernel computes the logits and filters them; gemm="torch": cuBLAS computes
     `chunk`-token slices of the logits (extra memory F x chunk x 4 bytes) and the kernel only
-    filters. Shapes are validated by `vocab_topk_triton`."""
+    filters. Shapes are validated by `vocab_topk_triton`; (values, ids) pairs as `topk_buffers`."""
+    probe_stride, capacity, gemm, chunk, block_f, block_v, block_d, group_f, num_warps, num_stages = tuning
     for name, b in (("block_f", block_f), ("block_v", block_v), ("block_d", block_d)):
         if b < 16 or b & (b - 1):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {b}")
@@ -237,12 +273,12 @@ def launch_vocab_filter(w_out, w_u, k, largest, both, probe_stride, capacity, ge
     v = w_u.shape[0]
     k = min(k, v)
     top, bottom = (True, True) if both else (largest, not largest)
-    bufs = _buffers(out, 4 if both else 2, f, k, w_out.device)
+    bufs = topk_buffers(out, 4 if both else 2, f, k, w_out.device)
     if f == 0:
         return tuple(bufs)
     top_thr, bot_thr, n_probe = probe_thresholds(w_out, w_u, k, probe_stride, top, bottom)
-    if capacity is None:  # about k * V / n_probe candidates per row are expected; room for twice that
-        capacity = 2 * k * -(-v // n_probe) + 256
+    if capacity is None:
+        capacity = default_capacity(k, v, n_probe)
     capacity = max(k, min(int(capacity), v))
     dev = w_out.device
     sides = [(top, top_thr, False), (bottom, bot_thr, True)]
@@ -254,7 +290,7 @@ def launch_vocab_filter(w_out, w_u, k, largest, both, probe_stride, capacity, ge
 
     def launch(src, v0, v1, strides, from_logits):
         grid = (triton.cdiv(f, block_f) * triton.cdiv(v1 - v0, block_v),)
-        _vocab_filter_kernel[grid](
+        vocab_filter_kernel[grid](
             src, w_u, pick([top_thr, bot_thr], 0), pick([top_thr, bot_thr], 1), pick(cnts, 0), pick(cnts, 1),
             pick(vals, 0), pick(ids, 0), pick(vals, 1), pick(ids, 1), d, f, v0, v1, capacity, *strides,
             TOP=top, BOTTOM=bottom, BLOCK_F=block_f, BLOCK_V=block_v, BLOCK_D=block_d, GROUP_F=group_f,
@@ -281,7 +317,7 @@ def launch_vocab_filter(w_out, w_u, k, largest, both, probe_stride, capacity, ge
         redo = ((cnt > capacity) | (cnt < k)).nonzero().flatten()
         for r0 in range(0, redo.numel(), 1024):  # exact, for the few rows the buffer could not hold
             rows = redo[r0 : r0 + 1024]
-            rv, ri = _exact_rows(w_out.index_select(1, rows), w_u, k, negate)
+            rv, ri = exact_rows(w_out.index_select(1, rows), w_u, k, negate)
             values_out.index_copy_(0, rows, rv)
             ids_out.index_copy_(0, rows, ri)
     return tuple(bufs)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_util import interpreter_on, next_pow2
+from ._triton_util import interpreter_on, next_pow2, topk_buffers
 
 _KEY_MIN = tl.constexpr(-9223372036854775808)  # below every real key: padding and masked columns
 
@@ -124,7 +124,7 @@ def _store(keys, val_ptr, id_ptr, fs, fmask, K, KP: tl.constexpr, NEGATE: tl.con
 
 
 @triton.jit
-def _vocab_topk_kernel(
+def vocab_topk_kernel(
     wo_ptr,  # [d, F], strides (s_wo_d, s_wo_f)
     wu_ptr,  # [V, d], strides (s_wu_v, s_wu_d)
     top_v_ptr,  # [F, K] fp32 contiguous
@@ -184,21 +184,19 @@ def _vocab_topk_kernel(
         _store(bot, bot_v_ptr, bot_i_ptr, fs, fmask, K, KP, True)
 
 
-def _buffers(out, count: int, f: int, k: int, device) -> list[torch.Tensor]:
-    """(values, ids) pairs, preallocated by the caller or fresh."""
-    want = [torch.float32, torch.int64] * (count // 2)
-    if out is None:
-        return [torch.empty((f, k), dtype=dt, device=device) for dt in want]
-    if len(out) != count:
-        raise ValueError(f"out must hold {count} tensors")
-    for t, dt in zip(out, want):
-        if tuple(t.shape) != (f, k) or t.dtype != dt or t.device != device or not t.is_contiguous():
-            raise ValueError(f"out buffers must be contiguous [F={f}, k={k}] tensors on {device} ({want})")
-    return list(out)
-
-
-def launch_vocab_topk(w_out, w_u, k, largest, both, block_f, block_v, block_d, out):
-    """Launcher (shapes validated by `vocab_topk_triton`)."""
+def launch_vocab_topk(
+    w_out: torch.Tensor,
+    w_u: torch.Tensor,
+    k: int,
+    *,
+    largest: bool,
+    both: bool,
+    block_f: int,
+    block_v: int,
+    block_d: int,
+    out: tuple[torch.Tensor, ...] | None,
+) -> tuple[torch.Tensor, ...]:
+    """Launcher (shapes validated by `vocab_topk_triton`); (values, ids) pairs as `topk_buffers`."""
     for name, b in (("block_f", block_f), ("block_v", block_v), ("block_d", block_d)):
         if b < 16 or b & (b - 1):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {b}")
@@ -208,12 +206,12 @@ def launch_vocab_topk(w_out, w_u, k, largest, both, block_f, block_v, block_d, o
     kp = next_pow2(k)
     block_v = max(block_v, kp)  # tl.topk needs k <= the tile width
     top, bottom = (True, True) if both else (largest, not largest)
-    bufs = _buffers(out, 4 if both else 2, f, k, w_out.device)
+    bufs = topk_buffers(out, 4 if both else 2, f, k, w_out.device)
     top_v, top_i = bufs[0], bufs[1]  # unused by the kernel when TOP is off
     bot_v, bot_i = (bufs[2], bufs[3]) if both else (bufs[0], bufs[1])
     if f > 0:
         fp32 = w_out.dtype == torch.float32
-        _vocab_topk_kernel[(triton.cdiv(f, block_f),)](
+        vocab_topk_kernel[(triton.cdiv(f, block_f),)](
             w_out, w_u, top_v, top_i, bot_v, bot_i, d, f, v, k,
             w_out.stride(0), w_out.stride(1), w_u.stride(0), w_u.stride(1),
             TOP=top, BOTTOM=bottom, KP=kp, BLOCK_F=block_f, BLOCK_V=block_v, BLOCK_D=block_d,

@@ -11,10 +11,13 @@ kernel (see `_act_score_triton.py`, imported only when called); `act_score` disp
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.nn.functional as F_
+
+from ._act_score_common import ActScoreOut, ActScorePlans, planned
+from ._triton_util import require_triton
 
 ACTS = ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu")
 # Hugging Face `hidden_act` names that mean one of ours.
@@ -22,13 +25,6 @@ ACT_ALIASES = {"swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "g
 REDUCES = ("sum", "mean", "max")
 MAX_K = 64
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-class ActScoreOut(NamedTuple):
-    h: torch.Tensor  # [N, F] input dtype
-    scores: torch.Tensor | None  # [G, K, F] fp32 (fp64 for fp64 inputs)
-    captured: torch.Tensor | None  # [R, F] input dtype
-    captured_act: torch.Tensor | None  # [R, F] input dtype, act(gate) without the up factor
 
 
 def _act_fn(act: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -44,28 +40,21 @@ def _act_fn(act: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return F_.relu
 
 
-_checked: dict[str, tuple] = {}  # name -> (tensor, its _version, bounds) of the last range check passed
-
-
-def _in_range(name: str, t: torch.Tensor, lo: int, hi: int) -> bool:
-    """All of t in [lo, hi), with one device sync; skipped when this very tensor (same object,
-    unmodified: same _version) passed the same check last time, as for every layer of a batch."""
+def _in_range(name: str, t: torch.Tensor, lo: int, hi: int, plans: ActScorePlans | None) -> bool:
+    """All of t in [lo, hi), with one device sync; kept in `plans` for this very tensor (same
+    object, unmodified), so the layers of a batch check it once."""
     if t.numel() == 0:
         return True
-    cacheable = not t.is_inference()  # inference tensors have no version counter
-    last = _checked.get(name)
-    if cacheable and last is not None and last[0] is t and last[1:] == (t._version, lo, hi):
-        return True
-    mn, mx = torch.stack(torch.aminmax(t)).tolist()
-    if lo <= mn and mx < hi:
-        if cacheable:
-            _checked[name] = (t, t._version, lo, hi)
-        return True
-    return False
+
+    def check() -> bool:
+        mn, mx = torch.stack(torch.aminmax(t)).tolist()
+        return lo <= mn and mx < hi
+
+    return planned(plans, f"{name} in range", t, t.device, (lo, hi), check)
 
 
 def _check(
-    gate, up, act, proj, row_group, n_groups, reduce, capture_rows, *, triton: bool
+    gate, up, act, proj, row_group, n_groups, reduce, capture_rows, *, triton: bool, plans: ActScorePlans | None
 ) -> tuple[str, torch.Tensor | None, int]:
     """Validate the arguments; returns (canonical act name, row_group or None, n_groups)."""
     if not isinstance(gate, torch.Tensor) or gate.dim() != 2:
@@ -104,14 +93,14 @@ def _check(
                 raise ValueError(f"row_group must be an integer [N={n}] tensor, got {row_group.dtype} {tuple(row_group.shape)}")
             if row_group.device != gate.device:
                 raise ValueError(f"row_group must be on {gate.device}")
-            if not _in_range("row_group", row_group, -1, n_groups):
+            if not _in_range("row_group", row_group, -1, n_groups, plans):
                 raise ValueError(f"row_group values must be in [-1, n_groups={n_groups})")
     if capture_rows is not None:
         if capture_rows.dim() != 1 or capture_rows.dtype.is_floating_point or capture_rows.dtype == torch.bool:
             raise ValueError(f"capture_rows must be a 1-D integer tensor, got {capture_rows.dtype} {tuple(capture_rows.shape)}")
         if capture_rows.device != gate.device:
             raise ValueError(f"capture_rows must be on {gate.device}")
-        if not _in_range("capture_rows", capture_rows, 0, n):
+        if not _in_range("capture_rows", capture_rows, 0, n, plans):
             raise ValueError(f"capture_rows must be in [0, N={n})")
     return act, row_group, n_groups
 
@@ -159,11 +148,14 @@ def act_score_torch(
     capture_rows: torch.Tensor | None = None,
     capture_act: bool = False,
     act_module: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    plans: ActScorePlans | None = None,
 ) -> ActScoreOut:
     """Reference / CPU path. h is computed in the input dtype exactly like the model's MLP
     (`act_module(gate) * up` when act_module is given, so captures are bit-identical to a forward
     hook); scores accumulate in fp32 (fp64 for fp64 inputs). See `act_score` for the arguments."""
-    act, row_group, n_groups = _check(gate, up, act, proj, row_group, n_groups, reduce, capture_rows, triton=False)
+    act, row_group, n_groups = _check(
+        gate, up, act, proj, row_group, n_groups, reduce, capture_rows, triton=False, plans=plans
+    )
     a = (act_module or _act_fn(act))(gate)  # [N, F]
     h = a * up if up is not None else a  # [N, F]
     captured = captured_act = None
@@ -193,24 +185,26 @@ def act_score_triton(
     block_n: int = 1,
     block_f: int = 1024,
     chunk_rows: int | None = None,
+    plans: ActScorePlans | None = None,
 ) -> ActScoreOut:
     """Triton path: one kernel reads gate/up once and writes h, the captured rows and the per-group
     row reductions of h (then a small epilogue scales them by P). h is computed in fp32 and rounded
     once to the input dtype; the scores use that rounded h. `out` may hold preallocated contiguous
     buffers (fields left None are allocated). Each program covers up to chunk_rows rows of one
-    group in BLOCK_N-row tiles, BLOCK_F columns wide (short wide tiles keep the row reduction
-    inside each thread: on an H100, bf16 2048 x 11008, 1 x 1024 tiles ran at 2.1 TB/s, 16 x 128
-    at 0.46 TB/s); chunk_rows=None picks it from N and F. Row plans and index checks are cached for the last row_group / capture_rows
-    tensor seen (by identity and version), so the per-layer calls of one batch sync the device
-    once. fp32/fp16/bf16 only."""
-    from ._triton_util import require_triton
-
-    act, row_group, n_groups = _check(gate, up, act, proj, row_group, n_groups, reduce, capture_rows, triton=True)
+    group in BLOCK_N-row tiles, BLOCK_F columns wide: short wide tiles keep the row reduction
+    inside each thread (measured: see below); chunk_rows=None picks it from N and F. The row plan,
+    capture slots and index checks are kept in `plans` when given (see `act_score`).
+    fp32/fp16/bf16 only."""
+    # Default tiles: on an H100, bf16 2048 x 11008, 1 x 1024 tiles ran at 2.1 TB/s, 16 x 128 at 0.46 TB/s.
+    act, row_group, n_groups = _check(
+        gate, up, act, proj, row_group, n_groups, reduce, capture_rows, triton=True, plans=plans
+    )
     require_triton(gate)
     from ._act_score_triton import launch_act_score
 
     return launch_act_score(
-        gate, up, act, proj, row_group, n_groups, reduce, capture_rows, capture_act, out, block_n, block_f, chunk_rows
+        gate, up, act, proj=proj, row_group=row_group, n_groups=n_groups, reduce=reduce, capture_rows=capture_rows,
+        capture_act=capture_act, out=out, block_n=block_n, block_f=block_f, chunk_rows=chunk_rows, plans=plans,
     )
 
 
@@ -227,6 +221,7 @@ def act_score(
     capture_act: bool = False,
     backend: str = "torch",
     act_module: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    plans: ActScorePlans | None = None,
 ) -> ActScoreOut:
     """MLP activation, captures and per-group contribution scores in one call.
 
@@ -239,16 +234,19 @@ def act_score(
     capture_rows: [R] row indices whose h rows are copied out (duplicates allowed)
     capture_act:  also copy act(gate) alone at those rows
     act_module:   torch path only: the model's own activation module, so h is bit-identical to it
+    plans:        an `ActScorePlans` the caller keeps across calls that share row_group /
+                  capture_rows tensors (the layers of one batch), so their index checks and row
+                  plans are computed once; None computes them at every call
     returns ActScoreOut(h [N, F], scores [G, K, F] or None, captured [R, F] or None, captured_act or None)
     """
     if backend == "torch":
         return act_score_torch(
             gate, up, act, proj=proj, row_group=row_group, n_groups=n_groups, reduce=reduce,
-            capture_rows=capture_rows, capture_act=capture_act, act_module=act_module,
+            capture_rows=capture_rows, capture_act=capture_act, act_module=act_module, plans=plans,
         )
     if backend == "triton":
         return act_score_triton(
             gate, up, act, proj=proj, row_group=row_group, n_groups=n_groups, reduce=reduce,
-            capture_rows=capture_rows, capture_act=capture_act,
+            capture_rows=capture_rows, capture_act=capture_act, plans=plans,
         )
     raise ValueError(f"unknown backend {backend!r}; expected 'torch' or 'triton'")

@@ -11,7 +11,10 @@ from typing import NamedTuple
 
 import torch
 
+from ._triton_util import require_triton
+
 MAX_K = 64
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class VocabTopK(NamedTuple):
@@ -24,12 +27,12 @@ class VocabTopK(NamedTuple):
 
 
 def _merge(best, v, i, k, largest):
-    """Merge a chunk's (values, ids) into the running top-k."""
+    """Merge a chunk's (values, ids) into the running top-k (fewer than k while chunks are shorter than k)."""
     if best is None:
         return v, i
     both_v = torch.cat([best[0], v], dim=1)
     both_i = torch.cat([best[1], i], dim=1)
-    best_v, pick = both_v.topk(k, dim=1, largest=largest)
+    best_v, pick = both_v.topk(min(k, both_v.shape[1]), dim=1, largest=largest)
     return best_v, both_i.gather(1, pick)
 
 
@@ -93,17 +96,14 @@ def vocab_topk_triton(
     num_warps / num_stages: the filter kernel's launch configuration (128x128x64 tiles, 8 warps and
     3 stages by default: the largest that keep its main loop free of register spills on sm_90).
     method="bitonic": one program per block_f neurons walks the vocabulary in block_v tiles and
-    keeps a running top-k in registers (bitonic merges). (H100, bf16, d=4096, F=11008, V=32000,
-    k=64, both=True: 56 ms with 64/128/64 blocks, against about 4 ms for the bf16 matmul alone:
-    the sorting, not the matmul, bounds it. Kept as the comparison for the filter method.)
+    keeps a running top-k in registers (bitonic merges); the sorting, not the matmul, bounds it
+    (docs/benchmarks.md). Kept as the comparison for the filter method.
     `out` may hold preallocated contiguous (values [F, k] fp32, ids [F, k] int64) buffers, four of
     them for both=True (top values, top ids, bottom values, bottom ids); k here is min(k, V).
     Returns what `vocab_topk_torch` returns; ties go to the smaller token id.
     """
-    from ._triton_util import require_triton
-
-    _check_topk(w_out, w_u, k)
-    if w_out.dtype not in (torch.float32, torch.float16, torch.bfloat16) or w_u.dtype != w_out.dtype:
+    _check_topk(w_out, w_u, k, max_k=MAX_K)
+    if not triton_takes(w_out, w_u, k):
         raise ValueError(
             f"the Triton path takes fp32/fp16/bf16 weights of one dtype, got {w_out.dtype} and {w_u.dtype}"
         )
@@ -111,43 +111,61 @@ def vocab_topk_triton(
         raise ValueError(f"unknown method {method!r}; expected 'filter' or 'bitonic'")
     require_triton(w_out, w_u)
     if method == "filter":
-        from ._vocab_filter_triton import launch_vocab_filter
+        from ._vocab_filter_triton import FilterTuning, launch_vocab_filter
 
-        res = launch_vocab_filter(
-            w_out, w_u, k, largest, both, probe_stride, capacity, gemm, chunk, block_f or 128, block_v or 128,
-            block_d or 64, group_f=8, num_warps=num_warps, num_stages=num_stages, out=out,
+        tuning = FilterTuning(
+            probe_stride=probe_stride, capacity=capacity, gemm=gemm, chunk=chunk, block_f=block_f or 128,
+            block_v=block_v or 128, block_d=block_d or 64, group_f=8, num_warps=num_warps, num_stages=num_stages,
         )
+        res = launch_vocab_filter(w_out, w_u, k, largest=largest, both=both, out=out, tuning=tuning)
     else:
         from ._vocab_topk_triton import launch_vocab_topk
 
-        res = launch_vocab_topk(w_out, w_u, k, largest, both, block_f or 64, block_v or 128, block_d or 64, out)
+        res = launch_vocab_topk(w_out, w_u, k, largest=largest, both=both, block_f=block_f or 64,
+                                block_v=block_v or 128, block_d=block_d or 64, out=out)
     return VocabTopK(*res) if both else res
 
 
-def _check_topk(w_out: torch.Tensor, w_u: torch.Tensor, k: int) -> None:
+def triton_takes(w_out: torch.Tensor, w_u: torch.Tensor, k: int) -> bool:
+    """Whether the Triton path takes these weights and k: 1 <= k <= 64, fp32/fp16/bf16 of one dtype."""
+    return 1 <= k <= MAX_K and w_out.dtype in TRITON_DTYPES and w_u.dtype == w_out.dtype
+
+
+def _check_topk(w_out: torch.Tensor, w_u: torch.Tensor, k: int, max_k: int | None) -> None:
+    """Shapes, devices and 1 <= k <= max_k (None: no upper bound; k is capped at V)."""
     if w_out.dim() != 2 or w_u.dim() != 2:
         raise ValueError(f"w_out must be [d, F] and w_u [V, d], got {tuple(w_out.shape)} and {tuple(w_u.shape)}")
     if w_out.shape[0] != w_u.shape[1]:
         raise ValueError(f"w_out is [{w_out.shape[0]}, F] but w_u is [V, {w_u.shape[1]}]: d must match")
     if w_out.device != w_u.device:
         raise ValueError("w_out and w_u must be on one device")
-    if not 1 <= k <= MAX_K:
-        raise ValueError(f"k must be in 1..{MAX_K}, got {k}")
+    if k < 1 or (max_k is not None and k > max_k):
+        raise ValueError(f"k must be in 1..{max_k}, got {k}" if max_k is not None else f"k must be >= 1, got {k}")
     if w_u.shape[0] == 0:
         raise ValueError("w_u has no rows (V = 0)")
 
 
 def vocab_topk(
-    w_out: torch.Tensor, w_u: torch.Tensor, k: int, largest: bool = True, both: bool = False, backend: str = "torch"
+    w_out: torch.Tensor,
+    w_u: torch.Tensor,
+    k: int,
+    largest: bool = True,
+    both: bool = False,
+    backend: str = "torch",
+    chunk: int = 4096,
 ):
     """Top-k tokens of each neuron (bottom-k with largest=False, both with both=True).
 
-    w_out: [d, F], w_u: [V, d], 1 <= k <= 64 (capped at V)
+    w_out:   [d, F], w_u: [V, d], k >= 1 (capped at V)
+    backend: "torch", or "triton": the Triton kernel where it takes the input (`triton_takes`:
+             k <= 64, fp32/fp16/bf16 weights of one dtype), the torch path otherwise, so a caller
+             passes its backend once and any k or dtype still works
+    chunk:   vocabulary tokens per step of the torch path (extra memory F x chunk x 4 bytes)
     returns (values [F, k] fp32, ids [F, k] int64) sorted best first, or a VocabTopK for both=True
     """
-    if backend == "torch":
-        _check_topk(w_out, w_u, k)
-        return vocab_topk_torch(w_out, w_u, k, largest=largest, both=both)
-    if backend == "triton":
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"unknown backend {backend!r}; expected 'torch' or 'triton'")
+    _check_topk(w_out, w_u, k, max_k=None)
+    if backend == "triton" and triton_takes(w_out, w_u, k):
         return vocab_topk_triton(w_out, w_u, k, largest=largest, both=both)
-    raise ValueError(f"unknown backend {backend!r}; expected 'torch' or 'triton'")
+    return vocab_topk_torch(w_out, w_u, k, chunk=chunk, largest=largest, both=both)

@@ -1,6 +1,5 @@
 """act_score: the Triton kernel (under triton's CPU interpreter unless TRITON_INTERPRET=0 on a GPU)
 against the torch path and a float64 reference, on small awkward shapes."""
-import importlib
 import itertools
 import os
 import subprocess
@@ -8,9 +7,12 @@ import sys
 
 import pytest
 import torch
+from transformers import LlamaConfig
+from transformers.activations import ACT2FN
+from transformers.models.llama.modeling_llama import LlamaMLP
 from triton_device import kernel_device
 
-from mmn_fast.kernels import ActScoreOut, act_score, act_score_torch, act_score_triton
+from mmn_fast.kernels import ActScoreOut, ActScorePlans, act_score, act_score_torch, act_score_triton
 
 DEVICE = kernel_device()
 
@@ -183,16 +185,11 @@ def test_torch_path_float64_exact(reduce):
 @pytest.mark.parametrize("act,hf", [("silu", "silu"), ("gelu", "gelu"), ("gelu_tanh", "gelu_pytorch_tanh"),
                                     ("quick_gelu", "quick_gelu"), ("relu", "relu")])
 def test_torch_path_named_acts_are_hf_bit_exact(act, hf):
-    from transformers.activations import ACT2FN
-
     x = torch.randn(6, 50, generator=torch.Generator().manual_seed(5)).bfloat16()
     assert torch.equal(act_score_torch(x, None, act).h, ACT2FN[hf](x))
 
 
 def test_torch_path_act_module_bit_identical_to_llama_mlp():
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaMLP
-
     torch.manual_seed(0)
     mlp = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2, num_key_value_heads=2, hidden_act="silu")).to(torch.bfloat16)
     x = torch.randn(5, 16, dtype=torch.bfloat16)
@@ -249,27 +246,45 @@ def test_importable_without_triton(tmp_path):
     assert res.returncode == 0, res.stderr
 
 
-def test_cached_plans_follow_in_place_changes():
-    """The row plan / capture slots / range checks cached for one row_group tensor are redone
-    when that tensor is modified in place, and inference-mode tensors are never cached."""
+class CountingPlans(ActScorePlans):
+    """ActScorePlans that records each value it has to make."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def get(self, name, key, device, extra, make):
+        return super().get(name, key, device, extra, lambda: self.made.append(name) or make())
+
+
+@pytest.mark.parametrize("keep_plans", [True, False], ids=["plans", "no-plans"])
+def test_cached_plans_follow_in_place_changes(keep_plans):
+    """The row plan / capture slots / range checks kept in a caller's ActScorePlans for one
+    row_group tensor are redone when that tensor is modified in place, and inference-mode tensors
+    are never cached; without plans every call computes them afresh."""
     gen = torch.Generator().manual_seed(2)
     gate = torch.randn(10, 24, generator=gen).to(DEVICE)
     proj = torch.randn(24, 2, generator=gen).to(DEVICE)
     rg = torch.tensor([0, 0, 1, 1, 1, -1, 2, 2, 0, 0], device=DEVICE)
     rows = torch.tensor([1, 4, 8], device=DEVICE)
+    plans = CountingPlans() if keep_plans else None
 
     def both():
-        kw = dict(proj=proj, row_group=rg, n_groups=3, capture_rows=rows)
+        kw = dict(proj=proj, row_group=rg, n_groups=3, capture_rows=rows, plans=plans)
         return act_score_triton(gate, None, "relu", block_n=2, block_f=16, **kw), act_score_torch(gate, None, "relu", **kw)
 
     for _ in range(2):  # second call uses the cached plan
         tri, tor = both()
         torch.testing.assert_close(tri.scores, tor.scores, rtol=1e-5, atol=1e-5)
+    if keep_plans:  # each made once, on the first call
+        assert sorted(plans.made) == ["capture", "capture_rows in range", "row_group in range", "rows"]
     rg[2:5] = 2  # in place: the plan must be rebuilt
     rows[0] = 4  # now with a duplicate
     tri, tor = both()
     torch.testing.assert_close(tri.scores, tor.scores, rtol=1e-5, atol=1e-5)
     assert torch.equal(tri.captured, tri.h[rows])
+    if keep_plans:
+        assert sorted(plans.made[4:]) == ["capture", "capture_rows in range", "row_group in range", "rows"]
     rg[0] = 3  # out of range now: the check is redone
     with pytest.raises(ValueError, match="row_group values"):
         both()
@@ -280,18 +295,20 @@ def test_cached_plans_follow_in_place_changes():
         assert torch.equal(tri.captured, tri.h[rows])
 
 
-def test_plan_cache_keeps_one_entry_per_device(monkeypatch):
+def test_plans_keep_one_entry_per_device():
     """Layers that alternate devices (a device_map over GPUs) reuse each device's plan instead of
     rebuilding it at every boundary."""
-    mod = importlib.import_module("mmn_fast.kernels._act_score_triton")
-    monkeypatch.setattr(mod, "_plans", {})
+    plans = ActScorePlans()
     made = []
     rows_a, rows_b = torch.arange(3), torch.arange(4)
     for _ in range(3):
         for dev, rows in (("cuda:0", rows_a), ("cuda:1", rows_b)):
-            mod._cached("rows", rows, torch.device(dev), (7,), lambda d=dev: made.append(d) or d)
+            plans.get("rows", rows, torch.device(dev), (7,), lambda d=dev: made.append(d) or d)
     assert made == ["cuda:0", "cuda:1"]
     rows_a.add_(1)  # in place: that device's entry is rebuilt, the other is kept
     for dev, rows in (("cuda:0", rows_a), ("cuda:1", rows_b)):
-        mod._cached("rows", rows, torch.device(dev), (7,), lambda d=dev: made.append(d) or d)
+        plans.get("rows", rows, torch.device(dev), (7,), lambda d=dev: made.append(d) or d)
     assert made == ["cuda:0", "cuda:1", "cuda:0"]
+    plans.clear()  # drops the tensors: the next lookup makes again
+    plans.get("rows", rows_b, torch.device("cuda:1"), (7,), lambda: made.append("again"))
+    assert made[-1] == "again"

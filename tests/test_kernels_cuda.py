@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from triton_device import refuse_fallback
+
+import mmn_fast
+from mmn_fast.kernels import act_score, vocab_topk_triton
+from mmn_fast.testing import llava_model, random_images
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-from mmn_fast.kernels import act_score, vocab_topk_triton  # noqa: E402
-from triton_device import refuse_fallback  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -102,9 +104,6 @@ def test_vocab_topk_on_a_column_slice_on_cuda():
 
 
 def test_find_on_cuda_triton_matches_torch_backend():
-    import mmn_fast
-    from mmn_fast.testing import llava_model, random_images
-
     model, processor = llava_model(num_layers=3, hidden_size=256, intermediate_size=700, device="cuda")
     fast = mmn_fast.load(model, processor=processor, device="cuda", backend="triton")
     ref = mmn_fast.load(model, processor=processor, device="cuda", backend="torch")

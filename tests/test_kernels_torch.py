@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mmn_fast.kernels import contribution_scores, token_projection, topk_neurons, vocab_topk_torch
+from mmn_fast.kernels import contribution_scores, token_projection, topk_neurons, vocab_topk, vocab_topk_torch
 
 
 @pytest.mark.parametrize("d,f,k", [(37, 53, 1), (64, 100, 7), (19, 211, 64)])
@@ -27,7 +27,8 @@ def test_topk_neurons_orders_all_layers():
     assert (values[:, :-1] >= values[:, 1:]).all()
 
 
-@pytest.mark.parametrize("d,f,v,k,chunk", [(23, 41, 997, 5, 128), (16, 7, 300, 64, 100), (31, 13, 50, 1, 7)])
+@pytest.mark.parametrize("d,f,v,k,chunk", [(23, 41, 997, 5, 128), (16, 7, 300, 64, 100), (31, 13, 50, 1, 7),
+                                         (20, 9, 150, 70, 33)])  # k > chunk: merges start short of k
 @pytest.mark.parametrize("largest", [True, False])
 def test_vocab_topk_chunked_equals_full(d, f, v, k, chunk, largest):
     g = torch.Generator().manual_seed(v + k)
@@ -42,3 +43,28 @@ def test_vocab_topk_chunked_equals_full(d, f, v, k, chunk, largest):
 def test_vocab_topk_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="d must match"):
         vocab_topk_torch(torch.randn(8, 4), torch.randn(10, 9), 3)
+
+
+def test_vocab_topk_dispatch_falls_back_to_torch_where_triton_cannot_run():
+    """backend="triton" takes the torch path for what the kernel does not take (k > 64, fp64 or
+    mixed-dtype weights), with the same result as the torch path; no triton is needed for those."""
+    g = torch.Generator().manual_seed(9)
+    w_out, w_u = torch.randn(12, 9, generator=g), torch.randn(150, 12, generator=g)
+    want = vocab_topk_torch(w_out, w_u, 70, chunk=33)
+    for backend in ("torch", "triton"):
+        got = vocab_topk(w_out, w_u, 70, backend=backend, chunk=33)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    w64 = w_out.double(), w_u.double()
+    both = vocab_topk(*w64, 5, both=True, backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(both, vocab_topk_torch(*w64, 5, both=True)))
+    mixed = vocab_topk(w_out, w_u.half(), 5, largest=False, backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(mixed, vocab_topk_torch(w_out, w_u.half(), 5, largest=False)))
+
+
+@pytest.mark.parametrize("kw,match", [(dict(backend="cuda"), "unknown backend"), (dict(k=0), "k must be"),
+                                      (dict(w_u=torch.randn(10, 9)), "d must match")])
+def test_vocab_topk_dispatch_validation(kw, match):
+    args = dict(w_out=torch.randn(8, 4), w_u=torch.randn(10, 8), k=3)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        vocab_topk(**args)

@@ -1,7 +1,14 @@
 """Neuron vocabulary: top tokens of one neuron and the cached whole-model table."""
-import torch
+import importlib
 
-from mmn_fast.find.vocab import top_tokens, vocab_table
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import mmn_fast
+from mmn_fast.find.vocab import neuron_topk, top_tokens, vocab_table
+from mmn_fast.kernels import interpreter_on
 
 
 def test_top_tokens_match_full_projection(llava):
@@ -23,11 +30,7 @@ def test_vocab_table_is_cached_by_fingerprint(llava, tmp_path):
     files = list(tmp_path.glob("vocab-*.safetensors"))
     assert len(files) == 1 and llava.fingerprint in files[0].name
     # A second call reads the file: poison it and the poisoned values come back.
-    from safetensors.torch import load_file, save_file
-
     data = load_file(files[0])
-    from safetensors import safe_open
-
     with safe_open(str(files[0]), framework="pt") as f:
         meta = f.metadata()
     save_file({"values": data["values"] * 0 - 1, "token_ids": data["token_ids"]}, str(files[0]), metadata=meta)
@@ -35,13 +38,8 @@ def test_vocab_table_is_cached_by_fingerprint(llava, tmp_path):
     assert (again == -1).all()
 
 
-def test_vocab_table_on_the_triton_backend_matches_torch(llava_path, llava):
+def test_vocab_table_on_the_triton_backend_matches_torch(llava_path, llava, monkeypatch):
     """The engine's Triton backend (interpreter here) computes the same table."""
-    import pytest
-
-    import mmn_fast
-    from mmn_fast.kernels._triton_util import interpreter_on
-
     if not interpreter_on():
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
     fast = mmn_fast.load(llava_path, device="cpu", backend="triton")
@@ -50,18 +48,13 @@ def test_vocab_table_on_the_triton_backend_matches_torch(llava_path, llava):
     assert torch.equal(i_fast, i_ref)
     torch.testing.assert_close(v_fast, v_ref, rtol=1e-5, atol=1e-6)
     # subsets of neurons (what metrics and reports rank) go the same way, and single neurons too
-    from mmn_fast.find.vocab import neuron_topk, top_tokens
-
-    import mmn_fast.kernels as kernels_pkg
-
+    ops = importlib.import_module("mmn_fast.kernels.vocab_topk")  # the module, not the package's function
     calls = []
-    real = kernels_pkg.vocab_topk_triton
-    kernels_pkg.vocab_topk_triton = lambda *a, **k: calls.append(1) or real(*a, **k)
-    try:
-        cols = torch.stack([fast.adapter.out_weight(1)[:, i] for i in (0, 3, 7)], 1)  # [d, 3]
-        got, want = neuron_topk(fast, cols, 6), neuron_topk(llava, cols, 6)
-        assert calls == [1]  # the Triton backend's engine took the kernel, the torch one did not
-    finally:
-        kernels_pkg.vocab_topk_triton = real
+    real = ops.vocab_topk_triton
+    monkeypatch.setattr(ops, "vocab_topk_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cols = torch.stack([fast.adapter.out_weight(1)[:, i] for i in (0, 3, 7)], 1)  # [d, 3]
+    got, want = neuron_topk(fast, cols, 6), neuron_topk(llava, cols, 6)
+    assert calls == [1]  # the Triton backend's engine took the kernel, the torch one did not
+    monkeypatch.undo()
     assert torch.equal(got[1], want[1])
     assert [t[1] for t in top_tokens(fast, 1, 3, k=6)] == want[1][1].tolist()

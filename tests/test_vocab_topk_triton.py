@@ -127,8 +127,8 @@ def test_exact_whatever_the_thresholds(monkeypatch, gemm):
 
     monkeypatch.setattr(mod, "probe_thresholds", skewed)
     redone = []
-    exact_rows = mod._exact_rows
-    monkeypatch.setattr(mod, "_exact_rows", lambda w, *a, **kw: redone.append(w.shape[1]) or exact_rows(w, *a, **kw))
+    exact_rows = mod.exact_rows
+    monkeypatch.setattr(mod, "exact_rows", lambda w, *a, **kw: redone.append(w.shape[1]) or exact_rows(w, *a, **kw))
     w_out, w_u = torch.randn(32, 40, generator=gen), torch.randn(400, 32, generator=gen)
     full = w_out.double().t() @ w_u.double().t()
     got = vocab_topk_triton(w_out.to(DEVICE), w_u.to(DEVICE), 8, both=True, block_f=16, block_v=64, block_d=16,
@@ -168,6 +168,19 @@ def test_ties_go_to_the_smaller_token_id(method):
     want_top = full.sort(dim=1, descending=True, stable=True).indices[:, :5]  # equal values: smaller id first
     want_bottom = full.sort(dim=1, stable=True).indices[:, :5]
     assert torch.equal(got.top_ids.cpu(), want_top) and torch.equal(got.bottom_ids.cpu(), want_bottom)
+
+
+@pytest.mark.parametrize("both", [False, True])
+def test_dispatch_takes_the_kernel_on_the_triton_backend(both, monkeypatch):
+    """vocab_topk(backend="triton") returns the kernel's own result where the kernel takes the input."""
+    gen = torch.Generator().manual_seed(8)
+    w_out, w_u = torch.randn(16, 10, generator=gen).to(DEVICE), torch.randn(90, 16, generator=gen).to(DEVICE)
+    want = vocab_topk_triton(w_out, w_u, 4, both=both)
+    ops = importlib.import_module("mmn_fast.kernels.vocab_topk")  # the module, not the package's function
+    calls = []
+    monkeypatch.setattr(ops, "vocab_topk_triton", lambda *a, **kw: calls.append(1) or vocab_topk_triton(*a, **kw))
+    got = vocab_topk(w_out, w_u, 4, both=both, backend="triton")
+    assert calls == [1] and type(got) is type(want) and all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_torch_both_matches_single_passes():

@@ -6,11 +6,11 @@ import importlib
 import pytest
 import torch
 
+from mmn_fast.kernels import interpreter_on
+
 
 def kernel_device() -> str:
     triton = pytest.importorskip("triton")
-    from mmn_fast.kernels._triton_util import interpreter_on
-
     if interpreter_on():
         from triton.runtime.interpreter import InterpretedFunction
 
@@ -30,4 +30,4 @@ def refuse_fallback(monkeypatch) -> None:
     def refuse(*a, **kw):
         raise AssertionError("a row fell back to the exact recomputation")
 
-    monkeypatch.setattr(mod, "_exact_rows", refuse)
+    monkeypatch.setattr(mod, "exact_rows", refuse)

@@ -5,11 +5,12 @@ import numbers
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from ..errors import MMNError
 from ..io import save_safetensors
-from ..kernels import vocab_topk_torch
-from ..kernels.vocab_topk import MAX_K as TRITON_MAX_K
+from ..kernels import vocab_topk
 
 FORMAT_VERSION = "1"
 
@@ -21,17 +22,11 @@ def _check_k(engine, k) -> None:
 
 
 def neuron_topk(engine, w_out: torch.Tensor, k: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k tokens of the output vectors w_out [d, N] on the engine's backend: the Triton kernel
-    on the Triton backend (1 <= k <= 64, fp32/fp16/bf16 weights of one dtype), the chunked torch
-    walk otherwise. (values, ids) [N, k]."""
+    """Top-k tokens of the output vectors w_out [d, N] on the engine's backend (`vocab_topk`: the
+    Triton kernel where it takes the weights and k, else the chunked torch walk, `chunk` tokens a
+    step). (values, ids) [N, k]."""
     _check_k(engine, k)
-    w_u = engine.adapter.unembed_weight()
-    if (engine.backend == "triton" and 1 <= k <= TRITON_MAX_K and w_out.dtype == w_u.dtype
-            and w_out.dtype in (torch.float32, torch.float16, torch.bfloat16)):
-        from ..kernels import vocab_topk_triton
-
-        return vocab_topk_triton(w_out, w_u, k)
-    return vocab_topk_torch(w_out, w_u, k, chunk)
+    return vocab_topk(w_out, engine.adapter.unembed_weight(), k, backend=engine.backend, chunk=chunk)
 
 
 def top_tokens(engine, layer: int, index: int, k: int = 10) -> list[tuple[str, int, float]]:
@@ -53,20 +48,16 @@ def vocab_table(engine, k: int = 10, chunk: int = 4096, cache_dir: str | Path | 
 
     Computed layer by layer over vocabulary chunks (extra memory O(F x chunk), never F x V), and
     cached as safetensors keyed by the weights' fingerprint when `cache_dir` is given. On the
-    engine's Triton backend (k <= 64) one filtering GEMM per layer (`vocab_topk_triton`).
+    engine's Triton backend (k <= 64) one filtering GEMM per layer (`vocab_topk`).
     """
     _check_k(engine, k)
     ad = engine.adapter
     path = Path(cache_dir) / f"vocab-{engine.fingerprint}-k{k}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("fingerprint") == engine.fingerprint and meta.get("k") == str(k):
                 return f.get_tensor("values"), f.get_tensor("token_ids")
-    from tqdm.auto import tqdm
-
     values, ids = [], []
     with torch.no_grad():
         for layer in tqdm(range(ad.n_layers), desc="top tokens", unit="layer", disable=not progress):
