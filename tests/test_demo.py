@@ -12,7 +12,7 @@ import torch
 import mmn_fast
 from mmn_fast.cli.main import main
 from mmn_fast.demo import COLOURS, make_examples
-from mmn_fast.find.results import ConceptAggregator
+from mmn_fast.run.aggregate import ConceptAggregator
 
 
 @contextlib.contextmanager

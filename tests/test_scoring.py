@@ -206,7 +206,8 @@ def test_grad_baseline_equals_direct_effect_without_final_norm(llava_path, image
 def test_concept_aggregator_counts_images_not_occurrences():
     """A word named twice in one caption counts once for that image, at its first occurrence (as the
     corpus aggregates do); a neuron's mean score is over the images where it ranked."""
-    from mmn_fast.find.results import ConceptAggregator, ConceptResult, ImageResult
+    from mmn_fast.find.results import ConceptResult, ImageResult
+    from mmn_fast.run.aggregate import ConceptAggregator
 
     def image(ident, *concepts):
         return ImageResult(ident, ident, [], [], "", [ConceptResult("red", 5, s, n) for s, n in concepts])

@@ -22,8 +22,7 @@ import torch
 
 from ..errors import MMNError
 from ..find.engine import DEFAULT_PROMPT
-from ..find.results import ConceptAggregator
-from ..run.aggregate import open_results
+from ..run.aggregate import ConceptAggregator, open_results
 from ..run.runinfo import check_run_model
 from .patch_file import Patch, gather_rows, make_patch
 

@@ -1,4 +1,4 @@
-"""Result records (the `results.jsonl` schema) and per-concept aggregation (`concepts.json`)."""
+"""Result records: the `results.jsonl` schema."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -25,26 +25,3 @@ class ImageResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class ConceptAggregator:
-    """In memory, per concept word: the images that name it and the neurons that most often rank in
-    its top-k, with their mean score there. The same statistics as a corpus run's sparse aggregates
-    (`mmn_fast.run.aggregate.NeuronStats`): each (image, word) pair counts once, at the word's first
-    occurrence in the caption."""
-
-    def __init__(self):
-        from ..run.aggregate import NeuronStats
-
-        self.stats = NeuronStats("sparse", 0, 0)  # sparse statistics need no model sizes
-
-    def add(self, result: ImageResult) -> None:
-        seen = set()
-        for c in result.concepts:
-            word = c.word.lower()
-            if word not in seen:
-                seen.add(word)
-                self.stats.add(word, None, c.neurons)
-
-    def summary(self, top_n: int = 50) -> dict:
-        return self.stats.summary(top_n)

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import MMNError
+from ..find.results import ImageResult
 from ..io import save_safetensors, write_json
 
 FORMAT_VERSION = 2  # 2: one tensor per dense concept and statistic
@@ -217,3 +218,24 @@ class Results:
 def open_results(path: str | Path) -> Results:
     """Open a `mmn find` output directory: results, skipped samples and per-concept aggregates."""
     return Results(path)
+
+
+class ConceptAggregator:
+    """In memory, per concept word: the images that name it and the neurons that most often rank in
+    its top-k, with their mean score there. The same statistics as a corpus run's sparse aggregates
+    (`NeuronStats`): each (image, word) pair counts once, at the word's first
+    occurrence in the caption."""
+
+    def __init__(self):
+        self.stats = NeuronStats("sparse", 0, 0)  # sparse statistics need no model sizes
+
+    def add(self, result: ImageResult) -> None:
+        seen = set()
+        for c in result.concepts:
+            word = c.word.lower()
+            if word not in seen:
+                seen.add(word)
+                self.stats.add(word, None, c.neurons)
+
+    def summary(self, top_n: int = 50) -> dict:
+        return self.stats.summary(top_n)
