@@ -16,7 +16,7 @@ _SOURCES = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.dirname(_os.
 if _os.path.isfile(_os.path.join(_SOURCES, "_act_score_triton.py")) and _SOURCES not in __path__:
     __path__.append(_SOURCES)
 
-from ._triton_util import triton_available
+from ._triton_util import interpreter_on, triton_available
 from .act_score import ActScoreOut, act_score, act_score_torch, act_score_triton
 from .contribution import contribution_scores, token_projection, topk_neurons
 from .vocab_topk import VocabTopK, vocab_topk, vocab_topk_torch, vocab_topk_triton
@@ -28,6 +28,7 @@ __all__ = [
     "act_score_torch",
     "act_score_triton",
     "contribution_scores",
+    "interpreter_on",
     "token_projection",
     "topk_neurons",
     "triton_available",
