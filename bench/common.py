@@ -60,7 +60,7 @@ def plain_generate(eng, images, max_new_tokens, batch_size=8):
     """What captioning alone costs: the same preprocessing and greedy generate, no capture."""
     out = []
     for s in range(0, len(images), batch_size):
-        inputs = eng._inputs(images[s : s + batch_size], DEFAULT_PROMPT, None)
+        inputs = eng.encode(images[s : s + batch_size], DEFAULT_PROMPT, None)
         with torch.no_grad():
             out.append(eng.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1))
     return out

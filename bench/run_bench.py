@@ -36,8 +36,6 @@ def measure(name, eng, images, max_new_tokens, repeats):
 def measure_gpu(repeats):
     """find (triton and torch backends, and triton with the kernel at decode steps too) vs plain
     generate, same weights, interleaved, per image."""
-    from mmn_fast.find import fused
-
     engines, images = gpu_llava_engines()
     eng = engines["triton"]
     n = len(images)
@@ -47,11 +45,11 @@ def measure_gpu(repeats):
     t = {"generate": [], **{b: [] for b in engines}, "kernel_decode": []}
 
     def kernel_at_decode():
-        before, fused.DECODE_WITH_KERNEL = fused.DECODE_WITH_KERNEL, True
+        eng.decode_with_kernel = True
         try:
             return find(eng, images, NEW_TOKENS)
         finally:
-            fused.DECODE_WITH_KERNEL = before
+            eng.decode_with_kernel = False
 
     kernel_at_decode()  # warm-up of the decode-shaped kernel
     for _ in range(repeats):  # interleaved, so drifting clocks hit every variant alike

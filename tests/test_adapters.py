@@ -25,7 +25,7 @@ def test_llava_end_to_end(llava, images):
 def test_instructblip_end_to_end(instructblip_path, images):
     eng = mmn_fast.load(instructblip_path, device="cpu")
     assert type(eng.model).__name__ == "InstructBlipForConditionalGeneration"
-    inputs = eng._inputs(images[:1], "Describe the image.", None)
+    inputs = eng.encode(images[:1], "Describe the image.", None)
     n_img = int((inputs["input_ids"] == eng.adapter.image_token_id).sum())
     assert n_img == eng.model.config.num_query_tokens == 32  # the query tokens are the image positions
     _check_results(eng, eng.find(images[:2], concepts="all", max_new_tokens=6, top_k=5))
@@ -37,7 +37,7 @@ def test_mplug_owl2_like_custom_tree_is_discovered(mplug_path, images):
     spec = eng.adapter.spec
     assert (spec.layers, spec.mlp, spec.out_proj, spec.act_fn) == ("model.layers", "mlp", "down_proj", "act_fn")
     assert spec.final_norm == "model.norm" and spec.unembed == "lm_head"
-    inputs = eng._inputs(images[:1], "Describe the image.", None)
+    inputs = eng.encode(images[:1], "Describe the image.", None)
     assert int((inputs["input_ids"] == eng.adapter.image_token_id).sum()) == 65
     _check_results(eng, eng.find(images[:3], concepts="all", max_new_tokens=6, top_k=5, batch_size=2))
     _check_results(eng, eng.find(images[:2], concepts="all", max_new_tokens=6, top_k=5, activation="act_fn"))

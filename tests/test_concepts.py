@@ -61,7 +61,8 @@ def test_nouns_without_tagger_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(c, "nouns_available", lambda: False)
     with pytest.raises(MMNError, match="spaCy"):
         c.resolve_mode("nouns")
-    assert c.resolve_mode("auto") == "all"
+    with pytest.warns(UserWarning, match="no spaCy English pipeline"):
+        assert c.resolve_mode("auto") == "all"
 
 
 def test_nouns_map_tagger_offsets_to_first_sub_tokens(tok, monkeypatch):

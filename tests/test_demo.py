@@ -133,7 +133,7 @@ def test_planted_neuron_ranks_first(demo_path):
         try:
             for img in images:
                 rows.clear()
-                inputs = eng._inputs([img], mmn_fast.DEFAULT_PROMPT, None)
+                inputs = eng.encode([img], mmn_fast.DEFAULT_PROMPT, None)
                 ids = torch.cat([inputs["input_ids"], torch.tensor([[tok.convert_tokens_to_ids("a")]])], 1)
                 with torch.no_grad():
                     eng.model(**dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids)))

@@ -67,8 +67,8 @@ def test_optimize_learns_deltas_for_the_selected_vectors_only(llava, images):
     blue = word_token(llava.tokenizer, "blue")
 
     def blue_logprob():  # teacher-forced "a blue dog": log p(blue) at its position
-        inputs = llava._inputs(imgs[:1], "Describe the image.", None)
-        full, index = llava._teacher_forced(inputs, [llava._caption_ids("a blue dog")])
+        inputs = llava.encode(imgs[:1], "Describe the image.", None)
+        full, index = llava.teacher_forced(inputs, [llava._caption_ids("a blue dog")])
         with torch.no_grad():
             logits = llava.model(**full).logits[0, index[0, 1]]
         return float(torch.log_softmax(logits.float(), -1)[blue])

@@ -23,7 +23,7 @@ ALL = dict(concepts="all", max_new_tokens=6, top_k=20)
 
 
 def _forward(engine, image, ctx=None):
-    inputs = engine._inputs([image], DEFAULT_PROMPT, None)
+    inputs = engine.encode([image], DEFAULT_PROMPT, None)
     with torch.no_grad():
         if ctx is None:
             return engine.model(**inputs).logits
@@ -45,7 +45,7 @@ def test_torch_path_keeps_logits_bit_identical_and_captures_what_hooks_capture(l
 @pytest.mark.parametrize("activation", ["down_proj_input", "act_fn"])
 def test_decode_steps_keep_logits_and_captures_bit_identical(llava, images, activation):
     """Through generate: the prefill and every one-position decode step (the model's own ops there)."""
-    inputs = llava._inputs(images[:2], DEFAULT_PROMPT, None)
+    inputs = llava.encode(images[:2], DEFAULT_PROMPT, None)
     gen = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         plain = llava.model.generate(**inputs, **gen)
@@ -73,7 +73,7 @@ def test_forwards_are_restored_even_after_an_error(llava, images):
 @pytest.mark.parametrize("reduce", ["mean", "max"])
 def test_image_stats_and_gathered_rows_match_hooks(llava64, images, reduce):
     eng = llava64
-    inputs = eng._inputs(images[:2], DEFAULT_PROMPT, None)
+    inputs = eng.encode(images[:2], DEFAULT_PROMPT, None)
     mask = inputs["input_ids"] == eng.adapter.image_token_id
     t = inputs["input_ids"].shape[1]
     select = gather_positions(torch.tensor([[t - 1, t - 3], [t - 2, t - 1]]))
@@ -159,14 +159,12 @@ def test_find_with_the_triton_backend_matches_torch(llava_path, images, kwargs, 
 
 @needs_interpreter
 def test_kernel_at_decode_steps_when_asked(llava_path, images, monkeypatch):
-    """fused.DECODE_WITH_KERNEL runs the kernel at every decode step too, with the same result."""
-    from mmn_fast.find import fused
-
+    """Engine.decode_with_kernel runs the kernel at every decode step too, with the same result."""
     launches = count_kernel_calls(monkeypatch)
     fast = mmn_fast.load(llava_path, device="cpu", backend="triton")
     want = fast.find(images[:2], batch_size=2, **ALL)
     assert len(launches) == fast.adapter.n_layers
-    monkeypatch.setattr(fused, "DECODE_WITH_KERNEL", True)
+    fast.decode_with_kernel = True
     got = fast.find(images[:2], batch_size=2, **ALL)
     steps = max(len(r.output_ids) for r in got)
     assert steps >= 2 and len(launches) - fast.adapter.n_layers >= fast.adapter.n_layers * (steps - 1)  # + each step

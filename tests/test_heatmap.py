@@ -154,8 +154,8 @@ def test_trace_matches_find_scores_and_probabilities(demo):
         a = t.acts[b, t.index[b, c.step], b]
         assert float(a * scorer.projection([c.token_id])[0, l, i]) == pytest.approx(score, rel=1e-4, abs=1e-5)
         # greedy captions: each caption token is the argmax, so its probability is the largest
-        inputs = demo._inputs([imgs[b]], mmn_fast.DEFAULT_PROMPT, None)
-        full, index = demo._teacher_forced(inputs, [r.output_ids])
+        inputs = demo.encode([imgs[b]], mmn_fast.DEFAULT_PROMPT, None)
+        full, index = demo.teacher_forced(inputs, [r.output_ids])
         with torch.no_grad():
             logp = torch.log_softmax(demo.model(**full).logits[0, index[0]].float(), -1)
         want = logp.gather(-1, torch.tensor(r.output_ids)[:, None])[:, 0].exp()
@@ -168,7 +168,7 @@ def _mlp_inputs(eng, layer, images):
     rows = []
     h = eng.adapter.mlps[layer].register_forward_pre_hook(lambda m, a: rows.append(a[0].detach()))
     try:
-        inputs = eng._inputs(images, mmn_fast.DEFAULT_PROMPT, None)
+        inputs = eng.encode(images, mmn_fast.DEFAULT_PROMPT, None)
         with torch.no_grad():
             eng.model(**inputs)
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoProcessor
 
 import mmn_fast
 from mmn_fast.find.capture import CaptureStore
@@ -78,3 +79,22 @@ def test_numpy_integers_are_whole_numbers(llava):
     import numpy as np
 
     assert len(top_tokens(llava, 0, 0, k=np.int64(3))) == 3
+
+
+def test_load_leaves_the_callers_tokenizer_as_it_was(llava, llava_path, images):
+    """The prompter pads on the left with a pad token through its own copy: the caller's tokenizer
+    keeps its padding side and its (missing) pad token, and find gives the same results."""
+    proc = AutoProcessor.from_pretrained(llava_path)
+    proc.tokenizer.padding_side = "right"
+    proc.tokenizer.pad_token = None
+    eng = mmn_fast.load(llava_path, processor=proc, device="cpu")
+    assert proc.tokenizer.padding_side == "right" and proc.tokenizer.pad_token_id is None
+    assert eng.tokenizer is proc.tokenizer and eng.prompter.tokenizer is not proc.tokenizer
+    assert eng.prompter.tokenizer.padding_side == "left" and eng.prompter.processor.tokenizer is eng.prompter.tokenizer
+    assert eng.prompter.pad_token_id == proc.tokenizer.eos_token_id
+    kw = dict(concepts="all", max_new_tokens=4, top_k=3, batch_size=2)
+    got, want = eng.find(images[:2], **kw), llava.find(images[:2], **kw)
+    assert [r.output_ids for r in got] == [r.output_ids for r in want]
+    caps = [r.output_ids for r in want]
+    got, want = eng.find(images[:2], captions=caps, **kw), llava.find(images[:2], captions=caps, **kw)
+    assert [[c.neurons for c in r.concepts] for r in got] == [[c.neurons for c in r.concepts] for r in want]

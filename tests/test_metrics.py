@@ -14,7 +14,7 @@ import torch
 from mmn_fast.cli.main import main
 from mmn_fast.demo import make_examples, save_examples
 from mmn_fast.errors import MMNError
-from mmn_fast.explain.heatmap import _language_model
+from mmn_fast.explain.heatmap import language_model
 from mmn_fast.edit.methods import suppress
 from mmn_fast.explain import metrics as metrics_mod
 from mmn_fast.explain.metrics import (MetricOptions, RunModelWarning, auroc, compute_metrics, jaccard, rbo,
@@ -46,7 +46,7 @@ def test_auroc_is_mann_whitney():
 
 def test_shuffle_permutes_image_token_embeddings_only(demo):
     imgs = [im for im, _ in make_examples(3, seed=2)]
-    inputs = demo._inputs(imgs, "Describe the image.", None)
+    inputs = demo.encode(imgs, "Describe the image.", None)
     mask = inputs["input_ids"] == demo.adapter.image_token_id
     seen = []  # the first decoder layer's input: the embeddings as the decoder sees them
 
@@ -69,7 +69,7 @@ def test_shuffle_permutes_image_token_embeddings_only(demo):
         p, s = plain[b][mask[b]], shuf[b][mask[b]]
         assert not torch.equal(p, s)
         assert torch.equal(p[p[:, 0].argsort()], s[s[:, 0].argsort()])  # the same rows in another order
-    assert not _language_model(demo)._forward_pre_hooks
+    assert not language_model(demo)._forward_pre_hooks
 
 
 # ------------------------------------------------------------------------------------ the science

@@ -24,7 +24,7 @@ def _images():
 def test_a_mixed_batch_equals_single_images(next_path):
     eng = mmn_fast.load(next_path, device="cpu", dtype="float64")
     imgs = _images()
-    inputs = eng._inputs(imgs, mmn_fast.DEFAULT_PROMPT, None)
+    inputs = eng.encode(imgs, mmn_fast.DEFAULT_PROMPT, None)
     counts = (inputs["input_ids"] == eng.adapter.image_token_id).sum(1).tolist()
     assert len(set(counts)) == 3, counts  # three different image-token counts in one batch
     batch = eng.find(imgs, concepts="all", max_new_tokens=6, top_k=10, batch_size=3)

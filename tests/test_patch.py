@@ -397,7 +397,7 @@ def test_no_forward_or_caption_sees_half_a_patch(llava_path, images):
     e = mmn_fast.load(llava_path, device="cpu")
     patch = noise_patch(e, random_neurons(e, 192), sigma=2.0)
     imgs = images[:2]
-    inputs = e._inputs(imgs, mmn_fast.DEFAULT_PROMPT, None)
+    inputs = e.encode(imgs, mmn_fast.DEFAULT_PROMPT, None)
     with torch.no_grad():
         base_logits = e.model(**inputs).logits
         base_caps = tuple(e.caption(imgs, max_new_tokens=8))

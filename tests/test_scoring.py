@@ -1,10 +1,13 @@
 """The fast find path against brute force, the reference, and itself across modes."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 from mmn_fast import DEFAULT_PROMPT
+from mmn_fast.find import engine as engine_module
 from mmn_fast.find.reference import reference_find
 from mmn_fast.find.scoring import Scorer
 
@@ -16,7 +19,7 @@ def _hooked_full_pass(engine, image, output_ids, target: str = "down_proj"):
 
     Returns (prompt_len, per-layer h [T, F] float64, final-norm input [T, d], mlp outputs [L, T, d])."""
     ad = engine.adapter
-    inputs = engine._inputs([image], DEFAULT_PROMPT, None)
+    inputs = engine.encode([image], DEFAULT_PROMPT, None)
     t = inputs["input_ids"].shape[1]
     ids = torch.cat([inputs["input_ids"], torch.tensor([output_ids])], 1)
     mask = torch.ones_like(ids)
@@ -167,7 +170,7 @@ def test_image_positions_mean_and_max(llava64, images):
     img = images[0]
     mean = eng.find([img], positions="image", reduce="mean", top_k=n_all, **ALL)[0]
     mx = eng.find([img], positions="image", reduce="max", top_k=n_all, **ALL)[0]
-    inputs = eng._inputs([img], DEFAULT_PROMPT, None)
+    inputs = eng.encode([img], DEFAULT_PROMPT, None)
     image_pos = (inputs["input_ids"][0] == ad.image_token_id).nonzero()[:, 0]
     assert len(image_pos) > 0
     t, hs, _, _ = _hooked_full_pass(eng, img, mean.output_ids)
@@ -253,3 +256,36 @@ def test_projection_columns_do_not_depend_on_the_tokens_computed_with_them(llava
     for others in ([3, 5], [3, 5, 7, 9, 11], list(range(2, 13))):  # 2, 5 and 11 new tokens (two chunks)
         together = Scorer(llava.adapter).projection(others)
         assert torch.equal(together[others.index(5)], alone), len(others)
+
+
+def _held_by_this_thread(lock) -> bool:
+    """True when another thread cannot take `lock` now (its owner is the caller)."""
+    free = []
+
+    def probe():
+        got = lock.acquire(blocking=False)
+        if got:
+            lock.release()
+        free.append(got)
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return not free[0]
+
+
+@pytest.mark.parametrize("method", ["act", "grad"])
+def test_scoring_holds_the_swap_lock(llava, images, monkeypatch, method):
+    """A find batch sees one patch state: a patch applied from another thread must not land between
+    generation and scoring, so the scoring (and the grad method's forward) runs under the swap lock."""
+    seen = []
+    if method == "grad":
+        real = engine_module.grad_scores
+        monkeypatch.setattr(engine_module, "grad_scores",
+                            lambda *a, **k: seen.append(_held_by_this_thread(llava.swap_lock)) or real(*a, **k))
+    else:
+        real = Scorer.projection
+        monkeypatch.setattr(Scorer, "projection",
+                            lambda *a, **k: seen.append(_held_by_this_thread(llava.swap_lock)) or real(*a, **k))
+    llava.find(images[:2], method=method, top_k=5, batch_size=2, **ALL)
+    assert seen and all(seen)

@@ -247,8 +247,8 @@ def optimize(engine, neurons, source: str, target: str, images, *, captions: lis
 
 
 def _edit_batch(engine, images: list, seqs: list[list[int]], tsteps: list[list[int]], prompt: str) -> _EditBatch:
-    inputs = engine._inputs(images, prompt, None)
-    full, index = engine._teacher_forced(inputs, seqs)  # index [B, S]: positions predicting caption tokens
+    inputs = engine.encode(images, prompt, None)
+    full, index = engine.teacher_forced(inputs, seqs)  # index [B, S]: positions predicting caption tokens
     lengths = torch.tensor([len(s) for s in seqs])
     valid = torch.arange(index.shape[1])[None, :] < lengths[:, None]  # [B, S]
     is_t = torch.zeros_like(valid)
@@ -275,8 +275,8 @@ def _learn_deltas(engine, rows: dict, batch: _EditBatch, opts: OptimizeOptions) 
         return torch.log_softmax(logits.gather(1, at).float(), -1)
 
     def hook(l, idx):
-        def add(_mod, args, out):  # out += h[..., idx] @ delta: exactly W_out[:, idx] += delta^T
-            return out + (args[0][..., idx] @ deltas[l].to(out.dtype))
+        def add(h, out):  # out += h[..., idx] @ delta: exactly W_out[:, idx] += delta^T
+            return out + (h[..., idx] @ deltas[l].to(out.dtype))
         return add
 
     flags = [p.requires_grad for p in model.parameters()]
@@ -288,7 +288,7 @@ def _learn_deltas(engine, rows: dict, batch: _EditBatch, opts: OptimizeOptions) 
                 ref_lp = logprobs()
             is_t, keep, cap = (t.to(ref_lp.device) for t in (batch.is_t, batch.keep, batch.cap))
             ref_lp = ref_lp[keep]  # [K, V]
-            handles = [ad.out_projs[l].register_forward_hook(hook(l, idx.to(ad.out_weight(l).device)))
+            handles = [ad.hook_site(l).register(hook(l, idx.to(ad.out_weight(l).device)), output=True)
                        for l, (idx, _) in rows.items()]
             try:
                 for done in range(opts.steps + 1):

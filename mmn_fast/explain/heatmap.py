@@ -13,6 +13,7 @@ embedding is replaced by the mean image-token embedding (1 + n_img teacher-force
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io as _io
 import json
@@ -23,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from torch import nn
 
-from ..model.adapters import get_module
 from ..find.engine import DEFAULT_PROMPT
 from ..errors import MMNError
+from ..model.adapters import check_activation
 from ..model.inputs import as_image
 from ..io import atomic_open, write_json
 
@@ -182,38 +185,22 @@ def _by_layer(neurons) -> dict[int, list[int]]:
     return out
 
 
-def _hook_modules(engine, activation: str):
-    ad = engine.adapter
-    if activation == "act_fn":
-        if ad.act_fns is None:
-            raise MMNError("activation='act_fn' needs a per-layer activation module; use 'down_proj_input'")
-        return ad.act_fns, False
-    if activation != "down_proj_input":
-        raise MMNError(f"unknown activation {activation!r}: use 'down_proj_input' or 'act_fn'")
-    return ad.out_projs, True
-
-
 @contextlib.contextmanager
 def _recording(engine, neurons, activation: str, select=None):
     """Hooks on the layers of `neurons` [(l, i)]: cols[l] = select(h)[..., their indices] (fp32, CPU) at each
     call; yields (groups: layer -> column positions in `neurons`, cols). Removed on exit."""
-    modules, pre = _hook_modules(engine, activation)
-    groups, cols, handles = _by_layer(neurons), {}, []
+    ad = engine.adapter
+    check_activation(activation)
+    groups, cols = _by_layer(neurons), {}
 
     def keep(layer, h):
         idx = torch.tensor([int(neurons[k][1]) for k in groups[layer]], device=h.device)
         cols[layer] = (h if select is None else select(h))[..., idx].float().cpu()
 
-    try:
+    with contextlib.ExitStack() as hooks:
         for layer in groups:
-            if pre:
-                handles.append(modules[layer].register_forward_pre_hook(lambda m, a, layer=layer: keep(layer, a[0])))
-            else:
-                handles.append(modules[layer].register_forward_hook(lambda m, a, o, layer=layer: keep(layer, o)))
+            hooks.enter_context(ad.hook_site(layer, activation).hooked(functools.partial(keep, layer)))
         yield groups, cols
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()
@@ -228,10 +215,10 @@ def trace(engine, images, neurons, captions=None, prompt: str = DEFAULT_PROMPT, 
     for l, i in neurons:
         if not (0 <= l < ad.n_layers and 0 <= i < ad.d_mlp):
             raise MMNError(f"neuron ({l}, {i}) out of range: layers 0..{ad.n_layers - 1}, neurons 0..{ad.d_mlp - 1}")
-    inputs = engine._inputs(_pil(images), prompt, prefix)
+    inputs = engine.encode(_pil(images), prompt, prefix)
     run, index = inputs, None
     if captions is not None:
-        run, index = engine._teacher_forced(inputs, [[int(t) for t in c] for c in captions])
+        run, index = engine.teacher_forced(inputs, [[int(t) for t in c] for c in captions])
     kwargs = {"logits_to_keep": index.shape[1] + 1} if probs and captions is not None else {}  # T-1 .. T+S-1
     with _recording(engine, neurons, activation) as (groups, cols), engine.swap_lock:
         try:
@@ -260,9 +247,9 @@ def trace(engine, images, neurons, captions=None, prompt: str = DEFAULT_PROMPT, 
     return t
 
 
-def _language_model(engine):
-    layers = engine.adapter.spec.layers
-    return get_module(engine.model, layers.rsplit(".", 1)[0]) if "." in layers else engine.model
+def language_model(engine) -> nn.Module:
+    """The module of `engine`'s model that runs the decoder layers (it takes inputs_embeds)."""
+    return engine.adapter.language_model
 
 
 def occlusion_values(engine, image, caption, step: int, neurons, signs=None, prompt: str = DEFAULT_PROMPT,
@@ -271,8 +258,8 @@ def occlusion_values(engine, image, caption, step: int, neurons, signs=None, pro
     token's embedding is replaced by the mean image-token embedding, the prompt inputs). Runs the
     teacher-forced prompt + caption 1 + n_img times, `chunk` copies per forward pass."""
     ad = engine.adapter
-    inputs = engine._inputs(_pil([image]), prompt, prefix)
-    run, index = engine._teacher_forced(inputs, [[int(t) for t in caption]])
+    inputs = engine.encode(_pil([image]), prompt, prefix)
+    run, index = engine.teacher_forced(inputs, [[int(t) for t in caption]])
     img_pos = (run["input_ids"][0] == ad.image_token_id).nonzero()[:, 0]
     if len(img_pos) == 0:
         raise MMNError("the prompt carries no image tokens")
@@ -280,7 +267,7 @@ def occlusion_values(engine, image, caption, step: int, neurons, signs=None, pro
     signs = [1.0] * len(neurons) if signs is None else signs
     jobs = [None] + list(range(len(img_pos)))  # None: the unoccluded pass
     totals = []
-    lm = _language_model(engine)
+    lm = language_model(engine)
     for start in range(0, len(jobs), chunk):
         part = jobs[start : start + chunk]
 
@@ -323,23 +310,17 @@ class Heatmap:
     box: tuple
 
     def overlay(self, cmap: str = "jet", alpha: float = 0.5, display_min: int = DISPLAY_MIN):
-        from PIL import Image
-
         base = np.asarray(self.view.convert("RGB"), dtype=np.float64)
         rgb = (1 - alpha) * base + alpha * colourise(normalise(self.heat), cmap)
         return _enlarge(Image.fromarray(np.round(rgb).astype(np.uint8)), display_min)
 
     def masked(self, dim: float = 0.8, display_min: int = DISPLAY_MIN):
         """The view with everything outside the mask darkened (the paper's mask picture)."""
-        from PIL import Image
-
         base = np.asarray(self.view.convert("RGB"), dtype=np.float64)
         out = np.where(self.mask[..., None], base, base * (1 - dim))
         return _enlarge(Image.fromarray(np.round(out).astype(np.uint8)), display_min)
 
     def mask_image(self):
-        from PIL import Image
-
         return Image.fromarray(self.mask.astype(np.uint8) * 255, mode="L")
 
 

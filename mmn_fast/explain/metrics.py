@@ -27,7 +27,7 @@ from ..find.engine import DEFAULT_PROMPT
 from ..errors import MMNError
 from ..model.inputs import load_image
 from ..find.vocab import neuron_topk
-from .heatmap import _language_model, concept_signs, trace
+from .heatmap import concept_signs, language_model as _language_model, trace
 
 FORMAT_VERSION = 1
 ALL = ("semantic", "cross_image", "specificity", "region", "causal")

@@ -8,6 +8,7 @@ sits in memory for every layer.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Iterator
 
 import torch
@@ -67,7 +68,7 @@ class CaptureStore:
         return out
 
 
-def _image_reduce(h: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def image_reduce(h: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """h [B, T, F], mask [B, T] bool -> sum/max/min over the masked positions, fp32."""
     m = mask[:, :, None]
     hf = h if h.dtype == torch.float64 else h.float()
@@ -88,7 +89,7 @@ def capture(
     image_mask: torch.Tensor | None = None,
     keep_graph: bool = False,
 ) -> Iterator[CaptureStore]:
-    """Register hooks, yield the store, remove every hook on exit (even on error).
+    """Hook every layer's `Adapter.hook_site`, yield the store, remove every hook on exit (even on error).
 
     activation: "down_proj_input" hooks the output projection's input h (exact); "act_fn" hooks
         the activation module's output (the paper's released code).
@@ -96,7 +97,6 @@ def capture(
     keep_graph: keep the full h of each layer with its autograd graph (gradient baseline).
     """
     store = CaptureStore(adapter.n_layers)
-    handles = []
 
     def record(layer: int, h: torch.Tensor) -> torch.Tensor | None:
         if keep_graph:
@@ -105,39 +105,13 @@ def capture(
             store.leaves[layer].append(h)
         store.rows[layer].append(select(h).detach())
         if image_mask is not None and store.image[layer] is None and h.shape[1] == image_mask.shape[1]:
-            store.image[layer] = _image_reduce(h.detach(), image_mask.to(h.device))
+            store.image[layer] = image_reduce(h.detach(), image_mask.to(h.device))
         return h if keep_graph else None
 
-    try:
+    with contextlib.ExitStack() as hooks:
         for layer in range(adapter.n_layers):
-            if activation == "down_proj_input":
-                def pre_hook(_mod, args, layer=layer):
-                    out = record(layer, args[0])
-                    return None if out is None else (out, *args[1:])
-
-                handles.append(adapter.out_projs[layer].register_forward_pre_hook(pre_hook))
-            elif activation == "act_fn":
-                if adapter.act_fns is None:
-                    raise MMNError(
-                        f"activation='act_fn' needs a per-layer activation module '{adapter.spec.act_fn}' "
-                        "in each MLP; none was found. Use activation='down_proj_input' or pass act_fn='<name>'."
-                    )
-
-                def post_hook(_mod, _args, output, layer=layer):
-                    return record(layer, output)
-
-                handles.append(adapter.act_fns[layer].register_forward_hook(post_hook))
-            else:
-                raise MMNError(f"unknown activation '{activation}': use 'down_proj_input' or 'act_fn'")
+            hooks.enter_context(adapter.hook_site(layer, activation).hooked(functools.partial(record, layer)))
         if fold_norm:
-            if adapter.final_norm is None:
-                raise MMNError("fold_final_norm=True needs the final norm; pass final_norm='<path>' to load()")
-
-            def norm_hook(_mod, args):
-                store.norm_rows.append(select(args[0]).detach())
-
-            handles.append(adapter.final_norm.register_forward_pre_hook(norm_hook))
+            hooks.enter_context(adapter.final_norm_site().hooked(
+                lambda x: store.norm_rows.append(select(x).detach())))
         yield store
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
-import sys
+import warnings
 from dataclasses import dataclass
 
 from ..errors import MMNError
@@ -86,9 +86,9 @@ def resolve_mode(concepts: str | list[str]) -> str | list[str]:
     if concepts in (None, "auto"):
         if nouns_available():
             return "nouns"
-        print("mmn: no spaCy English pipeline installed; scoring all content words "
-              "(pip install 'mmn_fast[nlp]' and an English pipeline such as en_core_web_sm for nouns)",
-              file=sys.stderr)
+        warnings.warn("mmn: no spaCy English pipeline installed; scoring all content words "
+                      "(pip install 'mmn_fast[nlp]' and an English pipeline such as en_core_web_sm for nouns)",
+                      stacklevel=2)
         return "all"
     if concepts == "nouns":
         if not nouns_available():

@@ -1,6 +1,7 @@
 """The engine: load a VLM through one path, caption with the KV cache, score concept tokens."""
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 from dataclasses import dataclass
@@ -8,14 +9,18 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+import transformers
 from torch import nn
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase
 
 from ..model.adapters import Adapter, spec_for
 from ..model.backend import resolve_backend
 from .capture import capture, gather_positions, last_position
 from .concepts import check_word_list, resolve_mode, select_concepts, split_words
 from ..errors import MMNError
-from ..model.inputs import ImageItem, Prompter, as_image
+from .fused import fused_capture, fused_problem
+from .grad import grad_scores
+from ..model.inputs import ImageItem, Prompter, as_image, teacher_forced
 from ..io import tensor_fingerprint
 from .results import ConceptResult, ImageResult
 from .scoring import Scorer
@@ -67,14 +72,10 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
 
 
 def _load_model(path: Path, dtype: torch.dtype | None, device_map=None) -> nn.Module:
-    import transformers
-
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if device_map is not None:
-        import importlib.util
-
         if importlib.util.find_spec("accelerate") is None:
             raise MMNError("device_map needs the accelerate package: pip install accelerate")
         kwargs["device_map"] = device_map
@@ -95,8 +96,6 @@ def _load_model(path: Path, dtype: torch.dtype | None, device_map=None) -> nn.Mo
 
 def _load_processor(path: Path):
     """(processor or None, tokenizer, image_processor or None) from a local checkpoint."""
-    from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase
-
     try:
         proc = AutoProcessor.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError, ImportError):  # ImportError: a class needing torchvision
@@ -113,8 +112,6 @@ def _load_processor(path: Path):
 
 def _checkpoint_image_processor(path: Path):
     """The checkpoint's image processor, or None when it has none."""
-    from transformers import AutoImageProcessor
-
     try:
         return AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError):
@@ -126,8 +123,6 @@ def _checkpoint_image_processor(path: Path):
 def _image_processor_by_name(path: Path):
     """The image processor class that preprocessor_config.json names (its PIL variant first, which
     needs no torchvision), or None when the file or the class is missing."""
-    import transformers
-
     try:
         name = json.loads((path / "preprocessor_config.json").read_text())["image_processor_type"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -210,11 +205,12 @@ class Engine:
 
     def __init__(self, model, tokenizer, processor=None, image_processor=None, source=None,
                  n_image_tokens=None, spec_overrides=None, backend: str | None = None):
-        from .fused import fused_problem
-
         self.model, self.tokenizer, self.processor, self.source = model, tokenizer, processor, source
         self.adapter = Adapter(model, spec_for(model, spec_overrides))
         self.backend = resolve_backend(backend, self.device, fused_problem(self.adapter))
+        # Triton backend: also run the fused kernel at one-position decode steps, which otherwise take
+        # the model's own ops (`bench/run_bench.py --gpu` times both; that should settle the default).
+        self.decode_with_kernel = False
         cfg = model.config
         n_img = n_image_tokens or getattr(cfg, "num_image_tokens", None)
         image_token = (tokenizer.convert_ids_to_tokens(self.adapter.image_token_id)
@@ -254,41 +250,22 @@ class Engine:
         return [ad.out_weight(l) for l in range(ad.n_layers)] + [ad.unembed_weight()]
 
     # ------------------------------------------------------------------ inputs
-    def _inputs(self, images: list, prompt: str, prefix: str | None) -> dict[str, torch.Tensor]:
-        text = self.prompter.text(prompt, prefix)
-        enc = self.prompter(images, [text] * len(images))
-        dtype = next(self.model.parameters()).dtype
-        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in enc.items()}
+    def encode(self, images: list, prompt: str = DEFAULT_PROMPT, prefix: str | None = None) -> dict[str, torch.Tensor]:
+        """Model inputs for `images` (PIL) under one prompt (+ prefix), left-padded, on the model's
+        device (floating tensors in its dtype)."""
+        return self.prompter.encode(images, prompt, prefix, self.device, next(self.model.parameters()).dtype)
 
     def _caption_ids(self, caption) -> list[int]:
         if isinstance(caption, str):
             return self.tokenizer(caption, add_special_tokens=False)["input_ids"]
         return [int(t) for t in caption]
 
-    def _teacher_forced(self, inputs: dict, captions: list[list[int]]) -> tuple[dict, torch.Tensor]:
-        """Append each caption after its (left-padded) prompt, right-pad; index [B, S] of the
-        positions that predict each caption token (clamped past a caption's end)."""
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        b, t = ids.shape
-        s = max(1, max(len(c) for c in captions))
-        pad = self.tokenizer.pad_token_id
-        cap = torch.full((b, s), pad, dtype=ids.dtype, device=ids.device)
-        cap_mask = torch.zeros((b, s), dtype=mask.dtype, device=mask.device)
-        for i, c in enumerate(captions):
-            cap[i, : len(c)] = torch.tensor(c, dtype=ids.dtype)
-            cap_mask[i, : len(c)] = 1
-        full = dict(inputs, input_ids=torch.cat([ids, cap], 1), attention_mask=torch.cat([mask, cap_mask], 1))
-        tt = full.get("mm_token_type_ids")  # per-token modality (Qwen2-VL style): captions are text, 0
-        if isinstance(tt, torch.Tensor) and tuple(tt.shape) == (b, t):
-            full["mm_token_type_ids"] = torch.cat([tt, tt.new_zeros(b, s)], 1)
+    def teacher_forced(self, inputs: dict, captions: list[list[int]]) -> tuple[dict, torch.Tensor]:
+        """`inputs` (from `encode`) with each caption (token ids) appended, right-padded; and index
+        [B, S] of the positions that predict each caption token (clamped past a caption's end)."""
         # A multimodal rope (Qwen2-VL style) derives its 3-D positions from the mask itself.
-        if not self._own_positions and "position_ids" in inspect.signature(self.model.forward).parameters:
-            pos = full["attention_mask"].long().cumsum(-1) - 1
-            full["position_ids"] = pos.masked_fill(full["attention_mask"] == 0, 0)
-        lengths = torch.tensor([max(len(c), 1) for c in captions], device=ids.device)
-        steps = torch.arange(s, device=ids.device)[None, :].expand(b, -1)
-        index = t - 1 + torch.minimum(steps, (lengths - 1)[:, None])
-        return full, index
+        position_ids = not self._own_positions and "position_ids" in inspect.signature(self.model.forward).parameters
+        return teacher_forced(inputs, captions, self.prompter.pad_token_id, position_ids)
 
     def _trim(self, out: list[int]) -> list[int]:
         """Generated ids up to and including the first end-of-sequence token."""
@@ -345,11 +322,11 @@ class Engine:
     def _find_batch(self, batch, caps, batch_ids, opts: FindOptions, mode, scorer: Scorer, offset: int,
                     keep_scores: bool = False):
         pil = [as_image(x) for x in batch]
-        inputs = self._inputs(pil, opts.prompt, opts.prefix)
+        inputs = self.encode(pil, opts.prompt, opts.prefix)
         prompt_len = inputs["input_ids"].shape[1]
         if caps is not None:
             outputs = [self._caption_ids(c) for c in caps]
-            run_inputs, index = self._teacher_forced(inputs, outputs)
+            run_inputs, index = self.teacher_forced(inputs, outputs)
             select = gather_positions(index)
         else:
             run_inputs, select = inputs, last_position
@@ -358,17 +335,19 @@ class Engine:
             if self.adapter.image_token_id is None:
                 raise MMNError("positions='image' needs the image token id in the model config (image_token_id)")
             image_mask = run_inputs["input_ids"] == self.adapter.image_token_id
-        # swap_lock: the whole batch (generation and capture) sees one patch state (see live.py)
-        with torch.no_grad(), self.swap_lock, self._capture(opts, select, image_mask) as store:
-            if caps is None:
-                seq = self.model.generate(**inputs, max_new_tokens=opts.max_new_tokens, do_sample=False,
-                                          num_beams=1, use_cache=True)
-                outputs = [self._trim(row) for row in seq[:, prompt_len:].tolist()]
-            else:
-                self.model(**run_inputs, use_cache=False)
-        records = self._concepts(outputs, mode)
-        flat = [(b, w) for b, ws in enumerate(records) for w in ws]
-        neurons, scores = self._score(flat, outputs, store, scorer, opts, inputs) if flat else ([], None)
+        # swap_lock: the whole batch (generation, capture and scoring, the grad method's forward
+        # included) sees one patch state (see live.py)
+        with self.swap_lock:
+            with torch.no_grad(), self._capture(opts, select, image_mask) as store:
+                if caps is None:
+                    seq = self.model.generate(**inputs, max_new_tokens=opts.max_new_tokens, do_sample=False,
+                                              num_beams=1, use_cache=True)
+                    outputs = [self._trim(row) for row in seq[:, prompt_len:].tolist()]
+                else:
+                    self.model(**run_inputs, use_cache=False)
+            records = self._concepts(outputs, mode)
+            flat = [(b, w) for b, ws in enumerate(records) for w in ws]
+            neurons, scores = self._score(flat, outputs, store, scorer, opts, inputs) if flat else ([], None)
         if keep_scores and scores is not None:
             scores = scores.float().cpu()  # [C, L, F]
         k = 0
@@ -389,10 +368,8 @@ class Engine:
     def _capture(self, opts: FindOptions, select, image_mask):
         """The fused MLP forward on the Triton backend; forward hooks on the torch backend."""
         if self.backend == "triton":
-            from .fused import fused_capture
-
             return fused_capture(self.adapter, "triton", opts.activation, select, image_mask, opts.reduce,
-                                 opts.fold_final_norm)
+                                 opts.fold_final_norm, self.decode_with_kernel)
         return capture(self.adapter, opts.activation, select, opts.fold_final_norm, image_mask)
 
     def _caption_text(self, output_ids: list[int]) -> str:
@@ -410,8 +387,6 @@ class Engine:
         s_idx = torch.tensor([w.step for _, w in flat])
         tokens = [outputs[b][w.step] for b, w in flat]
         if opts.method == "grad":
-            from .grad import grad_scores
-
             scores = grad_scores(self, inputs, outputs, flat, opts)
         elif opts.positions == "image":
             stats = store.image_stats()
@@ -444,7 +419,7 @@ class Engine:
         images, out = list(images), []
         for s in range(0, len(images), batch_size):
             pil = [as_image(x) for x in images[s : s + batch_size]]
-            inputs = self._inputs(pil, prompt, prefix)
+            inputs = self.encode(pil, prompt, prefix)
             with torch.no_grad(), self.swap_lock:
                 seq = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                           use_cache=True)

@@ -4,9 +4,9 @@ The MLP's own input projections run as usual; `act_score` then computes `h` (wha
 projection consumes), copies the rows the score needs into the capture store and, for
 `positions="image"`, reduces h over the image tokens, in one pass over the activations (one
 Triton kernel on the "triton" backend). One-position decode steps, which score nothing, run the
-model's own ops and index the captured rows instead (`DECODE_WITH_KERNEL` below). The original
-forward is restored exactly on exit: nothing stays patched and there is no overhead outside a
-capture.
+model's own ops and index the captured rows instead (`Engine.decode_with_kernel` runs the kernel
+there too). The original forward is restored exactly on exit: nothing stays patched and there is
+no overhead outside a capture.
 
 Only MLPs whose forward is known are fused: LLaMA-style `down_proj(act_fn(gate_proj(x)) * up_proj(x))`
 (LLaMA, Vicuna, Mistral, Qwen2, Gemma) and CLIP/Phi-style `fc2(activation_fn(fc1(x)))`, with
@@ -15,16 +15,16 @@ one of the activations the kernel implements. `fused_problem` says why a model d
 from __future__ import annotations
 
 import contextlib
-import types
+import functools
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from ..model.adapters import Adapter
-from .capture import CaptureStore, Selector, _image_reduce, last_position
+from ..model.adapters import Adapter, check_activation
+from .capture import CaptureStore, Selector, image_reduce, last_position
 from ..errors import MMNError
-from ..kernels import act_score
+from ..kernels import ActScorePlans, act_score
 
 # Activation module class -> the kernel's name for it (the same function, not an approximation).
 _ACT_CLASSES = {"SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh",
@@ -32,11 +32,6 @@ _ACT_CLASSES = {"SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gel
                 "ReLU": "relu"}
 _GATED = ("gate_proj", "up_proj", "down_proj", "act_fn")
 _PLAIN = (("fc1", "fc2", "activation_fn"), ("fc1", "fc2", "act_fn"))
-
-
-# Decode steps run the model's own torch ops (see the forward below); True runs the kernel there
-# too. `bench/run_bench.py --gpu` times both, which is what should settle this default.
-DECODE_WITH_KERNEL = False
 
 
 def activation_name(module: nn.Module) -> str | None:
@@ -84,6 +79,128 @@ def _rows(select: Selector, b: int, t: int, device: torch.device) -> torch.Tenso
     return (torch.arange(b, device=device)[:, None] * t + index.to(device)).reshape(-1)
 
 
+class FusedCapture:
+    """The fused MLP forwards of one capture and the `CaptureStore` they fill.
+
+    `forward(layer, x)` replaces layer `layer`'s MLP forward while `patched()` is active. The row
+    indices, image-row groups and sign columns it hands the kernel are built once per device (and
+    shape) and shared by all layers, so the kernel's launch plan is reused.
+    """
+
+    def __init__(self, adapter: Adapter, backend: str, activation: str, select: Selector,
+                 image_mask: torch.Tensor | None, reduce: str, decode_with_kernel: bool):
+        self.adapter, self.backend, self.activation = adapter, backend, activation
+        self.select, self.image_mask, self.reduce = select, image_mask, reduce
+        self.decode_with_kernel = decode_with_kernel
+        self.store = CaptureStore(adapter.n_layers)
+        self.layers = []  # per layer: (in_proj name, up_proj name or None, out_proj name, act module, kernel act)
+        for mlp in adapter.mlps:
+            in_name, up_name, out_name, act_name = _layout(mlp)
+            act_module = getattr(mlp, act_name)
+            self.layers.append((in_name, up_name, out_name, act_module, activation_name(act_module)))
+        self._row_cache: dict[torch.device, tuple] = {}  # device -> ((B, T), capture rows [B*S])
+        self._signs: dict[tuple, torch.Tensor] = {}  # (F, device, dtype, reduce) -> [F, K] +-1 columns
+        self._groups: dict[torch.device, torch.Tensor] = {}  # device -> [B*T] sample of each image row
+        # The kernel's range checks and launch plans, keyed by the shared tensors above: made once per
+        # call and device, reused by every layer; they live as long as this capture.
+        self.plans = ActScorePlans()
+
+    @contextlib.contextmanager
+    def patched(self) -> Iterator[CaptureStore]:
+        """Every MLP's forward swapped for `forward` inside the block; the originals restored on exit."""
+        saved: list[tuple[nn.Module, object]] = []  # (mlp, its own instance-level forward or None)
+        try:
+            for layer, mlp in enumerate(self.adapter.mlps):
+                saved.append((mlp, mlp.__dict__.get("forward")))
+                mlp.forward = functools.partial(self.forward, layer)
+            yield self.store
+        finally:
+            for mlp, own in saved:
+                if own is None:
+                    del mlp.forward
+                else:
+                    mlp.forward = own
+
+    def capture_rows(self, b: int, t: int, device: torch.device) -> torch.Tensor:
+        """[B*S] rows to capture: the same tensor object for every layer of a call on a device (also
+        when layers alternate devices), as building the kernel's launch plan needs a device sync."""
+        hit = self._row_cache.get(device)
+        if hit is None or hit[0] != (b, t):
+            hit = self._row_cache[device] = ((b, t), _rows(self.select, b, t, device))
+        return hit[1]
+
+    def image_proj(self, f: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """[F, K] columns of ones (sum) or +1/-1 (max h, -min h): the group reduce then yields raw stats."""
+        key = (f, device, dtype, self.reduce)
+        if key not in self._signs:
+            cols = [1.0] if self.reduce == "mean" else [1.0, -1.0]
+            self._signs[key] = torch.tensor(cols, device=device, dtype=dtype).expand(f, -1).contiguous()
+        return self._signs[key]
+
+    def image_groups(self, device: torch.device) -> torch.Tensor:
+        """[B*T] sample index of each image row, -1 elsewhere; one tensor shared by all layers."""
+        if device not in self._groups:
+            mask = self.image_mask.to(device)  # [B, T]
+            self._groups[device] = torch.where(mask, torch.arange(mask.shape[0], device=device)[:, None],
+                                               -1).reshape(-1)
+        return self._groups[device]
+
+    def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer `layer`'s MLP on x [B, T, d] -> [B, T, d], capturing its rows (and image stats)."""
+        mlp = self.adapter.mlps[layer]
+        in_name, up_name, out_name, act_module, act = self.layers[layer]
+        t = x.shape[1]
+        gate = getattr(mlp, in_name)(x)  # [B, T, F]
+        up = getattr(mlp, up_name)(x) if up_name else None
+        image_call = self.image_mask is not None and self.store.image[layer] is None and t == self.image_mask.shape[1]
+        if t == 1 and not image_call and not self.decode_with_kernel:
+            h = self.decode_step(layer, act_module, gate, up, x.device)
+        else:
+            h = self.kernel_step(layer, act_module, act, gate, up, image_call, x.device)
+        return getattr(mlp, out_name)(h)
+
+    def decode_step(self, layer: int, act_module: nn.Module, gate: torch.Tensor, up: torch.Tensor | None,
+                    device: torch.device) -> torch.Tensor:
+        """A decode step (one new position per sample, nothing scored) has B rows: the kernel saves no
+        memory traffic worth a Triton launch and our argument checks there, and host time per layer
+        is what a decode step pays (bench/run_kernels.py, host table). The model's own ops, so
+        captures are bit-identical to plain hooks. gate, up: [B, 1, F] -> h [B, 1, F]."""
+        b, f = gate.shape[0], gate.shape[-1]
+        a = act_module(gate)  # [B, 1, F]
+        h = a * up if up is not None else a
+        kept = (a if self.activation == "act_fn" else h).detach()
+        if self.select is not last_position:  # the last position of a one-position step is all of it
+            kept = kept.reshape(-1, f).index_select(0, self.capture_rows(b, 1, device)).view(b, -1, f)
+        self.store.rows[layer].append(kept)
+        return h
+
+    def kernel_step(self, layer: int, act_module: nn.Module, act: str, gate: torch.Tensor,
+                    up: torch.Tensor | None, image_call: bool, device: torch.device) -> torch.Tensor:
+        """`act_score` on gate, up [B, T, F] -> h [B, T, F]; keeps the captured rows and, in the
+        prefill of an image capture, the image-position stats."""
+        b, t, f = gate.shape
+        kwargs = {}
+        if image_call and self.activation == "down_proj_input":
+            acc = torch.float64 if gate.dtype == torch.float64 else torch.float32
+            kwargs = dict(proj=self.image_proj(f, device, acc), row_group=self.image_groups(device), n_groups=b,
+                          reduce="sum" if self.reduce == "mean" else "max")
+        out = act_score(gate.reshape(-1, f), None if up is None else up.reshape(-1, f),
+                        act, capture_rows=self.capture_rows(b, t, device),
+                        capture_act=self.activation == "act_fn", backend=self.backend, act_module=act_module,
+                        plans=self.plans, **kwargs)
+        rows = out.captured_act if self.activation == "act_fn" else out.captured  # [B*S, F]
+        self.store.rows[layer].append(rows.view(b, -1, f))
+        if image_call:
+            mask = self.image_mask.to(device)  # [B, T]
+            if self.activation == "act_fn":  # stats of act(gate) alone: rare path, plain torch
+                self.store.image[layer] = image_reduce(act_module(gate), mask)
+            elif self.reduce == "mean":
+                self.store.image[layer] = {"sum": out.scores[:, 0], "count": mask.sum(1)}
+            else:
+                self.store.image[layer] = {"max": out.scores[:, 0], "min": -out.scores[:, 1], "count": mask.sum(1)}
+        return out.h.view(*gate.shape)
+
+
 @contextlib.contextmanager
 def fused_capture(
     adapter: Adapter,
@@ -93,110 +210,22 @@ def fused_capture(
     image_mask: torch.Tensor | None = None,
     reduce: str = "mean",
     fold_norm: bool = False,
+    decode_with_kernel: bool = False,
 ) -> Iterator[CaptureStore]:
     """Swap every MLP's forward for the fused one, yield the store, restore the forwards on exit.
 
     Fills the same `CaptureStore` as `capture.capture` (rows of h, or of act(gate) alone with
     activation="act_fn"; image-position stats: 'sum' for reduce="mean", 'max'/'min' for "max").
-    fold_norm: also keep the final norm's inputs at the same rows (a forward pre-hook, removed on exit).
+    fold_norm: also keep the final norm's inputs at the same rows (a hook, removed on exit).
+    decode_with_kernel: run the kernel at one-position decode steps too (`Engine.decode_with_kernel`).
     """
     problem = fused_problem(adapter)
     if problem:
         raise MMNError(f"the fused capture cannot run on this model: {problem}; use backend='torch'")
-    if activation not in ("down_proj_input", "act_fn"):
-        raise MMNError(f"unknown activation '{activation}': use 'down_proj_input' or 'act_fn'")
-    store = CaptureStore(adapter.n_layers)
-    row_cache: dict[torch.device, tuple] = {}  # device -> ((B, T), capture rows), one tensor for its layers
-
-    def capture_rows(b: int, t: int, device: torch.device) -> torch.Tensor:
-        """The same tensor object for every layer of a call on a device, so the kernel's launch
-        plan is reused (building it needs a device sync), also when layers alternate devices."""
-        hit = row_cache.get(device)
-        if hit is None or hit[0] != (b, t):
-            hit = row_cache[device] = ((b, t), _rows(select, b, t, device))
-        return hit[1]
-    signs: dict[tuple, torch.Tensor] = {}  # (F, device, dtype, reduce) -> [F, K] +-1 columns
-
-    def image_proj(f: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Columns of ones (sum) or +1/-1 (max h, -min h): the group reduce then yields raw stats."""
-        key = (f, device, dtype, reduce)
-        if key not in signs:
-            cols = [1.0] if reduce == "mean" else [1.0, -1.0]
-            signs[key] = torch.tensor(cols, device=device, dtype=dtype).expand(f, -1).contiguous()
-        return signs[key]
-
-    def image_groups(device: torch.device) -> torch.Tensor:
-        """[B*T] sample index of each image row, -1 elsewhere; one tensor shared by all layers."""
-        if device not in groups:
-            mask = image_mask.to(device)  # [B, T]
-            groups[device] = torch.where(mask, torch.arange(mask.shape[0], device=device)[:, None], -1).reshape(-1)
-        return groups[device]
-
-    groups: dict[torch.device, torch.Tensor] = {}
-
-    def make_forward(layer: int, mlp: nn.Module):
-        in_name, up_name, out_name, act_name = _layout(mlp)
-        act_module = getattr(mlp, act_name)
-        act = activation_name(act_module)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            b, t = x.shape[0], x.shape[1]  # x: [B, T, d]
-            gate = getattr(self, in_name)(x)  # [B, T, F]
-            up = getattr(self, up_name)(x) if up_name else None
-            f = gate.shape[-1]
-            kwargs = {}
-            image_call = image_mask is not None and store.image[layer] is None and t == image_mask.shape[1]
-            if image_call and activation == "down_proj_input":
-                group = image_groups(x.device)  # [B*T]
-                acc = torch.float64 if gate.dtype == torch.float64 else torch.float32
-                kwargs = dict(proj=image_proj(f, x.device, acc), row_group=group, n_groups=b,
-                              reduce="sum" if reduce == "mean" else "max")
-            if t == 1 and not image_call and not DECODE_WITH_KERNEL:
-                # A decode step (one new position per sample, nothing scored) has B rows: the
-                # kernel saves no memory traffic worth a Triton launch and our argument checks
-                # there, and host time per layer is what a decode step pays (bench/run_kernels.py,
-                # host table). The model's own ops, so captures are bit-identical to plain hooks.
-                a = act_module(gate)  # [B, 1, F]
-                h = a * up if up is not None else a
-                kept = (a if activation == "act_fn" else h).detach()
-                if select is not last_position:  # the last position of a one-position step is all of it
-                    kept = kept.reshape(-1, f).index_select(0, capture_rows(b, t, x.device)).view(b, -1, f)
-                store.rows[layer].append(kept)
-                return getattr(self, out_name)(h)
-            out = act_score(gate.reshape(-1, f), None if up is None else up.reshape(-1, f), act,
-                            capture_rows=capture_rows(b, t, x.device), capture_act=activation == "act_fn",
-                            backend=backend, act_module=act_module, **kwargs)
-            rows = out.captured_act if activation == "act_fn" else out.captured  # [B*S, F]
-            store.rows[layer].append(rows.view(b, -1, f))
-            if image_call:
-                count = image_mask.to(x.device).sum(1)
-                if activation == "act_fn":  # stats of act(gate) alone: rare path, plain torch
-                    store.image[layer] = _image_reduce(act_module(gate), image_mask.to(x.device))
-                elif reduce == "mean":
-                    store.image[layer] = {"sum": out.scores[:, 0], "count": count}
-                else:
-                    store.image[layer] = {"max": out.scores[:, 0], "min": -out.scores[:, 1], "count": count}
-            return getattr(self, out_name)(out.h.view(*gate.shape))
-
-        return forward
-
-    patched: list[tuple[nn.Module, object]] = []  # (mlp, its own instance-level forward or None)
-    handle = None
-    try:
+    check_activation(activation)
+    fused = FusedCapture(adapter, backend, activation, select, image_mask, reduce, decode_with_kernel)
+    with contextlib.ExitStack() as stack:
         if fold_norm:
-            if adapter.final_norm is None:
-                raise MMNError("fold_final_norm=True needs the final norm; pass final_norm='<path>' to load()")
-            handle = adapter.final_norm.register_forward_pre_hook(
-                lambda _m, args: store.norm_rows.append(select(args[0]).detach()))
-        for layer, mlp in enumerate(adapter.mlps):
-            patched.append((mlp, mlp.__dict__.get("forward")))
-            mlp.forward = types.MethodType(make_forward(layer, mlp), mlp)
-        yield store
-    finally:
-        if handle is not None:
-            handle.remove()
-        for mlp, own in patched:
-            if own is None:
-                del mlp.forward
-            else:
-                mlp.forward = own
+            stack.enter_context(adapter.final_norm_site().hooked(
+                lambda x: fused.store.norm_rows.append(select(x).detach())))
+        yield stack.enter_context(fused.patched())

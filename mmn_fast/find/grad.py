@@ -12,7 +12,7 @@ from ..kernels import contribution_scores
 
 def grad_scores(engine, inputs: dict, outputs: list[list[int]], flat: list, opts) -> torch.Tensor:
     """[C, L, F] fp32 scores for the concepts `flat` = [(sample, Word), ...]."""
-    full, index = engine._teacher_forced(inputs, outputs)
+    full, index = engine.teacher_forced(inputs, outputs)
     ad = engine.adapter
     rows = []
     with torch.enable_grad(), capture(ad, opts.activation, keep_graph=True) as store:

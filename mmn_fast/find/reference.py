@@ -7,6 +7,8 @@ a full sort of all L x F scores.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .concepts import select_concepts, split_words
@@ -20,20 +22,15 @@ def reference_find(engine, image, prompt: str, prefix: str | None = None, concep
     Returns {"output_ids": [...], "concepts": [{"word", "token_id", "step", "neurons"}]}.
     """
     model, ad = engine.model, engine.adapter
-    inputs = engine._inputs([image], prompt, prefix)
+    inputs = engine.encode([image], prompt, prefix)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     acts_per_step = []  # step -> list over layers of [F]
     current = {}
-    hooks = []
-    for layer in range(ad.n_layers):
-        if activation == "act_fn":
-            hooks.append(ad.act_fns[layer].register_forward_hook(
-                lambda m, a, out, layer=layer: current.__setitem__(layer, out[0, -1].float().clone())))
-        else:
-            hooks.append(ad.out_projs[layer].register_forward_pre_hook(
-                lambda m, a, layer=layer: current.__setitem__(layer, a[0][0, -1].float().clone())))
     output_ids = []
-    try:
+    with contextlib.ExitStack() as hooks:
+        for layer in range(ad.n_layers):
+            hooks.enter_context(ad.hook_site(layer, activation).hooked(
+                lambda h, layer=layer: current.__setitem__(layer, h[0, -1].float().clone())))
         for _ in range(max_new_tokens):
             current.clear()
             logits = model(**dict(inputs, input_ids=ids, attention_mask=mask), use_cache=False).logits
@@ -44,9 +41,6 @@ def reference_find(engine, image, prompt: str, prefix: str | None = None, concep
             mask = torch.cat([mask, torch.ones((1, 1), dtype=mask.dtype, device=mask.device)], 1)
             if tok in engine.eos_ids:
                 break
-    finally:
-        for h in hooks:
-            h.remove()
     # The preparation step of the released code: W_U @ W_out for every layer, [V, F] each.
     w_u = ad.unembed_weight().float()
     full_proj = [w_u @ ad.out_weight(layer).float() for layer in range(ad.n_layers)]

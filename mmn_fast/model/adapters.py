@@ -7,11 +7,14 @@ registered go through `discover_spec`, which finds LLaMA-style (gate/up/down) or
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ..errors import MMNError
 
@@ -146,6 +149,50 @@ def spec_for(model: nn.Module, overrides: dict | None = None) -> ModelSpec:
     return dataclasses.replace(spec, **overrides)
 
 
+ACTIVATIONS = ("down_proj_input", "act_fn")
+
+
+def check_activation(activation: str) -> None:
+    """Raise MMNError unless `activation` names a scored activation."""
+    if activation not in ACTIVATIONS:
+        raise MMNError(f"unknown activation '{activation}': use 'down_proj_input' or 'act_fn'")
+
+
+@dataclass(frozen=True)
+class HookSite:
+    """Where a tensor of the forward pass can be read: the first input of `module` (pre=True, a
+    forward pre-hook) or its output (pre=False, a forward hook). Every capture goes through one,
+    so the activation mode is resolved in one place (`Adapter.hook_site`)."""
+
+    module: nn.Module
+    pre: bool
+
+    def register(self, fn: Callable, output: bool = False) -> RemovableHandle:
+        """Call fn(x) at each forward through the site, x the site's tensor (an MLP activation h is
+        [batch, pos, d_mlp]); a tensor fn returns replaces x downstream. output=True: fn(x, y) with y
+        what `module` returns; a tensor fn returns replaces y. The caller removes the handle."""
+        if output:
+            if self.pre:
+                return self.module.register_forward_hook(lambda _m, args, y: fn(args[0], y))
+            return self.module.register_forward_hook(lambda _m, _args, y: fn(y, y))
+        if self.pre:
+            def pre_hook(_m, args):
+                x = fn(args[0])
+                return None if x is None else (x, *args[1:])
+
+            return self.module.register_forward_pre_hook(pre_hook)
+        return self.module.register_forward_hook(lambda _m, _args, y: fn(y))
+
+    @contextlib.contextmanager
+    def hooked(self, fn: Callable, output: bool = False) -> Iterator[None]:
+        """`register` for the `with` block only: the hook is removed on exit, also on error."""
+        handle = self.register(fn, output)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
 def output_matrix(out_proj: nn.Module) -> torch.Tensor:
     """An output projection's weight as [d_model, F] (a view: GPT-2's Conv1D stores [F, d])."""
     w = out_proj.weight
@@ -186,11 +233,38 @@ class Adapter:
         """W_U as [V, d_model]."""
         return self.unembed.weight
 
-    def norm_kind(self) -> str:
-        """'rms' or 'layer' for the final norm (what folding it means)."""
+    def hook_site(self, layer: int, activation: str = "down_proj_input") -> HookSite:
+        """Where `layer`'s scored activation [batch, pos, d_mlp] passes: the output projection's input h
+        ("down_proj_input", exact) or the activation module's output ("act_fn", the paper's released code)."""
+        check_activation(activation)
+        if activation == "down_proj_input":
+            return HookSite(self.out_projs[layer], pre=True)
+        if self.act_fns is None:
+            raise MMNError(
+                f"activation='act_fn' needs a per-layer activation module '{self.spec.act_fn}' "
+                "in each MLP; none was found. Use activation='down_proj_input' or pass act_fn='<name>'."
+            )
+        return HookSite(self.act_fns[layer], pre=False)
+
+    def require_final_norm(self) -> nn.Module:
+        """The final norm; MMNError when the adapter has none (folding it needs it)."""
         if self.final_norm is None:
             raise MMNError("fold_final_norm=True needs the final norm; pass final_norm='<path>' to load()")
-        name = type(self.final_norm).__name__.lower()
+        return self.final_norm
+
+    def final_norm_site(self) -> HookSite:
+        """Where the final norm's input [batch, pos, d_model] passes (its forward pre-hook)."""
+        return HookSite(self.require_final_norm(), pre=True)
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The module that runs the decoder layers (the parent of `spec.layers`; it takes inputs_embeds)."""
+        layers = self.spec.layers
+        return get_module(self.model, layers.rsplit(".", 1)[0]) if "." in layers else self.model
+
+    def norm_kind(self) -> str:
+        """'rms' or 'layer' for the final norm (what folding it means)."""
+        name = type(self.require_final_norm()).__name__.lower()
         return "layer" if ("layernorm" in name and "rms" not in name) else "rms"
 
     def norm_weight(self) -> torch.Tensor | None:

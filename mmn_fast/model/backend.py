@@ -2,17 +2,19 @@
 
 `$MMN_BACKEND` overrides the default ("auto"). Auto picks Triton when the model is on CUDA, triton
 imports and the model's MLPs can be fused, torch otherwise; an explicit "triton" on CPU tensors
-needs the Triton interpreter (`TRITON_INTERPRET=1`, for tests); an auto choice that cannot run falls back to torch with a one-line notice, an explicit
-request that cannot run is an error. Nothing here imports triton or touches CUDA at import time.
+needs the Triton interpreter (`TRITON_INTERPRET=1`, for tests); an auto choice that cannot run
+falls back to torch with a one-line notice (a UserWarning), an explicit request that cannot run is
+an error. Nothing here imports triton or touches CUDA at import time.
 """
 from __future__ import annotations
 
 import os
-import sys
+import warnings
 
 import torch
 
 from ..errors import MMNError
+from ..kernels import interpreter_on, triton_available
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "MMN_BACKEND"
@@ -20,8 +22,6 @@ ENV_VAR = "MMN_BACKEND"
 
 def _triton_problem(device: torch.device) -> str | None:
     """Why Triton kernels cannot run for tensors on `device`, or None when they can."""
-    from ..kernels._triton_util import interpreter_on, triton_available
-
     if not triton_available():
         return "triton is not installed (pip install 'mmn_fast[triton]')"
     if device.type != "cuda" and not interpreter_on():
@@ -53,5 +53,5 @@ def resolve_backend(requested: str | None, device: torch.device | str, unsupport
         return "torch"
     if problem is None:
         return "triton"
-    print(f"mmn: notice: using the torch backend ({problem})", file=sys.stderr)
+    warnings.warn(f"mmn: notice: using the torch backend ({problem})", stacklevel=2)
     return "torch"
