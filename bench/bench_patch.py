@@ -13,8 +13,8 @@ from run_patch import SPEC_7B, llama7b_outprojs, random_patch  # noqa: E402
 
 import mmn_fast  # noqa: E402
 from mmn_fast.demo import build_demo_model  # noqa: E402
-from mmn_fast.edit.live import apply_patch, resolve_target  # noqa: E402
-from mmn_fast.edit.patch_file import load_patch  # noqa: E402
+from mmn_fast.model.live import apply_patch, resolve_target  # noqa: E402
+from mmn_fast.model.patch_file import load_patch  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import torch
 
 import mmn_fast
 from mmn_fast.demo import build_demo_model, make_examples, save_examples
-from mmn_fast.explain.heatmap import maps, write_heatmaps
+from mmn_fast.find.heatmap import maps, write_heatmaps
 from mmn_fast.explain.metrics import compute_metrics, summary_table
 from mmn_fast.explain.report import write_report
 from mmn_fast.io import write_json

@@ -25,8 +25,8 @@ from torch import nn
 
 import mmn_fast
 from mmn_fast.demo import build_demo_model
-from mmn_fast.edit.live import apply_patch, resolve_target
-from mmn_fast.edit.patch_file import load_patch, make_patch
+from mmn_fast.model.live import apply_patch, resolve_target
+from mmn_fast.model.patch_file import load_patch, make_patch
 
 SPEC_7B = dict(layers="layers", mlp="mlp", out_proj="down_proj", gated=False)
 SHAPE_7B = dict(n_layers=32, d_model=4096, d_mlp=11008, vocab=1024)

@@ -5,13 +5,13 @@
 """
 __version__ = "0.1.0"  # first: modules imported below read it
 
-from .model.adapters import ModelSpec, register_adapter
-from .run.aggregate import open_results
-from .find.engine import DEFAULT_PROMPT, Engine, FindOptions, load
 from .errors import MMNError
-from .edit.live import PatchHandle, apply_patch
-from .edit.patch_file import Patch, load_patch
+from .find.engine import DEFAULT_PROMPT, Engine, FindOptions, load
 from .find.results import ConceptResult, ImageResult
+from .model.adapters import ModelSpec, register_adapter
+from .model.live import PatchHandle, apply_patch
+from .model.patch_file import Patch, load_patch
+from .run.aggregate import open_results
 
 __all__ = ["load", "open_results", "Engine", "FindOptions", "ModelSpec", "register_adapter", "MMNError",
            "ConceptResult", "ImageResult", "DEFAULT_PROMPT", "__version__",

@@ -13,7 +13,7 @@ from mmn_fast.edit.methods import (concept_neurons, make_edit, optimize, perturb
                            unembed_directions, word_token)
 from mmn_fast.edit.evaluate import EditEval, report_table
 from mmn_fast.errors import MMNError
-from mmn_fast.edit.patch_file import gather_rows, load_patch
+from mmn_fast.model.patch_file import gather_rows, load_patch
 from test_patch import model_sha  # tests/ is on sys.path
 
 NEURONS = [(0, 3), (0, 10), (1, 4), (1, 50)]

@@ -16,7 +16,7 @@ from mmn_fast.cli.main import main
 from mmn_fast.demo import COLOURS, make_examples
 from mmn_fast.demo.data import make_examples_with_masks
 from mmn_fast.errors import MMNError
-from mmn_fast.explain.heatmap import (Trace, bilinear, binary_mask, colourise, maps, normalise, patch_grid, render,
+from mmn_fast.find.heatmap import (Trace, bilinear, binary_mask, colourise, maps, normalise, patch_grid, render,
                                       read_heatmaps, trace, unique_name, view_box, write_heatmaps)
 from mmn_fast.find.scoring import Scorer
 

@@ -14,7 +14,7 @@ import torch
 from mmn_fast.cli.main import main
 from mmn_fast.demo import make_examples, save_examples
 from mmn_fast.errors import MMNError
-from mmn_fast.explain.heatmap import language_model
+from mmn_fast.find.heatmap import language_model
 from mmn_fast.edit.methods import suppress
 from mmn_fast.explain import metrics as metrics_mod
 from mmn_fast.explain.metrics import (MetricOptions, RunModelWarning, auroc, compute_metrics, jaccard, rbo,

@@ -20,8 +20,8 @@ from mmn_fast.edit.bake import bake
 from mmn_fast.cli.main import main
 from mmn_fast.edit.methods import perturb, random_neurons
 from mmn_fast.errors import MMNError
-from mmn_fast.edit.live import active_patches, apply_patch
-from mmn_fast.edit.patch_file import PatchError, load_patch, make_patch
+from mmn_fast.model.live import active_patches, apply_patch
+from mmn_fast.model.patch_file import PatchError, load_patch, make_patch
 from mmn_fast.testing import llava_model
 
 NEURONS = [(0, 1), (0, 5), (1, 7)]
@@ -305,7 +305,7 @@ def test_gpt2_conv1d_layout_and_plain_module_with_spec():
     torch.manual_seed(0)
     model = _conv1d_model()
     spec = dict(layers="layers", mlp="mlp", out_proj="c_proj", gated=False)
-    adapter = mmn_fast.edit.live.resolve_target(model, spec)[1]
+    adapter = mmn_fast.model.live.resolve_target(model, spec)[1]
     w0 = adapter.out_weight(1).clone()
     patch = make_patch(adapter, {1: (torch.tensor([2, 5]), torch.randn(2, 16))}, "test")
     assert patch.entries[1].layout == "conv1d" and patch.entries[1].name == "layers.1.mlp.c_proj.weight"
@@ -334,7 +334,7 @@ def test_revert_after_the_model_was_cast(conv1d):
             b.mlp.up_proj, b.mlp.down_proj = nn.Linear(16, 24), nn.Linear(24, 16)
         model.lm_head = nn.Linear(16, 10)
         spec = dict(layers="layers", mlp="mlp", out_proj="down_proj", gated=False)
-    adapter = mmn_fast.edit.live.resolve_target(model, spec)[1]
+    adapter = mmn_fast.model.live.resolve_target(model, spec)[1]
     never_patched = [adapter.out_weight(l).detach().half() for l in range(2)]
     patch = make_patch(adapter, {1: (torch.tensor([2, 5, 7]), torch.randn(3, 16))}, "test")
     handle = apply_patch(model, patch)
@@ -371,7 +371,7 @@ def test_revert_after_the_output_projection_was_replaced():
     torch.manual_seed(2)
     model = _conv1d_model()
     spec = dict(layers="layers", mlp="mlp", out_proj="c_proj", gated=False)
-    adapter = mmn_fast.edit.live.resolve_target(model, spec)[1]
+    adapter = mmn_fast.model.live.resolve_target(model, spec)[1]
     before = [adapter.out_weight(l).detach().clone() for l in range(2)]
     under = apply_patch(model, make_patch(adapter, {1: (torch.tensor([4]), torch.randn(1, 16))}, "under"))
     top = apply_patch(model, make_patch(adapter, {0: (torch.tensor([1]), torch.randn(1, 16)),
@@ -389,7 +389,7 @@ def test_revert_after_the_output_projection_was_replaced():
         under.revert()
     with pytest.warns(UserWarning):
         under.revert(force=True)
-    assert mmn_fast.edit.live.active_patches(model) == []
+    assert mmn_fast.model.live.active_patches(model) == []
 
 
 # ------------------------------------------------------------------------------------ concurrency
@@ -520,7 +520,7 @@ def test_cli_inspect_verify_and_bad_files(eng, tmp_path, llava_path, capsys):
 
 def test_checkpoint_key_resolution():
     from mmn_fast.edit.bake import checkpoint_key
-    from mmn_fast.edit.patch_file import Entry
+    from mmn_fast.model.patch_file import Entry
 
     e = Entry(3, torch.tensor([0]), torch.zeros(1, 4), "model.language_model.layers.3.mlp.down_proj.weight",
               "language_model.model.layers.3.mlp.down_proj.weight")

@@ -17,8 +17,8 @@ import mmn_fast
 from mmn_fast.edit.bake import bake
 from mmn_fast.edit.methods import perturb, replace_word, suppress
 from mmn_fast.io import atomic_open, save_safetensors, tensor_fingerprint, umask, write_json
-from mmn_fast.edit.live import active_patches, apply_patch, model_lock, resolve_target
-from mmn_fast.edit.patch_file import PatchError, make_patch
+from mmn_fast.model.live import active_patches, apply_patch, model_lock, resolve_target
+from mmn_fast.model.patch_file import PatchError, make_patch
 from mmn_fast.find.vocab import vocab_table
 
 NEURONS = [(0, 1), (0, 5), (1, 7)]
@@ -74,12 +74,12 @@ def test_plain_module_patch_follows_a_replaced_output_projection():
     land in the live module, not in the detached one."""
     torch.manual_seed(0)
     model = _plain_model()
-    adapter = mmn_fast.edit.live.resolve_target(model, SPEC)[1]
+    adapter = mmn_fast.model.live.resolve_target(model, SPEC)[1]
     first = apply_patch(model, make_patch(adapter, {1: (torch.tensor([3]), torch.randn(1, 8))}, "first"))
     first.revert()
     model.layers[1].mlp.down_proj = nn.Linear(12, 8)  # replaced after the adapter was cached
     live = model.layers[1].mlp.down_proj
-    adapter = mmn_fast.edit.live.resolve_target(model, {})[1]  # rebuilt with the paths it was first given
+    adapter = mmn_fast.model.live.resolve_target(model, {})[1]  # rebuilt with the paths it was first given
     vec = torch.randn(1, 8)
     handle = apply_patch(model, make_patch(adapter, {1: (torch.tensor([3]), vec)}, "second"))
     assert torch.equal(live.weight[:, 3], vec[0])

@@ -17,7 +17,7 @@ from mmn_fast.cli.main import main
 from mmn_fast.demo import make_examples, save_examples
 from mmn_fast.edit.methods import suppress
 from mmn_fast.errors import MMNError
-from mmn_fast.explain.heatmap import unique_name, write_heatmaps
+from mmn_fast.find.heatmap import unique_name, write_heatmaps
 from mmn_fast.explain.metrics import RunModelWarning, compute_metrics
 from mmn_fast.explain.report import _metrics_section, _ratio, build_report, layer_svg, write_report
 from mmn_fast.io import write_json

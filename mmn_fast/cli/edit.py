@@ -6,10 +6,10 @@ from pathlib import Path
 
 from ..edit.bake import bake
 from ..edit.evaluate import report_table, run_edit
-from ..edit.live import check_patch
-from ..edit.patch_file import load_patch
 from ..errors import MMNError
 from ..find.engine import DEFAULT_PROMPT
+from ..model.live import check_patch
+from ..model.patch_file import load_patch
 from .common import add_model_options, load_engine
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from ..edit.methods import word_token
 from ..errors import MMNError
-from ..explain.heatmap import DISPLAY_MIN, maps, safe_name, save_heatmap
 from ..explain.metrics import ALL, MetricOptions, RunModelWarning, check_run_model, compute_metrics, summary_table
 from ..explain.report import write_report
 from ..find.engine import DEFAULT_PROMPT
+from ..find.heatmap import DISPLAY_MIN, maps, safe_name, save_heatmap
 from ..io import write_json
 from ..model.inputs import load_image
 from ..run.aggregate import open_results

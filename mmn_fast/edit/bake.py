@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from ..errors import MMNError
 from ..io import fsync_dir, fsync_path, umask
-from .patch_file import Entry, Patch, PatchError, as_patch, gather_rows, rows_sha256, write_rows
+from ..model.patch_file import Entry, Patch, PatchError, as_patch, gather_rows, rows_sha256, write_rows
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -22,9 +22,9 @@ import torch
 
 from ..errors import MMNError
 from ..find.engine import DEFAULT_PROMPT
+from ..model.patch_file import Patch, gather_rows, make_patch
 from ..run.aggregate import ConceptAggregator, open_results
 from ..run.runinfo import check_run_model
-from .patch_file import Patch, gather_rows, make_patch
 
 Neuron = tuple[int, int]  # (layer, index)
 

@@ -6,8 +6,8 @@
     metrics = compute_metrics(engine, "out/")                            # docs/metrics.md
     write_report("out/", engine=engine)                                  # out/report.html
 """
-from .heatmap import (Heatmap, bilinear, binary_mask, maps, patch_grid, read_heatmaps, render, trace,
-                      write_heatmaps)
+from ..find.heatmap import (Heatmap, bilinear, binary_mask, maps, patch_grid, read_heatmaps, render, trace,
+                            write_heatmaps)
 from .metrics import MetricOptions, compute_metrics, shuffled_image_tokens, summary_table
 from .report import build_report, write_report
 

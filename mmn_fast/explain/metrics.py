@@ -18,16 +18,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from ..edit.methods import names, perturb, random_neurons, suppress, word_token
+from ..errors import MMNError
+from ..find.engine import DEFAULT_PROMPT
+from ..find.heatmap import concept_signs, language_model, trace
+from ..find.vocab import neuron_topk
+from ..model.inputs import load_image
 from ..run.aggregate import open_results
 from ..run.corpus import iter_samples, open_corpus
 # RunModelWarning and check_run_model are imported from here too (mmn_fast.cli.explain, user code)
 from ..run.runinfo import RunModelWarning, check_run_model, ids_digest, model_name, run_fingerprint  # noqa: F401
-from ..edit.methods import names, perturb, random_neurons, suppress, word_token
-from ..find.engine import DEFAULT_PROMPT
-from ..errors import MMNError
-from ..model.inputs import load_image
-from ..find.vocab import neuron_topk
-from .heatmap import concept_signs, language_model as _language_model, trace
 
 FORMAT_VERSION = 1
 ALL = ("semantic", "cross_image", "specificity", "region", "causal")
@@ -149,7 +149,7 @@ def shuffled_image_tokens(engine, seed: int = 0):
         return args, dict(kwargs, inputs_embeds=e)
 
     handles = [engine.model.register_forward_pre_hook(top_hook, with_kwargs=True),
-               _language_model(engine).register_forward_pre_hook(lm_hook, with_kwargs=True)]
+               language_model(engine).register_forward_pre_hook(lm_hook, with_kwargs=True)]
     try:
         yield
     finally:

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from ..edit.patch_file import SUFFIX, load_patch
 from ..errors import MMNError
+from ..find.heatmap import maps, read_heatmaps, unique_name
 from ..find.vocab import neuron_topk
 from ..io import atomic_open
 from ..model.inputs import load_image
+from ..model.patch_file import SUFFIX, load_patch
 from ..run.aggregate import open_results
 from ..run.runinfo import check_run_model, ids_digest
-from .heatmap import maps, read_heatmaps, unique_name
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}

@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..model.adapters import Adapter
 from ..errors import MMNError
+from ..model.adapters import Adapter
 
 Selector = Callable[[torch.Tensor], torch.Tensor]  # [B, T, X] -> [B, S, X]
 

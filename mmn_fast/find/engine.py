@@ -13,15 +13,16 @@ import transformers
 from torch import nn
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase
 
+from ..errors import MMNError
+from ..io import tensor_fingerprint
 from ..model.adapters import Adapter, spec_for
 from ..model.backend import resolve_backend
+from ..model.inputs import ImageItem, Prompter, as_image, teacher_forced
+from ..model.live import apply_patch, model_lock, patched as patched_context
 from .capture import capture, gather_positions, last_position
 from .concepts import check_word_list, resolve_mode, select_concepts, split_words
-from ..errors import MMNError
 from .fused import fused_capture, fused_problem
 from .grad import grad_scores
-from ..model.inputs import ImageItem, Prompter, as_image, teacher_forced
-from ..io import tensor_fingerprint
 from .results import ConceptResult, ImageResult
 from .scoring import Scorer
 
@@ -224,7 +225,6 @@ class Engine:
         eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        from ..edit.live import model_lock
 
         self.swap_lock = model_lock(model)  # held by each find batch, caption batch and patch swap
 
@@ -403,15 +403,13 @@ class Engine:
     # ------------------------------------------------------------------ patches (live.py, patch.py)
     def apply(self, patch, force: bool = False):
         """Apply a patch (a Patch or a .mmnpatch.safetensors path) in place; returns a handle with revert()."""
-        from ..edit.live import apply_patch
 
         return apply_patch(self, patch, force=force)
 
     def patched(self, patch, force: bool = False):
         """`with engine.patched("red2blue.mmnpatch.safetensors"): ...`: applied, and reverted on exit."""
-        from ..edit.live import patched
 
-        return patched(self, patch, force=force)
+        return patched_context(self, patch, force=force)
 
     def caption(self, images, prompt: str = DEFAULT_PROMPT, prefix: str | None = None, max_new_tokens: int = 32,
                 batch_size: int = 8) -> list[str]:

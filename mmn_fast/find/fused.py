@@ -21,10 +21,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..model.adapters import Adapter, check_activation
-from .capture import CaptureStore, Selector, image_reduce, last_position
 from ..errors import MMNError
 from ..kernels import ActScorePlans, act_score
+from ..model.adapters import Adapter, check_activation
+from .capture import CaptureStore, Selector, image_reduce, last_position
 
 # Activation module class -> the kernel's name for it (the same function, not an approximation).
 _ACT_CLASSES = {"SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh",

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .capture import capture
 from ..kernels import contribution_scores
+from .capture import capture
 
 
 def grad_scores(engine, inputs: dict, outputs: list[list[int]], flat: list, opts) -> torch.Tensor:

@@ -5,9 +5,8 @@ from collections import OrderedDict
 
 import torch
 
-from ..model.adapters import Adapter
 from ..kernels import contribution_scores, token_projection, topk_neurons
-
+from ..model.adapters import Adapter
 
 PROJECTION_CHUNK = 8  # tokens per projection matmul: one fixed shape, whatever the number of new tokens
 

@@ -28,9 +28,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import MMNError
-from ..explain.heatmap import write_heatmaps
 from ..find.concepts import resolve_mode
 from ..find.engine import Engine, FindOptions
+from ..find.heatmap import write_heatmaps
 from ..io import write_json
 from .aggregate import NeuronStats
 from .corpus import Corpus, Sample, ShardEnd, iter_samples, open_corpus

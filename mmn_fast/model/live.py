@@ -23,8 +23,8 @@ import weakref
 import torch
 from torch import nn
 
-from ..model.adapters import Adapter, output_matrix, spec_for
 from ..errors import MMNError
+from .adapters import Adapter, output_matrix, spec_for
 from .patch_file import Patch, PatchError, as_patch, gather_rows, rows_sha256, write_rows
 
 

@@ -27,11 +27,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..find.engine import DEFAULT_PROMPT
 from ..errors import MMNError
+from ..io import atomic_open, write_json
 from ..model.adapters import check_activation
 from ..model.inputs import as_image
-from ..io import atomic_open, write_json
+from .engine import DEFAULT_PROMPT
 
 # Colour maps: (position, r, g, b) stops, linearly interpolated.
 COLORMAPS = {
