@@ -103,15 +103,21 @@ def test_vocab_topk_on_a_column_slice_on_cuda():
         _check_topk(got.bottom_values, got.bottom_ids, exact, 64, False)
 
 
-def test_find_on_cuda_triton_matches_torch_backend():
+@pytest.mark.parametrize("decode_with_kernel", [False, True])
+def test_find_on_cuda_triton_matches_torch_backend(decode_with_kernel):
+    """The fused capture (kernel at the prefill, and at decode steps too when asked) finds what the
+    hooks find: same captions, same top neurons, for every capture mode."""
     model, processor = llava_model(num_layers=3, hidden_size=256, intermediate_size=700, device="cuda")
     fast = mmn_fast.load(model, processor=processor, device="cuda", backend="triton")
+    fast.decode_with_kernel = decode_with_kernel
     ref = mmn_fast.load(model, processor=processor, device="cuda", backend="torch")
     images = random_images(4, size=32, seed=3)
-    for kw in (dict(), dict(positions="image", reduce="mean"), dict(activation="act_fn")):
+    for kw in (dict(), dict(positions="image", reduce="mean"), dict(positions="image", reduce="max"),
+               dict(activation="act_fn"), dict(fold_final_norm=True), dict(method="grad")):
         got = fast.find(images, concepts="all", max_new_tokens=8, top_k=20, batch_size=4, **kw)
         want = ref.find(images, concepts="all", max_new_tokens=8, top_k=20, batch_size=4, **kw)
-        assert [r.output_ids for r in got] == [r.output_ids for r in want]
+        assert [r.output_ids for r in got] == [r.output_ids for r in want], kw
         for g, w in zip(got, want):
             for cg, cw in zip(g.concepts, w.concepts, strict=True):
-                assert [x[:2] for x in cg.neurons[:10]] == [x[:2] for x in cw.neurons[:10]]
+                assert [x[:2] for x in cg.neurons[:10]] == [x[:2] for x in cw.neurons[:10]], kw
+    assert all("forward" not in m.__dict__ for m in fast.adapter.mlps)  # the fused forwards are gone again
