@@ -78,7 +78,7 @@ def register(sub) -> None:
     e = sub.add_parser("edit", help="edit a concept's neurons; write a .mmnpatch.safetensors file and report")
     add_model_options(e)
     e.add_argument("--from", dest="from_", required=True,
-                   help="a `mmn find` output directory (neurons from concepts.json) or images (folder, manifest)")
+                   help="a `mmn find` output directory (neurons from concepts.json) or images (folder, JSONL/CSV manifest, tar shards, Parquet)")
     e.add_argument("--source", required=True, help="the concept word to edit")
     e.add_argument("--target", default=None, help="the word to say instead (swap, optimize)")
     e.add_argument("--method", default="optimize", choices=["suppress", "swap", "optimize", "perturb"])

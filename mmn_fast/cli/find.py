@@ -229,7 +229,7 @@ def register(sub) -> None:
     f = sub.add_parser("find", help="caption images and score the neurons of each concept")
     add_model_options(f)
     f.add_argument("--quiet", action="store_true", help="no progress bar")
-    f.add_argument("--images", required=True, help="a folder of images or a JSONL manifest")
+    f.add_argument("--images", required=True, help="a folder of images, a JSONL/CSV manifest, WebDataset tar shards or Parquet files")
     f.add_argument("--out", required=True, help="output directory")
     f.add_argument("--prompt", default=DEFAULT_PROMPT)
     f.add_argument("--prefix", default=None, help='text the answer starts with, e.g. "An image of"')
