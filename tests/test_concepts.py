@@ -58,14 +58,14 @@ def test_word_list_validation(tok):
 def test_nouns_without_tagger_is_a_clear_error(monkeypatch):
     import mmn_fast.find.concepts as c
 
-    monkeypatch.setattr(c, "nouns_available", lambda: False)
+    monkeypatch.setattr(c.NounTagger, "available", property(lambda self: False))
     with pytest.raises(MMNError, match="spaCy"):
         c.resolve_mode("nouns")
     with pytest.warns(UserWarning, match="no spaCy English pipeline"):
         assert c.resolve_mode("auto") == "all"
 
 
-def test_nouns_map_tagger_offsets_to_first_sub_tokens(tok, monkeypatch):
+def test_nouns_map_tagger_offsets_to_first_sub_tokens(tok):
     """With a tagger (stubbed here: no English pipeline is installable offline), nouns are picked by
     character offset, so a noun after dropped words keeps its own step."""
     import mmn_fast.find.concepts as c
@@ -83,11 +83,25 @@ def test_nouns_map_tagger_offsets_to_first_sub_tokens(tok, monkeypatch):
             pos += len(word)
         return out
 
-    monkeypatch.setattr(c, "_spacy_pipeline", lambda: tagger)
+    stub = c.NounTagger(pipeline=tagger)
     ids = tok("a brown dog sees two elephants and a zebra", add_special_tokens=False)["input_ids"]
     caption, words = split_words(tok, ids)
-    nouns = select_concepts(caption, words, c.resolve_mode("nouns"))
+    nouns = select_concepts(caption, words, c.resolve_mode("nouns", stub), stub)
     assert [w.text for w in nouns] == ["dog", "elephants", "zebra"]
     for w in nouns:
         assert w.step == next(x.step for x in words if x.text == w.text)
         assert tok.decode(ids[: w.step + 1]).rstrip().endswith(tok.decode(ids[w.step: w.step + 1]).strip())
+
+
+def test_an_engine_loads_its_tagger_once(monkeypatch):
+    """The spaCy pipeline is loaded on first use and kept by its NounTagger (an engine holds one), not
+    in a module-level cache."""
+    import mmn_fast.find.concepts as c
+
+    loads = []
+    monkeypatch.setattr(c, "_load_spacy", lambda names: loads.append(names) or (lambda text: []))
+    tagger = c.NounTagger()
+    assert not loads
+    assert tagger.available and tagger.available and tagger.noun_starts("a dog") == set()
+    assert len(loads) == 1
+    assert c.NounTagger().available and len(loads) == 2  # another owner loads its own

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import sys
+import warnings
 
 from safetensors import SafetensorError
 
@@ -22,10 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """A library warning as one line on stderr, like the CLI's errors (no file:line, no category)."""
+    text = str(message)
+    print(text if text.startswith("mmn:") else f"mmn: warning: {text}", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def _library_messages(quiet: bool):
     """The library reports progress through the `mmn_fast` logger (INFO): the CLI shows it on stdout
-    unless --quiet, for the duration of the command only."""
+    unless --quiet, and its warnings as one line each on stderr, for the duration of the command."""
     logger = logging.getLogger("mmn_fast")
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -34,7 +41,9 @@ def _library_messages(quiet: bool):
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)

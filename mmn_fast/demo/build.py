@@ -13,6 +13,7 @@ in a temporary directory and renamed into place only once complete and verified,
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -39,6 +40,8 @@ try:  # transformers 5: the default CLIPImageProcessor needs torchvision; the PI
     from transformers import CLIPImageProcessorPil as ImageProcessor
 except ImportError:  # pragma: no cover
     from transformers import CLIPImageProcessor as ImageProcessor
+
+log = logging.getLogger(__name__)
 
 RECIPE_VERSION = 3
 CACHE_SUBDIR = f"demo-v{RECIPE_VERSION}"
@@ -415,8 +418,8 @@ def build_demo_model(cache_dir: str | Path | None = None, force: bool = False, p
             if d.exists():
                 shutil.rmtree(d, ignore_errors=True)
     if progress:
-        print(f"demo model: held-out exact-match {100 * info['heldout_accuracy']:.1f}% (n={info['n_eval']}), "
-              f"trained in {info['train_seconds']:.0f}s -> {target}", file=sys.stderr)
+        log.info("demo model: held-out exact-match %.1f%% (n=%d), trained in %.0fs -> %s",
+                 100 * info["heldout_accuracy"], info["n_eval"], info["train_seconds"], target)
     return target
 
 

@@ -6,8 +6,8 @@ dropped (the paper's released code drifts out of step when a noun is skipped).
 """
 from __future__ import annotations
 
-import functools
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -58,13 +58,39 @@ def split_words(tokenizer, output_ids: list[int]) -> tuple[str, list[Word]]:
     return text, words
 
 
-@functools.lru_cache(maxsize=1)
-def _spacy_pipeline():
+class NounTagger:
+    """spaCy's English pipeline, loaded on first use and kept by its owner (an engine holds one), so it
+    is loaded once per engine and nothing is held at module level. `pipeline`: a ready tagger (any
+    callable returning tokens with `.idx` and `.tag_`), e.g. in tests."""
+
+    PIPELINES = ("en_core_web_sm", "en_core_web_md", "en_core_web_lg", "en_core_web_trf")
+
+    def __init__(self, pipeline=None):
+        self._pipeline, self._tried = pipeline, pipeline is not None
+        self._lock = threading.Lock()
+
+    def pipeline(self):
+        """The loaded pipeline, or None when spaCy or an English pipeline is missing."""
+        with self._lock:
+            if not self._tried:
+                self._tried, self._pipeline = True, _load_spacy(self.PIPELINES)
+            return self._pipeline
+
+    @property
+    def available(self) -> bool:
+        return self.pipeline() is not None
+
+    def noun_starts(self, text: str) -> set[int]:
+        """Character offsets in `text` where a noun (Penn tag NN*) starts."""
+        return {t.idx for t in self.pipeline()(text) if t.tag_.startswith("NN")}
+
+
+def _load_spacy(names: tuple[str, ...]):
     try:
         import spacy
     except ImportError:
         return None
-    for name in ("en_core_web_sm", "en_core_web_md", "en_core_web_lg", "en_core_web_trf"):
+    for name in names:
         try:
             return spacy.load(name, disable=["ner", "lemmatizer"])
         except (OSError, ImportError):
@@ -72,26 +98,24 @@ def _spacy_pipeline():
     return None
 
 
-def nouns_available() -> bool:
-    return _spacy_pipeline() is not None
-
-
-def resolve_mode(concepts: str | list[str]) -> str | list[str]:
-    """Turn the user's choice into 'nouns', 'all' or a word list (with the default rule)."""
+def resolve_mode(concepts: str | list[str], tagger: NounTagger | None = None) -> str | list[str]:
+    """Turn the user's choice into 'nouns', 'all' or a word list (with the default rule: nouns when
+    `tagger` (default: a new one) can load a pipeline)."""
     if isinstance(concepts, (list, tuple)):
         words = [w.strip().lower() for w in concepts if w.strip()]
         if not words:
             raise MMNError("the concept word list is empty: give words like 'red,circle'")
         return words
+    tagger = tagger if tagger is not None else NounTagger()
     if concepts in (None, "auto"):
-        if nouns_available():
+        if tagger.available:
             return "nouns"
         warnings.warn("mmn: no spaCy English pipeline installed; scoring all content words "
                       "(pip install 'mmn_fast[nlp]' and an English pipeline such as en_core_web_sm for nouns)",
                       stacklevel=2)
         return "all"
     if concepts == "nouns":
-        if not nouns_available():
+        if not tagger.available:
             raise MMNError(
                 "concepts='nouns' needs spaCy with an English pipeline: pip install 'mmn_fast[nlp]' and "
                 "install a pipeline such as en_core_web_sm; or use concepts='all' or a word list"
@@ -100,7 +124,7 @@ def resolve_mode(concepts: str | list[str]) -> str | list[str]:
     if concepts == "all":
         return "all"
     if isinstance(concepts, str):
-        return resolve_mode(concepts.split(","))
+        return resolve_mode(concepts.split(","), tagger)
     raise MMNError(f"unknown concepts {concepts!r}: use 'nouns', 'all' or a list of words")
 
 
@@ -116,13 +140,13 @@ def check_word_list(tokenizer, words: list[str]) -> None:
                            "check the spelling or pick a word from the model's captions")
 
 
-def select_concepts(text: str, words: list[Word], mode: str | list[str]) -> list[Word]:
-    """The words to score, in caption order, each at most once per caption position."""
+def select_concepts(text: str, words: list[Word], mode: str | list[str], tagger: NounTagger | None = None) -> list[Word]:
+    """The words to score, in caption order, each at most once per caption position. mode 'nouns'
+    tags the caption with `tagger` (give the engine's: a new one loads spaCy again)."""
     if mode == "all":
         return [w for w in words if w.text.lower() not in STOP_WORDS and not w.text.isdigit()]
     if mode == "nouns":
-        doc = _spacy_pipeline()(text)
-        noun_starts = {t.idx for t in doc if t.tag_.startswith("NN")}
-        return [w for w in words if w.start in noun_starts]
+        starts = (tagger if tagger is not None else NounTagger()).noun_starts(text)
+        return [w for w in words if w.start in starts]
     wanted = set(mode)
     return [w for w in words if w.text.lower() in wanted]

@@ -20,7 +20,7 @@ from ..model.backend import resolve_backend
 from ..model.inputs import ImageItem, Prompter, as_image, teacher_forced
 from ..model.live import apply_patch, model_lock, patched as patched_context
 from .capture import capture, gather_positions, last_position
-from .concepts import check_word_list, resolve_mode, select_concepts, split_words
+from .concepts import NounTagger, check_word_list, resolve_mode, select_concepts, split_words
 from .fused import fused_capture, fused_problem
 from .grad import grad_scores
 from .results import ConceptResult, ImageResult
@@ -222,6 +222,7 @@ class Engine:
         # 1-D ones given to them would be wrong after the image.
         self._own_positions = any(hasattr(m, "get_rope_index") for m in (model, getattr(model, "model", None)))
         self._scorers: dict[bool, Scorer] = {}  # per fold_final_norm: projections cached across find calls
+        self.tagger = NounTagger()  # spaCy, loaded on the first find that picks nouns
         eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
@@ -235,7 +236,7 @@ class Engine:
     @property
     def fingerprint(self) -> str:
         """Hash of the scored weights (all W_out and W_U): keys caches and records runs. Computed
-        afresh each time (a strided sample: milliseconds on a GPU), so a patch, a cast or an edit
+        afresh each time (a strided sample, cheap), so a patch, a cast or an edit
         through `.data` (which bypasses version counters) is always seen."""
         return tensor_fingerprint(self._scored_weights())
 
@@ -314,7 +315,7 @@ class Engine:
     def check_options(self, opts: FindOptions):
         """Validate `opts` against this model (option values, concept words); returns the concept mode."""
         opts.validate()
-        mode = resolve_mode(opts.concepts)
+        mode = resolve_mode(opts.concepts, self.tagger)
         if isinstance(mode, list):
             check_word_list(self.tokenizer, mode)
         return mode
@@ -379,7 +380,7 @@ class Engine:
         picked = []
         for out in outputs:
             text, words = split_words(self.tokenizer, out)
-            picked.append(select_concepts(text, words, mode))
+            picked.append(select_concepts(text, words, mode, self.tagger))
         return picked
 
     def _score(self, flat, outputs, store, scorer: Scorer, opts: FindOptions, inputs) -> list:

@@ -46,7 +46,7 @@ def reference_find(engine, image, prompt: str, prefix: str | None = None, concep
     full_proj = [w_u @ ad.out_weight(layer).float() for layer in range(ad.n_layers)]
     text, words = split_words(engine.tokenizer, output_ids)
     results = []
-    for word in select_concepts(text, words, concepts):
+    for word in select_concepts(text, words, concepts, engine.tagger):
         tok = output_ids[word.step]
         scores = torch.cat([acts_per_step[word.step][layer] * full_proj[layer][tok]
                             for layer in range(ad.n_layers)])  # [L * F]
