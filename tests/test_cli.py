@@ -167,12 +167,13 @@ def test_torchrun_stderr_keeps_the_ranks_error_line_and_drops_the_launchers_trac
 
 def test_library_warnings_are_one_line_each(llava_path, image_dir, tmp_path, capsys, monkeypatch):
     """A library warning (here: no spaCy pipeline, so concepts fall back to all content words) reaches
-    the CLI user as one `mmn:` line, without Python's file:line and category."""
+    the CLI user as one `mmn:` line, without Python's file:line and category, once per run (not per
+    batch: it used to break the progress bar)."""
     import mmn_fast.find.concepts as c
 
     monkeypatch.setattr(c.NounTagger, "available", property(lambda self: False))
     rc, _, err = _run(capsys, "find", "--model", llava_path, "--images", image_dir, "--out", tmp_path / "o", "--quiet",
-                      "--max-new-tokens", "4")
+                      "--max-new-tokens", "4", "--batch-size", "1")
     lines = [ln for ln in err.splitlines() if "spaCy" in ln]
     assert rc == 0 and len(lines) == 1 and lines[0].startswith("mmn: no spaCy"), err
     assert "UserWarning" not in err and ".py:" not in err

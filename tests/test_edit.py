@@ -182,3 +182,19 @@ def test_cli_edit_reads_its_images_like_find(demo_path, tmp_path):
     want = evaluation("edit.jsonl", "held.jsonl")
     assert want[0]["n_success"] > 0 and want[0]["n_generality"] + want[0]["n_locality"] == len(held)
     assert evaluation("edit.tar", "held.csv") == want
+
+
+@pytest.mark.parametrize("method", ["optimize", "swap"])
+@pytest.mark.parametrize("role", ["--source", "--target"])
+def test_cli_edit_refuses_a_word_the_tokenizer_cannot_spell(demo_path, tmp_path, capsys, method, role):
+    """'zebra' is <unk> to the demo tokenizer: the edit is refused like find refuses it, and no patch
+    is written (before, a useless patch was written and the command exited 0)."""
+    images = tmp_path / "images"
+    save_examples(make_examples(4, seed=3), images)
+    words = {"--source": "red", "--target": "blue", role: "zebra"}
+    out = tmp_path / "p.mmnpatch.safetensors"
+    rc = main(["edit", "--model", str(demo_path), "--from", str(images / "manifest.jsonl"), "--method", method,
+               "--neurons", "5", "--out", str(out), *[x for kv in words.items() for x in kv]])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown concept word 'zebra'" in err and "Traceback" not in err, err
+    assert not out.exists()

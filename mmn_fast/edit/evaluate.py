@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import MMNError
+from ..find.concepts import check_word_list
 from ..find.engine import DEFAULT_PROMPT
 from ..run.corpus import iter_samples, open_corpus
 from .methods import concept_neurons, make_edit, names, random_neurons, replace_word
@@ -108,6 +109,8 @@ def run_edit(engine, source: str, target: str | None, method: str, n: int, from_
     a corpus path (`corpus_images`) or images. Held-out images: `eval_images` (a corpus path or
     images), else every other image of `from_` is held out.
     """
+    # Words the tokenizer cannot spell (mapped to <unk>) would give a useless patch: refuse them, as find does.
+    check_word_list(engine.tokenizer, [w for w in (source, target) if w])
     images, results_dir = _images_from(from_) if isinstance(from_, (str, Path)) else (list(from_), None)
     if eval_images is not None:
         heldout = corpus_images(eval_images) if isinstance(eval_images, (str, Path)) else list(eval_images)
