@@ -177,3 +177,25 @@ def test_library_warnings_are_one_line_each(llava_path, image_dir, tmp_path, cap
     lines = [ln for ln in err.splitlines() if "spaCy" in ln]
     assert rc == 0 and len(lines) == 1 and lines[0].startswith("mmn: no spaCy"), err
     assert "UserWarning" not in err and ".py:" not in err
+
+
+@pytest.mark.parametrize("bad, message", [
+    (("--top-k", "0"), "top_k must be at least 1"),
+    (("--batch-size", "0"), "batch_size must be at least 1"),
+    (("--concepts", "zebra"), "unknown concept word 'zebra'"),
+    (("--images", "/nonexistent/corpus"), "does not exist"),
+])
+def test_find_checks_what_needs_no_model_before_loading_it(demo_path, image_dir, tmp_path, capsys, monkeypatch, bad,
+                                                          message):
+    """On a 7B model the load takes minutes: bad options are refused first."""
+    import mmn_fast.cli.find as cli_find
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(cli_find, "load_engine", no_load)
+    argv = {"--images": str(image_dir), "--out": str(tmp_path / "o")}
+    argv.update({bad[0]: bad[1]} if bad[0] in argv else {})
+    extra = [] if bad[0] in ("--images",) else list(bad)
+    rc, _, err = _run(capsys, "find", "--model", demo_path, *[x for kv in argv.items() for x in kv], "--quiet", *extra)
+    _assert_one_line_error(rc, err, message)

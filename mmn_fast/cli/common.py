@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from transformers import AutoTokenizer
+
+from ..find.concepts import check_word_list
 from ..find.engine import Engine, load
 
 CHECKPOINT_HELP = "local Hugging Face checkpoint directory"
@@ -25,3 +29,16 @@ def load_engine(args: argparse.Namespace, model: str | None = None) -> Engine:
     return load(model or args.model, device=args.device, dtype=args.dtype, backend=args.backend,
                 device_map=args.device_map)
 
+
+
+def check_words_before_loading(args: argparse.Namespace, words: list[str]) -> None:
+    """Refuse words the checkpoint's tokenizer cannot spell before the model loads (minutes on a 7B
+    model). A checkpoint without a readable tokenizer is left to `load_engine` to report."""
+    path = Path(args.model)
+    if not words or not (path / "config.json").is_file():
+        return
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError):
+        return
+    check_word_list(tokenizer, words)

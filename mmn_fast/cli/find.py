@@ -18,7 +18,7 @@ from ..errors import MMNError
 from ..find.engine import DEFAULT_PROMPT, FindOptions
 from ..find.vocab import top_tokens, vocab_table
 from ..run.runner import RunSettings, check_run, run_corpus, summary_table
-from .common import add_model_options, load_engine
+from .common import add_model_options, check_words_before_loading, load_engine
 
 DEVICE_MAP_WITH_PROCESSES = ("--device-map spreads one model over this machine's GPUs; do not combine it with "
                              "--nproc or torchrun (one replica per process)")
@@ -29,9 +29,14 @@ def cmd_find(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1:
         return _launch_torchrun(args)
     _init_distributed(args)
+    settings, options = _run_settings(args), _find_options(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # a torchrun launch was checked once by its launcher
+        check_run(args.images, args.out, settings, options)  # all that needs no model, before it loads
+    if isinstance(options.concepts, list):
+        check_words_before_loading(args, options.concepts)
     engine = load_engine(args)
     t0 = time.perf_counter()
-    summary = run_corpus(engine, args.images, args.out, _run_settings(args), _find_options(args))
+    summary = run_corpus(engine, args.images, args.out, settings, options)
     if "concepts_json" not in summary:  # not rank 0
         return 0
     if summary["skipped"]:
