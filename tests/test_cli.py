@@ -4,6 +4,7 @@ import json
 import pytest
 
 from mmn_fast.cli.main import main
+from mmn_fast.demo import make_examples, save_examples
 from mmn_fast.testing import random_images
 
 
@@ -199,3 +200,26 @@ def test_find_checks_what_needs_no_model_before_loading_it(demo_path, image_dir,
     extra = [] if bad[0] in ("--images",) else list(bad)
     rc, _, err = _run(capsys, "find", "--model", demo_path, *[x for kv in argv.items() for x in kv], "--quiet", *extra)
     _assert_one_line_error(rc, err, message)
+
+
+def test_find_counts_distinct_concepts_like_the_report(demo_path, tmp_path, capsys):
+    """The summary line counts concepts as concepts.json (and the report) do; mentions separately."""
+    images = tmp_path / "images"
+    save_examples(make_examples(6, seed=5), images)
+    out = tmp_path / "o"
+    rc, stdout, _ = _run(capsys, "find", "--model", demo_path, "--images", images / "manifest.jsonl", "--out", out,
+                         "--concepts", "all", "--max-new-tokens", "12", "--quiet")
+    n = len(json.loads((out / "concepts.json").read_text()))
+    mentions = sum(len(json.loads(line)["concepts"]) for line in (out / "results.jsonl").read_text().splitlines())
+    assert rc == 0 and n < mentions and f" {n} concepts ({mentions} mentions)," in stdout, stdout
+
+
+def test_an_interrupted_find_says_how_to_resume(llava_path, image_dir, tmp_path, capsys, monkeypatch):
+    import mmn_fast.cli.find as cli_find
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_find, "run_corpus", interrupted)
+    rc, _, err = _run(capsys, "find", "--model", llava_path, "--images", image_dir, "--out", tmp_path / "o", "--quiet")
+    assert rc == 130 and "run the same command again to resume" in err

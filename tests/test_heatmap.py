@@ -16,7 +16,7 @@ from mmn_fast.cli.main import main
 from mmn_fast.demo import COLOURS, make_examples
 from mmn_fast.demo.data import make_examples_with_masks
 from mmn_fast.errors import MMNError
-from mmn_fast.find.heatmap import (Trace, bilinear, binary_mask, colourise, maps, normalise, patch_grid, render,
+from mmn_fast.find.heatmap import (DEFAULT_CMAP, Trace, bilinear, binary_mask, colourise, maps, normalise, patch_grid, render,
                                       read_heatmaps, trace, unique_name, view_box, write_heatmaps)
 from mmn_fast.find.scoring import Scorer
 
@@ -243,7 +243,7 @@ def test_write_heatmaps_for_a_find_batch(demo, tmp_path):
         assert info["neurons"] == rec["neurons"] and len(info["neurons"]) == 5
         assert 0.03 < info["mask_fraction"] < 0.08 and np.array(info["grid"]).shape == (4, 4)
         with Image.open(d / info["heatmap"]) as im:
-            assert im.size == (32, 32) and im.mode == "RGB"
+            assert im.size == (32 + 2 + 6, 32) and im.mode == "RGB"  # the view, a gap and the colour key
         with Image.open(d / info["mask"]) as im:
             assert im.size == (32, 32) and set(np.unique(np.asarray(im))) <= {0, 255}
     assert len(read_heatmaps(tmp_path)) == len(written)
@@ -265,7 +265,11 @@ def test_cli_heatmap(demo_path, tmp_path, capsys):
     from PIL import Image
 
     with Image.open(out / f"shape.{colour}.heatmap.png") as im:
-        assert im.size == (224, 224)  # the 32-px demo view, enlarged for viewing
+        # the 32-px demo view enlarged to 224 px for viewing, then a 3-px gap and a 14-px colour key
+        assert im.size == (224 + 3 + 14, 224)
+        key = np.asarray(im.convert("RGB"))[:, -7]  # [H, 3] down the middle of the key
+    assert (key[0] == colourise(np.ones((1, 1)), DEFAULT_CMAP)[0, 0]).all()  # top: the map's highest value
+    assert (key[-1] == colourise(np.zeros((1, 1)), DEFAULT_CMAP)[0, 0]).all()  # bottom: its lowest
     assert main(["heatmap", "--model", str(demo_path), "--image", path, "--concept", colour, "--neuron", "1.7",
                  "--method", "occlusion", "--cmap", "viridis", "--out", str(out / "one")]) == 0
     assert json.loads((out / "one" / f"shape.{colour}.json").read_text())["neurons"] == [[1, 7]]

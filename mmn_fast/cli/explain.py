@@ -13,7 +13,7 @@ from ..errors import MMNError
 from ..explain.metrics import ALL, MetricOptions, RunModelWarning, check_run_model, compute_metrics, summary_table
 from ..explain.report import write_report
 from ..find.engine import DEFAULT_PROMPT
-from ..find.heatmap import DISPLAY_MIN, maps, safe_name, save_heatmap
+from ..find.heatmap import COLORMAPS, DEFAULT_CMAP, DISPLAY_MIN, maps, safe_name, save_heatmap
 from ..io import write_json
 from ..model.inputs import load_image
 from ..run.aggregate import open_results
@@ -166,7 +166,8 @@ def register(sub) -> None:
     h.add_argument("--method", default="activation", choices=["activation", "occlusion"],
                    help="activation at the image tokens (the paper), or occlusion of each image token")
     h.add_argument("--percentile", type=float, default=95.0, help="mask: pixels at or above this percentile")
-    h.add_argument("--cmap", default="jet", choices=["jet", "viridis"])
+    h.add_argument("--cmap", default=DEFAULT_CMAP, choices=sorted(COLORMAPS),
+                   help=f"colour map of the overlay (default {DEFAULT_CMAP}: readable over red objects)")
     h.add_argument("--raw", action="store_true", help="do not orient activations by the sign toward the concept")
     h.add_argument("--prompt", default=DEFAULT_PROMPT)
     h.add_argument("--prefix", default=None)

@@ -43,7 +43,8 @@ def cmd_find(args: argparse.Namespace) -> int:
         print(f"mmn: warning: {summary['skipped']} images skipped (reasons in {Path(args.out) / 'skipped.jsonl'})",
               file=sys.stderr)
     print(summary_table(summary["concepts_json"]))
-    print(f"{summary['images']} images, {summary['skipped']} skipped, {summary['concepts']} concepts, "
+    print(f"{summary['images']} images, {summary['skipped']} skipped, {len(summary['concepts_json'])} concepts "
+          f"({summary['concepts']} mentions), "
           f"{summary['neurons_scored']:,} neurons scored in {time.perf_counter() - t0:.1f}s")
     print(f"results written to {Path(args.out).resolve()} (results.jsonl, skipped.jsonl, concepts.json, "
           "aggregates.*, run.json)")

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
               "mmn_fast or Hugging Face?", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("mmn: interrupted", file=sys.stderr)
+        resume = " (run the same command again to resume where it stopped)" if args.func is find.cmd_find else ""
+        print(f"mmn: interrupted{resume}", file=sys.stderr)
         return 130
 
 

@@ -43,6 +43,7 @@ COLORMAPS = {
 }
 METHODS = ("activation", "occlusion")
 DISPLAY_MIN = 224  # `mmn heatmap` and the report enlarge smaller overlays (nearest, integer factor)
+DEFAULT_CMAP = "viridis"  # no red in it: stays readable over red objects, and ordered for colour-blind readers
 
 
 # ----------------------------------------------------------------------------------- image maths
@@ -309,10 +310,14 @@ class Heatmap:
     threshold: float
     box: tuple
 
-    def overlay(self, cmap: str = "jet", alpha: float = 0.5, display_min: int = DISPLAY_MIN):
+    def overlay(self, cmap: str = DEFAULT_CMAP, alpha: float = 0.5, display_min: int = DISPLAY_MIN,
+                colour_bar: bool = False):
+        """The heat over the view; `colour_bar`: a key on the right (top: the map's highest value,
+        bottom: its lowest; the map is min-max normalised per image)."""
         base = np.asarray(self.view.convert("RGB"), dtype=np.float64)
         rgb = (1 - alpha) * base + alpha * colourise(normalise(self.heat), cmap)
-        return _enlarge(Image.fromarray(np.round(rgb).astype(np.uint8)), display_min)
+        img = _enlarge(Image.fromarray(np.round(rgb).astype(np.uint8)), display_min)
+        return _with_colour_bar(img, cmap) if colour_bar else img
 
     def masked(self, dim: float = 0.8, display_min: int = DISPLAY_MIN):
         """The view with everything outside the mask darkened (the paper's mask picture)."""
@@ -322,6 +327,17 @@ class Heatmap:
 
     def mask_image(self):
         return Image.fromarray(self.mask.astype(np.uint8) * 255, mode="L")
+
+
+def _with_colour_bar(img, cmap: str):
+    """`img` with a gap and a vertical colour key on its right, as wide as a sixteenth of it (>= 6 px)."""
+    w, h = img.size
+    bar_w, gap = max(6, w // 16), max(2, w // 64)
+    ramp = np.linspace(1.0, 0.0, h)[:, None].repeat(bar_w, 1)  # [H, bar_w]: high at the top
+    out = Image.new("RGB", (w + gap + bar_w, h), (255, 255, 255))
+    out.paste(img, (0, 0))
+    out.paste(Image.fromarray(colourise(ramp, cmap)), (w + gap, 0))
+    return out
 
 
 def _enlarge(img, display_min: int):
@@ -403,11 +419,11 @@ def save_png(img, path: Path) -> None:
         f.write(buf.getvalue())
 
 
-def save_heatmap(hm: Heatmap, stem: Path, meta: dict, cmap: str = "jet", display_min: int = 0,
+def save_heatmap(hm: Heatmap, stem: Path, meta: dict, cmap: str = DEFAULT_CMAP, display_min: int = 0,
                  write_meta: bool = True) -> dict:
-    """`<stem>.heatmap.png` (overlay; enlarged to `display_min` px for viewing), `<stem>.mask.png` (binary,
-    the view's pixels) and, with `write_meta`, `<stem>.json`. Returns the JSON record."""
-    save_png(hm.overlay(cmap, display_min=display_min), stem.with_name(stem.name + ".heatmap.png"))
+    """`<stem>.heatmap.png` (overlay with a colour key; enlarged to `display_min` px for viewing),
+    `<stem>.mask.png` (binary, the view's pixels) and, with `write_meta`, `<stem>.json`. Returns the JSON record."""
+    save_png(hm.overlay(cmap, display_min=display_min, colour_bar=True), stem.with_name(stem.name + ".heatmap.png"))
     save_png(hm.mask_image(), stem.with_name(stem.name + ".mask.png"))
     info = dict(meta, grid=np.round(hm.grid, 6).tolist(), box=list(hm.box), threshold=hm.threshold,
                 mask_fraction=float(hm.mask.mean()), heatmap=stem.name + ".heatmap.png", mask=stem.name + ".mask.png")
@@ -418,7 +434,7 @@ def save_heatmap(hm: Heatmap, stem: Path, meta: dict, cmap: str = "jet", display
 
 def write_heatmaps(engine, images, results, out_dir, n: int = 10, percentile: float = 95.0,
                    method: str = "activation", prompt: str = DEFAULT_PROMPT, prefix: str | None = None,
-                   activation: str = "down_proj_input", cmap: str = "jet", orient: bool = True) -> list[dict]:
+                   activation: str = "down_proj_input", cmap: str = DEFAULT_CMAP, orient: bool = True) -> list[dict]:
     """For one batch of `mmn find`: images (PIL or paths) and their results (ImageResult or results.jsonl
     dicts), in the same order. For each image and each concept word (first occurrence), the map of the
     concept's top-n neurons in that image's ranking: `out_dir/<id>/<word>.heatmap.png` and `.mask.png`
