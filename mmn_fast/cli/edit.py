@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
+import threading
 from pathlib import Path
 
 from ..edit.bake import bake
@@ -66,8 +69,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if states <= {"base"} or states == {"applied"} else 1
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM (`timeout`, a job scheduler, `docker stop`) ends a bake as Ctrl-C does: by an exception,
+    so that its temporary folder (up to a model's size) is removed rather than left beside --out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def cmd_bake(args: argparse.Namespace) -> int:
-    done = bake(args.model, args.patch, args.out, force=args.force)
+    with _sigterm_exits():
+        done = bake(args.model, args.patch, args.out, force=args.force)
     print(f"baked {len(args.patch)} patch(es) into {Path(args.out).resolve()}: rewrote {', '.join(done['rewritten'])}; "
           f"linked {len(done['linked'])}, copied {len(done['copied'])} other file(s)")
     return 0
@@ -116,6 +138,6 @@ def register(sub) -> None:
     b = psub.add_parser("bake", help="write a checkpoint with the patch(es) baked in")
     b.add_argument("--model", required=True)
     b.add_argument("--patch", required=True, action="append", help="repeat to bake several, in stacking order")
-    b.add_argument("--out", required=True)
+    b.add_argument("--out", required=True, help="the new checkpoint folder (missing or empty, outside --model)")
     b.add_argument("--force", action="store_true", help="bake even if the base vectors do not match")
     b.set_defaults(func=cmd_bake)

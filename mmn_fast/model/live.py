@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import MMNError
 from .adapters import Adapter, output_matrix, spec_for
-from .patch_file import Patch, PatchError, as_patch, gather_rows, rows_sha256, write_rows
+from .patch_file import Entry, Patch, PatchError, as_patch, gather_rows, rows_sha256, write_rows
 
 
 class _Guard:
@@ -241,31 +241,53 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
+def check_layer(layer: int, n_layers: int) -> None:
+    """A patch entry's layer must be one of the model's decoder layers."""
+    if not 0 <= layer < n_layers:
+        raise PatchError(f"patch edits layer {layer}, but the model has {n_layers} decoder layers")
+
+
+def fit_rows(layer: int, e: Entry, w: torch.Tensor) -> torch.Tensor:
+    """Checks of an entry against the output matrix w [d, F] it goes into that never depend on the
+    current values (force does not skip them): shapes, index range, device, dtype. Shared by apply
+    and bake, so both refuse the same patches. Returns the new rows [n, d] cast and moved to w's."""
+    d, f = w.shape
+    n = e.indices.numel()
+    if tuple(e.vectors.shape) != (n, d):
+        raise PatchError(f"layer {layer}: patch vectors are {tuple(e.vectors.shape)}, the model's output vectors "
+                         f"have d_model={d}: this patch was made for another model shape")
+    if int(e.indices.max()) >= f or int(e.indices.min()) < 0:
+        raise PatchError(f"layer {layer}: neuron index {int(e.indices.max())} out of range (the layer has {f})")
+    if w.device.type == "meta":
+        raise PatchError(f"layer {layer}: weights are offloaded (meta device); load the model onto devices to "
+                         "patch it live, or bake the patch into a checkpoint")
+    if not w.is_floating_point() or _dtype_name(w.dtype) not in ("float16", "bfloat16", "float32", "float64"):
+        raise PatchError(f"layer {layer}: cannot patch weights of dtype {w.dtype} (quantized?)")
+    new = e.vectors.to(device=w.device, dtype=w.dtype)  # [n, d]
+    if not bool(torch.isfinite(new).all()):  # a file's are checked on load; a Patch built in memory may not be
+        raise PatchError(f"layer {layer}: the patch vectors " + ("contain NaN or infinity" if not bool(
+            torch.isfinite(e.vectors).all()) else f"overflow {w.dtype}"))
+    return new
+
+
+def base_matches(e: Entry, rows: torch.Tensor, force: bool = False) -> bool:
+    """Whether rows [n, d] (a weight's current vectors, in its dtype) hash to the entry's recorded
+    originals. A dtype the patch records no hash for is refused unless force."""
+    dt = _dtype_name(rows.dtype)
+    if dt not in e.orig_sha256 and not force:
+        raise PatchError(f"the patch records its original vectors for {sorted(e.orig_sha256)} only, not for "
+                         f"this model's {dt}: load the model in one of those, or pass force=True")
+    return e.orig_sha256.get(dt) == rows_sha256(rows)
+
+
 def _prepare(adapter: Adapter, patch: Patch) -> list:
-    """Checks that never depend on the current values (force does not skip them): layers, shapes,
-    index ranges, dtypes, devices. Returns [(layer, weight, idx, new rows, entry)], cast and moved."""
+    """apply's checks that never depend on the current values (check_layer, fit_rows).
+    Returns [(layer, weight, idx, new rows, entry)], cast and moved."""
     out = []
     for l, e in sorted(patch.entries.items()):
-        if not 0 <= l < adapter.n_layers:
-            raise PatchError(f"patch edits layer {l}, but the model has {adapter.n_layers} decoder layers")
+        check_layer(l, adapter.n_layers)
         w = adapter.out_weight(l)  # [d, F]
-        d, f = w.shape
-        n = e.indices.numel()
-        if tuple(e.vectors.shape) != (n, d):
-            raise PatchError(f"layer {l}: patch vectors are {tuple(e.vectors.shape)}, the model's output vectors "
-                             f"have d_model={d}: this patch was made for another model shape")
-        if int(e.indices.max()) >= f or int(e.indices.min()) < 0:
-            raise PatchError(f"layer {l}: neuron index {int(e.indices.max())} out of range (the layer has {f})")
-        if w.device.type == "meta":
-            raise PatchError(f"layer {l}: weights are offloaded (meta device); load the model onto devices to "
-                             "patch it live, or bake the patch into a checkpoint")
-        if not w.is_floating_point() or _dtype_name(w.dtype) not in ("float16", "bfloat16", "float32", "float64"):
-            raise PatchError(f"layer {l}: cannot patch weights of dtype {w.dtype} (quantized?)")
-        new = e.vectors.to(device=w.device, dtype=w.dtype)  # [n, d]
-        if not bool(torch.isfinite(new).all()):  # a file's are checked on load; a Patch built in memory may not be
-            raise PatchError(f"layer {l}: the patch vectors " + ("contain NaN or infinity" if not bool(
-                torch.isfinite(e.vectors).all()) else f"overflow {w.dtype}"))
-        out.append((l, w, e.indices.to(w.device), new, e))
+        out.append((l, w, e.indices.to(w.device), fit_rows(l, e, w), e))
     return out
 
 
@@ -289,11 +311,7 @@ def apply_patch(target, patch, force: bool = False, **spec_overrides) -> PatchHa
         saved, problems = [], []
         for l, w, idx, new, e in prepared:
             cur = gather_rows(w, idx)  # [n, d] in the model's dtype
-            dt = _dtype_name(w.dtype)
-            if dt not in e.orig_sha256 and not force:
-                raise PatchError(f"the patch records its original vectors for {sorted(e.orig_sha256)} only, not for "
-                                 f"this model's {dt}: load the model in one of those, or pass force=True")
-            if e.orig_sha256.get(dt) != rows_sha256(cur):
+            if not base_matches(e, cur, force):
                 overlap = [(l, i) for i in e.indices.tolist() if (l, i) in touched]
                 problems.append((l, overlap))
             saved.append((l, weakref.ref(adapter.out_projs[l]), names.get(id(adapter.out_projs[l])), w, idx, cur, new))
