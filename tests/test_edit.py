@@ -198,3 +198,15 @@ def test_cli_edit_refuses_a_word_the_tokenizer_cannot_spell(demo_path, tmp_path,
     err = capsys.readouterr().err
     assert rc == 2 and "unknown concept word 'zebra'" in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_cli_edit_never_replaces_a_patch_silently(demo_path, tmp_path, capsys):
+    images = tmp_path / "images"
+    save_examples(make_examples(4, seed=3), images)
+    out = tmp_path / "p.mmnpatch.safetensors"
+    out.write_bytes(b"someone's earlier patch")
+    argv = ["edit", "--model", str(demo_path), "--from", str(images / "manifest.jsonl"), "--source", "red",
+            "--method", "suppress", "--neurons", "3", "--no-eval", "--out", str(out)]
+    assert main(argv) == 2
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == b"someone's earlier patch"
+    assert main([*argv, "--overwrite"]) == 0 and load_patch(out).n_neurons == 3

@@ -33,6 +33,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     out = Path(args.out)  # checked before the (long) edit and evaluation, whose result it must hold
     if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):
         raise MMNError(f"--out '{out}' must be a file path (its folder is created if missing)")
+    if (out.exists() or out.is_symlink()) and not args.overwrite:
+        raise MMNError(f"--out '{out}' exists: choose another path, or add --overwrite to replace it")
     engine = load_engine(args)
     params = {"scale": args.scale, "strength": args.strength, "sigma": args.sigma,
               "steps": args.steps, "lr": args.lr, "kl_weight": args.kl_weight, "l2_weight": args.l2_weight,
@@ -106,6 +108,7 @@ def register(sub) -> None:
     e.add_argument("--method", default="optimize", choices=["suppress", "swap", "optimize", "perturb"])
     e.add_argument("--neurons", type=int, default=20, help="how many top neurons of the concept to edit")
     e.add_argument("--out", required=True, help="patch file to write (e.g. red2blue.mmnpatch.safetensors)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e.add_argument("--eval-images", default=None, help="held-out images (default: every other image of --from)")
     e.add_argument("--exclude-layers", default=None, help="comma-separated layers never to edit")
     e.add_argument("--random", action="store_true", help="edit as many uniformly random neurons instead (control)")
