@@ -136,7 +136,7 @@ def test_cli_edit_from_images_and_from_results(demo_path, tmp_path, capsys):
     images = tmp_path / "images"
     save_examples(make_examples(48, seed=21), images)
     out = tmp_path / "r2b.mmnpatch.safetensors"
-    rc = main(["edit", "--model", str(demo_path), "--from", str(images / "manifest.jsonl"), "--source", "red",
+    rc = main(["edit", "--model", str(demo_path), "--images", str(images / "manifest.jsonl"), "--source", "red",
                "--target", "blue", "--method", "swap", "--neurons", "10", "--out", str(out), "--max-new-tokens", "12",
                "--exclude-layers", "0"])
     stdout = capsys.readouterr().out
@@ -149,16 +149,17 @@ def test_cli_edit_from_images_and_from_results(demo_path, tmp_path, capsys):
     assert main(["find", "--model", str(demo_path), "--images", str(images / "manifest.jsonl"), "--out", str(results),
                  "--concepts", "red", "--top-k", "20", "--max-new-tokens", "12", "--quiet"]) == 0
     capsys.readouterr()
-    rc = main(["edit", "--model", str(demo_path), "--from", str(results), "--source", "red", "--target", "blue",
-               "--method", "optimize", "--neurons", "20", "--out", str(out), "--max-new-tokens", "12", "--no-eval"])
+    rc = main(["edit", "--model", str(demo_path), "--results", str(results), "--source", "red", "--target", "blue",
+               "--method", "optimize", "--neurons", "20", "--out", str(out), "--max-new-tokens", "12", "--no-eval",
+               "--overwrite"])
     assert rc == 0 and load_patch(out).method == "optimize"
-    assert main(["edit", "--model", str(demo_path), "--from", str(results), "--source", "red", "--method", "swap",
+    assert main(["edit", "--model", str(demo_path), "--results", str(results), "--source", "red", "--method", "swap",
                  "--out", str(out)]) == 2
     assert "needs --target" in capsys.readouterr().err
 
 
 def test_cli_edit_reads_its_images_like_find(demo_path, tmp_path):
-    """`mmn edit` reads --from and --eval-images through the corpus reader of `mmn find`: a WebDataset
+    """`mmn edit` reads --images and --eval-images through the corpus reader of `mmn find`: a WebDataset
     tar shard and a CSV manifest give the evaluation that JSONL manifests of the same images give."""
     images = tmp_path / "images"
     manifest = save_examples(make_examples(24, seed=21), images)
@@ -174,9 +175,9 @@ def test_cli_edit_reads_its_images_like_find(demo_path, tmp_path):
 
     def evaluation(from_, eval_images):
         out = tmp_path / "p.mmnpatch.safetensors"
-        assert main(["edit", "--model", str(demo_path), "--from", str(tmp_path / from_), "--eval-images",
+        assert main(["edit", "--model", str(demo_path), "--images", str(tmp_path / from_), "--eval-images",
                      str(tmp_path / eval_images), "--source", "red", "--target", "blue", "--method", "swap",
-                     "--neurons", "6", "--out", str(out), "--max-new-tokens", "12"]) == 0
+                     "--neurons", "6", "--out", str(out), "--max-new-tokens", "12", "--overwrite"]) == 0
         return load_patch(out).params["evaluation"]
 
     want = evaluation("edit.jsonl", "held.jsonl")
@@ -193,7 +194,7 @@ def test_cli_edit_refuses_a_word_the_tokenizer_cannot_spell(demo_path, tmp_path,
     save_examples(make_examples(4, seed=3), images)
     words = {"--source": "red", "--target": "blue", role: "zebra"}
     out = tmp_path / "p.mmnpatch.safetensors"
-    rc = main(["edit", "--model", str(demo_path), "--from", str(images / "manifest.jsonl"), "--method", method,
+    rc = main(["edit", "--model", str(demo_path), "--images", str(images / "manifest.jsonl"), "--method", method,
                "--neurons", "5", "--out", str(out), *[x for kv in words.items() for x in kv]])
     err = capsys.readouterr().err
     assert rc == 2 and "unknown concept word 'zebra'" in err and "Traceback" not in err, err
@@ -205,8 +206,28 @@ def test_cli_edit_never_replaces_a_patch_silently(demo_path, tmp_path, capsys):
     save_examples(make_examples(4, seed=3), images)
     out = tmp_path / "p.mmnpatch.safetensors"
     out.write_bytes(b"someone's earlier patch")
-    argv = ["edit", "--model", str(demo_path), "--from", str(images / "manifest.jsonl"), "--source", "red",
+    argv = ["edit", "--model", str(demo_path), "--images", str(images / "manifest.jsonl"), "--source", "red",
             "--method", "suppress", "--neurons", "3", "--no-eval", "--out", str(out)]
     assert main(argv) == 2
     assert "exists" in capsys.readouterr().err and out.read_bytes() == b"someone's earlier patch"
     assert main([*argv, "--overwrite"]) == 0 and load_patch(out).n_neurons == 3
+
+
+def test_cli_old_spellings_still_work_with_a_note(demo_path, tmp_path, capsys):
+    """`--from` (edit) and a positional patch file (patch inspect) still work, each with one deprecation note."""
+    images = tmp_path / "images"
+    save_examples(make_examples(4, seed=3), images)
+    out = tmp_path / "p.mmnpatch.safetensors"
+    assert main(["edit", "--model", str(demo_path), "--from", str(images / "manifest.jsonl"), "--source", "red",
+                 "--method", "suppress", "--neurons", "3", "--no-eval", "--out", str(out)]) == 0
+    assert "mmn: note: --from is deprecated" in capsys.readouterr().err
+    assert main(["patch", "inspect", str(out)]) == 0
+    assert "mmn: note: a positional patch file is deprecated" in capsys.readouterr().err
+
+
+def test_cli_edit_from_an_unfinished_run_says_so(demo_path, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "parts").mkdir(parents=True)
+    assert main(["edit", "--model", str(demo_path), "--results", str(run), "--source", "red", "--method", "suppress",
+                 "--neurons", "3", "--no-eval", "--out", str(tmp_path / "p.mmnpatch.safetensors")]) == 2
+    assert "not finished" in capsys.readouterr().err

@@ -501,7 +501,7 @@ def test_bake_sharded_checkpoint_links_untouched_shards(eng, tmp_path):
 
 def test_cli_inspect_verify_and_bad_files(eng, tmp_path, llava_path, capsys):
     path = noise_patch(eng).save(tmp_path / "p.mmnpatch.safetensors")
-    assert main(["patch", "inspect", str(path)]) == 0
+    assert main(["patch", "inspect", "--patch", str(path)]) == 0
     out = capsys.readouterr().out
     assert "method=perturb" in out and "layer   0" in out and "layers.1.mlp.down_proj.weight" in out
     assert main(["patch", "verify", "--model", str(llava_path), "--patch", str(path)]) == 0
@@ -514,7 +514,7 @@ def test_cli_inspect_verify_and_bad_files(eng, tmp_path, llava_path, capsys):
     assert "does NOT match" in capsys.readouterr().out
     bad = tmp_path / "bad.mmnpatch.safetensors"
     bad.write_bytes(pickle.dumps({"a": 1}))
-    assert main(["patch", "inspect", str(bad)]) == 2
+    assert main(["patch", "inspect", "--patch", str(bad)]) == 2
     assert "invalid patch file" in capsys.readouterr().err
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -42,3 +43,8 @@ def check_words_before_loading(args: argparse.Namespace, words: list[str]) -> No
     except (OSError, ValueError):
         return
     check_word_list(tokenizer, words)
+
+
+def deprecated(old: str, new: str) -> None:
+    """One line on stderr: an old spelling still works, and which one replaces it."""
+    print(f"mmn: note: {old} is deprecated and will go; use {new}", file=sys.stderr)

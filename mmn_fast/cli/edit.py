@@ -13,7 +13,7 @@ from ..errors import MMNError
 from ..find.engine import DEFAULT_PROMPT
 from ..model.live import check_patch
 from ..model.patch_file import load_patch
-from .common import add_model_options, load_engine
+from .common import add_model_options, deprecated, load_engine
 
 
 def _layers(value: str | None) -> list[int]:
@@ -35,11 +35,14 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise MMNError(f"--out '{out}' must be a file path (its folder is created if missing)")
     if (out.exists() or out.is_symlink()) and not args.overwrite:
         raise MMNError(f"--out '{out}' exists: choose another path, or add --overwrite to replace it")
+    if args.from_ is not None:
+        deprecated("--from", "--results DIR (a find run) or --images CORPUS")
     engine = load_engine(args)
     params = {"scale": args.scale, "strength": args.strength, "sigma": args.sigma,
               "steps": args.steps, "lr": args.lr, "kl_weight": args.kl_weight, "l2_weight": args.l2_weight,
               "margin": args.margin}
-    patch, rows = run_edit(engine, args.source, args.target, args.method, args.neurons, args.from_,
+    patch, rows = run_edit(engine, args.source, args.target, args.method, args.neurons,
+                           args.results or args.images or args.from_,
                            eval_images=args.eval_images, exclude_layers=_layers(args.exclude_layers),
                            random=args.random, control=not args.no_control, seed=args.seed, prompt=args.prompt,
                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -54,7 +57,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    print(load_patch(args.patch).describe(max_indices=args.max_indices))
+    if args.patch_opt is None and args.patch is None:
+        raise MMNError("give the patch file: mmn patch inspect --patch FILE")
+    if args.patch_opt is None:
+        deprecated("a positional patch file", "--patch FILE")
+    print(load_patch(args.patch_opt or args.patch).describe(max_indices=args.max_indices))
     return 0
 
 
@@ -101,11 +108,18 @@ def register(sub) -> None:
     """Add `edit` and `patch` to the `mmn` sub-command parsers."""
     e = sub.add_parser("edit", help="edit a concept's neurons; write a .mmnpatch.safetensors file and report")
     add_model_options(e)
-    e.add_argument("--from", dest="from_", required=True,
-                   help="a `mmn find` output directory (neurons from concepts.json) or images (folder, JSONL/CSV manifest, tar shards, Parquet)")
+    where = e.add_mutually_exclusive_group(required=True)
+    where.add_argument("--results", default=None,
+                       help="a finished `mmn find` output directory: neurons from its concepts.json, images from its "
+                            "results.jsonl")
+    where.add_argument("--images", default=None,
+                       help="images to find the neurons on and evaluate with (folder, JSONL/CSV manifest, tar shards, "
+                            "Parquet)")
+    where.add_argument("--from", dest="from_", default=None, help="deprecated: --results DIR or --images CORPUS")
     e.add_argument("--source", required=True, help="the concept word to edit")
     e.add_argument("--target", default=None, help="the word to say instead (swap, optimize)")
-    e.add_argument("--method", default="optimize", choices=["suppress", "swap", "optimize", "perturb"])
+    e.add_argument("--method", default="optimize", choices=["suppress", "swap", "optimize", "perturb"],
+                   help="how the neurons' output vectors change (docs/editing.md)")
     e.add_argument("--neurons", type=int, default=20, help="how many top neurons of the concept to edit")
     e.add_argument("--out", required=True, help="patch file to write (e.g. red2blue.mmnpatch.safetensors)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -120,26 +134,28 @@ def register(sub) -> None:
     e.add_argument("--sigma", type=float, default=0.1, help="perturb: noise std (weight units)")
     e.add_argument("--steps", type=int, default=50, help="optimize: most Adam steps")
     e.add_argument("--lr", type=float, default=0.1, help="optimize: step size relative to the vectors' RMS entry")
-    e.add_argument("--kl-weight", type=float, default=1.0)
-    e.add_argument("--l2-weight", type=float, default=0.01)
+    e.add_argument("--kl-weight", type=float, default=1.0,
+                   help="optimize: weight of the KL term keeping the other positions unchanged")
+    e.add_argument("--l2-weight", type=float, default=0.01, help="optimize: weight of the L2 penalty on the deltas")
     e.add_argument("--margin", type=float, default=2.0, help="optimize: stop once the target leads by this many logits")
-    e.add_argument("--prompt", default=DEFAULT_PROMPT)
-    e.add_argument("--max-new-tokens", type=int, default=32)
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--prompt", default=DEFAULT_PROMPT, help="the captioning prompt")
+    e.add_argument("--max-new-tokens", type=int, default=32, help="caption length limit, in tokens")
+    e.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     e.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("patch", help="inspect, verify or bake a patch file")
     psub = p.add_subparsers(dest="patch_command", required=True)
     i = psub.add_parser("inspect", help="what a patch touches, and its metadata")
-    i.add_argument("patch")
-    i.add_argument("--max-indices", type=int, default=12)
+    i.add_argument("--patch", dest="patch_opt", default=None, help="the patch file")
+    i.add_argument("patch", nargs="?", default=None, help="deprecated: the patch file as a positional argument")
+    i.add_argument("--max-indices", type=int, default=12, help="neuron indices listed per layer")
     i.set_defaults(func=cmd_inspect)
     v = psub.add_parser("verify", help="check a patch against a model (exit 1 on mismatch)")
     add_model_options(v)
-    v.add_argument("--patch", required=True)
+    v.add_argument("--patch", required=True, help="the patch file")
     v.set_defaults(func=cmd_verify)
     b = psub.add_parser("bake", help="write a checkpoint with the patch(es) baked in")
-    b.add_argument("--model", required=True)
+    b.add_argument("--model", required=True, help="the local checkpoint to copy with the patch(es) baked in")
     b.add_argument("--patch", required=True, action="append", help="repeat to bake several, in stacking order")
     b.add_argument("--out", required=True, help="the new checkpoint folder (missing or empty, outside --model)")
     b.add_argument("--force", action="store_true", help="bake even if the base vectors do not match")

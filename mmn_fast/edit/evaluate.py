@@ -81,6 +81,9 @@ def _images_from(source) -> tuple[list, Path | None]:
     """(images, results dir or None) from a find output directory (the image paths of its
     results.jsonl) or a corpus (`corpus_images`)."""
     path = Path(source)
+    if path.is_dir() and (path / "parts").is_dir() and not (path / "run.json").is_file():
+        raise MMNError(f"'{path}' holds a find run that is not finished (no run.json yet): run the same `mmn find` "
+                       "command again to finish it, then edit from it")
     if path.is_dir() and (path / "concepts.json").is_file():
         images = []
         results = path / "results.jsonl"
