@@ -126,7 +126,9 @@ def test_bad_option_values(llava_path, image_dir, tmp_path, capsys):
 
 def test_top_tokens_command(llava_path, tmp_path, capsys):
     rc, out, _ = _run(capsys, "top-tokens", "--model", llava_path, "--layer", "1", "--neuron", "3", "-k", "4")
-    assert rc == 0 and len(out.strip().splitlines()) == 4
+    lines = out.strip().splitlines()  # both ends, labelled: what it promotes firing positive, then negative
+    assert rc == 0 and len(lines) == 10 and "fires positive" in lines[0] and "fires negative" in lines[5]
+    assert all(float(x.split()[-1]) < 0 for x in lines[6:])
     rc, out, _ = _run(capsys, "top-tokens", "--model", llava_path, "--cache-dir", tmp_path / "c", "--quiet")
     assert rc == 0 and list((tmp_path / "c").glob("vocab-*.safetensors"))
     rc, _, err = _run(capsys, "top-tokens", "--model", llava_path, "--layer", "99", "--neuron", "0")

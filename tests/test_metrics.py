@@ -87,11 +87,13 @@ def test_metrics_show_the_papers_findings_on_the_demo(demo, demo_run):
     print("\n" + summary_table(m))
     s = {k: (v["top"], v["random"]) for k, v in m["summary"].items()}
     assert len(m["concepts"]) == 9 and m["records"] == 150
-    assert s["semantic_hit_rate"][0] >= 3 * s["semantic_hit_rate"][1]
     # The demo model is trained on the machine that runs the tests, and float training differs across
     # CPUs (vector widths), so the bars below are the paper's findings with margins that hold for the
     # models trained on the machines we have seen, not one model's exact figures.
-    assert s["semantic_cosine"][0] >= 2 * s["semantic_cosine"][1]
+    # Semantic: each neuron's promoted end given its activation's sign (0.56 / 0.09 and 0.66 / 0.23 here;
+    # the sign-blind top end gave 0.22 / 0.04 and 0.37 / 0.17).
+    assert s["semantic_hit_rate"][0] >= 0.4 and s["semantic_hit_rate"][0] >= 4 * s["semantic_hit_rate"][1]
+    assert s["semantic_cosine"][0] >= 0.5 and s["semantic_cosine"][0] >= 2 * s["semantic_cosine"][1]
     assert s["region_jaccard"][0] >= 0.4 and s["region_jaccard"][0] >= 10 * s["region_jaccard"][1]
     assert s["region_rbo"][0] >= 0.5 and s["region_rbo"][0] >= 10 * s["region_rbo"][1]
     assert s["cross_image_jaccard"][0] >= 3 * s["cross_image_jaccard"][1]

@@ -16,7 +16,7 @@ import torch
 from ..demo.run import run_demo
 from ..errors import MMNError
 from ..find.engine import DEFAULT_PROMPT, FindOptions
-from ..find.vocab import top_tokens, vocab_table
+from ..find.vocab import both_ends, vocab_table
 from ..run.runner import RunSettings, check_run, run_corpus, summary_table
 from .common import add_model_options, check_words_before_loading, load_engine
 
@@ -205,14 +205,18 @@ def run_torchrun(cmd: list[str]) -> int:
 def cmd_top_tokens(args: argparse.Namespace) -> int:
     engine = load_engine(args)
     if args.layer is not None and args.neuron is not None:
-        for tok, tid, val in top_tokens(engine, args.layer, args.neuron, args.k):
-            print(f"{tok!r:>20} {tid:>8} {val:+.4f}")
+        ends = both_ends(engine, args.layer, args.neuron, args.k)
+        for side, end in (("positive", "top"), ("negative", "bottom")):
+            print(f"promoted when L{args.layer}.{args.neuron} fires {side} ({end} of W_U W_out[:, i]):")
+            for tok, tid, val in ends[side]:
+                print(f"{tok!r:>20} {tid:>8} {val:+.4f}")
         return 0
     if args.layer is not None or args.neuron is not None:
         raise MMNError("give both --layer and --neuron for one neuron, or neither for the whole table")
     cache = args.cache_dir or (Path(args.model) / ".mmn_cache")
-    values, ids = vocab_table(engine, k=args.k, cache_dir=cache, progress=not args.quiet)
-    print(f"top-{args.k} tokens of {values.shape[0]} x {values.shape[1]} neurons cached in {Path(cache).resolve()}")
+    table = vocab_table(engine, k=args.k, cache_dir=cache, progress=not args.quiet, both=True)
+    print(f"top-{args.k} and bottom-{args.k} tokens (promoted when firing positive / negative) of "
+          f"{table.top_ids.shape[0]} x {table.top_ids.shape[1]} neurons cached in {Path(cache).resolve()}")
     return 0
 
 
@@ -222,9 +226,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo model: {demo.model_path} (held-out exact-match {100 * demo.heldout_accuracy:.1f}%)")
     print(f"captions: {demo.correct}/{demo.captions} exactly right on fresh images\n")
     print(summary_table(demo.concepts))
-    print("\ntop neurons per concept, with the tokens each one promotes:")
+    print("\ntop neurons per concept, the sign of each one's activation there, and the tokens it promotes")
+    print("given that sign (top of W_U W_out[:, i] when +, bottom when -):")
     for word, neurons in demo.top_tokens.items():
-        print(f"  {word:<10} " + "; ".join(f"L{layer}.{index} [{' '.join(toks)}]" for layer, index, toks in neurons))
+        signs = demo.signs[word]
+        print(f"  {word:<10} " + "; ".join(f"L{layer}.{index} {'+' if s > 0 else '-'} [{' '.join(toks)}]"
+                                         for (layer, index, toks), s in zip(neurons, signs)))
     print(f"\nresults written to {demo.out_dir.resolve()} (results.jsonl, concepts.json, run.json, images/)")
     return 0
 
@@ -264,7 +271,7 @@ def register(sub) -> None:
     f.add_argument("--nproc", type=int, default=0, help="launch N processes with torchrun (one per GPU)")
     f.set_defaults(func=cmd_find)
 
-    t = sub.add_parser("top-tokens", help="tokens each neuron promotes most")
+    t = sub.add_parser("top-tokens", help="tokens each neuron promotes when it fires positive and negative")
     add_model_options(t)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--layer", type=int)

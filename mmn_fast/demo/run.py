@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..find.engine import load
-from ..find.vocab import top_tokens
+from ..find.vocab import activation_signs, concept_tokens, promoted_tokens
 from ..run.runner import run_find
 from .build import build_demo_model
 from .data import make_examples, save_examples
@@ -23,7 +23,10 @@ class DemoRun:
     correct: int  # captions exactly right on the fresh images
     captions: int
     concepts: dict  # concepts.json
-    top_tokens: dict[str, list[tuple[int, int, list[str]]]]  # word -> (layer, index, tokens) per top neuron
+    # word -> (layer, index, tokens) per top neuron: the tokens it promotes given the sign of its activation
+    # at the concept (the bottom of W_U W_out[:, i] where it fires negative; signs below)
+    top_tokens: dict[str, list[tuple[int, int, list[str]]]]
+    signs: dict[str, list[int]] | None = None  # word -> +1 / -1 per top neuron: the sign of its activation there
 
 
 def run_demo(out_dir: str | Path = "mmn_demo_out", cache_dir=None, n_images: int = 24, top_k: int = 20,
@@ -38,8 +41,17 @@ def run_demo(out_dir: str | Path = "mmn_demo_out", cache_dir=None, n_images: int
     results = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
     truth = {rec["id"]: rec["caption"] for rec in map(json.loads, Path(manifest).read_text().splitlines())}
     correct = sum(r["caption"] == truth.get(r["id"]) for r in results)
-    tokens = {word: [(n["layer"], n["index"], [t for t, _, _ in top_tokens(engine, n["layer"], n["index"], k=3)])
-                     for n in info_w["neurons"][:n_neurons]]
-              for word, info_w in summary.items()}
+    tokens, signs = _promoted(engine, summary, concept_tokens(results), n_neurons)
     return DemoRun(model_path=Path(path), heldout_accuracy=info.get("heldout_accuracy", float("nan")), out_dir=out,
-                   correct=correct, captions=len(results), concepts=summary, top_tokens=tokens)
+                   correct=correct, captions=len(results), concepts=summary, top_tokens=tokens, signs=signs)
+
+
+def _promoted(engine, summary: dict, token_ids: dict[str, int], n: int, k: int = 3):
+    """Per concept, its top-n neurons' activation signs there and the k tokens each promotes given it."""
+    tokens, signs = {}, {}
+    for word, info in summary.items():
+        top = info["neurons"][:n]
+        neurons = [(x["layer"], x["index"]) for x in top]
+        signs[word] = activation_signs(engine, token_ids[word], neurons, [x["mean_score"] for x in top])
+        tokens[word] = [(l, i, toks) for (l, i), toks in zip(neurons, promoted_tokens(engine, neurons, signs[word], k))]
+    return tokens, signs

@@ -22,7 +22,7 @@ from ..edit.methods import names, perturb, random_neurons, suppress, word_token
 from ..errors import MMNError
 from ..find.engine import DEFAULT_PROMPT
 from ..find.heatmap import concept_signs, language_model, trace
-from ..find.vocab import neuron_topk
+from ..find.vocab import activation_signs, neuron_ends, output_vectors
 from ..model.inputs import load_image
 from ..run.aggregate import open_results
 from ..run.corpus import iter_samples, open_corpus
@@ -220,7 +220,8 @@ def compute_metrics(engine, results_dir, images=None, progress: bool = False, **
     for w in words:
         ids = Counter(f[w]["token_id"] for f in firsts if w in f)
         tokens[w] = ids.most_common(1)[0][0] if ids else word_token(engine.tokenizer, w)
-    top = {w: [(n["layer"], n["index"]) for n in res.top_neurons(w, opts.n)] for w in words}
+    tops = {w: res.top_neurons(w, opts.n) for w in words}
+    top = {w: [(n["layer"], n["index"]) for n in tops[w]] for w in words}
     rand_sets = [random_neurons(engine, opts.n, seed=opts.seed + r) for r in range(opts.random_sets)]
     out = {"format_version": FORMAT_VERSION, "results_dir": str(results_dir),
            "model": model_name(engine), "weight_fingerprint": engine.fingerprint,  # what computed the metrics
@@ -237,7 +238,8 @@ def compute_metrics(engine, results_dir, images=None, progress: bool = False, **
     if {"specificity", "region", "causal"} & set(opts.metrics):
         pil = _load_images(records, images)
     ctx = dict(engine=engine, opts=opts, records=records, firsts=firsts, words=words, tokens=tokens, top=top,
-               rand=rand_sets, pil=pil, prompt=prompt, prefix=prefix, activation=activation, run_opts=run_opts)
+               top_scores={w: [n["mean_score"] for n in tops[w]] for w in words}, res=res, rand=rand_sets,
+               pil=pil, prompt=prompt, prefix=prefix, activation=activation, run_opts=run_opts)
     base = None
     for name in ALL:
         if name not in opts.metrics:
@@ -262,33 +264,57 @@ def compute_metrics(engine, results_dir, images=None, progress: bool = False, **
 
 
 def _semantic(ctx, per) -> None:
+    """Each neuron's k promoted tokens given the sign of its activation at the concept (docs/metrics.md)."""
     engine, opts = ctx["engine"], ctx["opts"]
-    ad, tok = engine.adapter, engine.tokenizer
+    tok = engine.tokenizer
+    fold = bool(ctx["run_opts"].get("fold_final_norm"))
     union = list(dict.fromkeys([n for w in ctx["words"] for n in ctx["top"][w]] + [n for s in ctx["rand"] for n in s]))
     with torch.no_grad():
-        cols = torch.stack([ad.out_weight(l)[:, i] for l, i in union], 1)  # [d, N]
-        _, ids = neuron_topk(engine, cols, opts.k)  # [N, k]
+        ends = neuron_ends(engine, output_vectors(engine, union), opts.k)  # [N, k] each end
         emb = engine.model.get_input_embeddings().weight.detach()  # rows cast to fp32 when used
-    topk = {n: ids[j].tolist() for j, n in enumerate(union)}
+    sides = {n: (ends.top_ids[j].tolist(), ends.bottom_ids[j].tolist()) for j, n in enumerate(union)}
 
-    def measure(word, neurons):
+    def one(word, toks):
         t = ctx["tokens"][word]
         e = emb[t].float()
-        e = e / e.norm().clamp_min(1e-12)
+        v = emb[torch.tensor(toks, device=emb.device)].float()  # [k, d]
+        hit = any(x == t or _norm_token(s) == word for x, s in zip(toks, tok.convert_ids_to_tokens(toks)))
+        return float(hit), float((v @ e / (v.norm(dim=1) * e.norm()).clamp_min(1e-12)).max())
+
+    def measure(word, neurons, signs):
+        """signs: +1 / -1 per neuron (its promoted end), 0 where unknown (both ends, each weighing half)."""
         hits, coss = [], []
-        for n in neurons:
-            toks = topk[n]
-            strs = tok.convert_ids_to_tokens(toks)
-            hits.append(float(any(x == t or _norm_token(s) == word for x, s in zip(toks, strs))))
-            v = emb[torch.tensor(toks, device=emb.device)].float()
-            coss.append(float((v @ e / v.norm(dim=1).clamp_min(1e-12)).max()))
+        for n, s in zip(neurons, signs):
+            got = [one(word, toks) for toks in ([sides[n][0]] if s > 0 else [sides[n][1]] if s < 0 else sides[n])]
+            hits.append(_mean([h for h, _ in got]))
+            coss.append(_mean([c for _, c in got]))
         return {"hit_rate": _mean(hits), "cosine": _mean(coss)}
 
     for w in ctx["words"]:
-        rnd = [measure(w, s) for s in ctx["rand"]]
-        per[w]["semantic"] = {"top": measure(w, ctx["top"][w]),
-                              "random": {k: _mean([r[k] for r in rnd]) for k in ("hit_rate", "cosine")},
-                              "top_tokens": {f"{l}.{i}": tok.convert_ids_to_tokens(topk[(l, i)]) for l, i in ctx["top"][w]}}
+        t, top = ctx["tokens"][w], ctx["top"][w]
+        signs = activation_signs(engine, t, top, ctx["top_scores"][w], fold)
+        rand_signs, source = _random_signs(ctx, w, fold)
+        rnd = [measure(w, s, g) for s, g in zip(ctx["rand"], rand_signs)]
+        key = [f"{l}.{i}" for l, i in top]
+        per[w]["semantic"] = {
+            "top": measure(w, top, signs),
+            "random": {k: _mean([r[k] for r in rnd]) for k in ("hit_rate", "cosine")},
+            "top_tokens": {q: tok.convert_ids_to_tokens(sides[n][0]) for q, n in zip(key, top)},  # W_U W_out's top
+            "signs": dict(zip(key, signs)),  # of each neuron's activation at the concept
+            "promoted_tokens": {q: tok.convert_ids_to_tokens(sides[n][0 if s > 0 else 1])
+                                for q, n, s in zip(key, top, signs)},
+            "random_signs": source}
+
+
+def _random_signs(ctx, word, fold) -> tuple[list[list[int]], str]:
+    """Per random set, each neuron's activation sign at the concept from a dense run's mean scores over
+    the images naming it ("run"); a sparse run keeps no statistics of them: 0s ("both ends")."""
+    try:
+        means = ctx["res"].mean_scores(word)  # [L, F]
+    except MMNError:
+        return [[0] * len(s) for s in ctx["rand"]], "both ends"
+    return [activation_signs(ctx["engine"], ctx["tokens"][word], s, [float(means[l, i]) for l, i in s], fold)
+            for s in ctx["rand"]], "run"
 
 
 def _pairs(rng, xs, ys, same: bool, limit: int):

@@ -2,7 +2,8 @@
 
 Images are embedded as base64 PNG data URIs and the layer plot is inline SVG. Sections: run summary,
 distribution of the concepts' top neurons over layers, per concept a table of top neurons (layer,
-index, images, mean score, top tokens) and example heatmaps, the metrics (DIR/metrics.json) and the
+index, images, mean score, the sign of its activation at the concept and the tokens it promotes given
+that sign) and example heatmaps, the metrics (DIR/metrics.json) and the
 edits (patch files in DIR, DIR/edits, DIR/patches).
 """
 from __future__ import annotations
@@ -15,11 +16,10 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
+from ..edit.methods import word_token
 from ..errors import MMNError
 from ..find.heatmap import maps, read_heatmaps, unique_name
-from ..find.vocab import neuron_topk
+from ..find.vocab import activation_signs, concept_tokens, promoted_tokens
 from ..io import atomic_open
 from ..model.inputs import load_image
 from ..model.patch_file import SUFFIX, load_patch
@@ -99,14 +99,30 @@ def _table(header: list[str] | None, rows: list[list], numeric: set[int] = froze
     return f"<table>{head}<tbody>{body}</tbody></table>"
 
 
-def _top_tokens(engine, neurons: list[tuple[int, int]], k: int) -> dict:
-    if engine is None or not neurons:
+def _promoted(engine, res, summary: dict, words: list[str], n: int, k: int) -> dict:
+    """(word, layer, index) -> (sign, tokens): the sign of each of a concept's top-n neurons' activation
+    there and the k tokens it promotes given it (`activation_signs`, `promoted_tokens`); the concept's
+    token is the one the run scored (read from the first records naming it), else the tokenizer's."""
+    if engine is None or not words:
         return {}
-    ad = engine.adapter
-    with torch.no_grad():
-        cols = torch.stack([ad.out_weight(l)[:, i] for l, i in neurons], 1)
-        _, ids = neuron_topk(engine, cols, k)
-    return {n: engine.tokenizer.convert_ids_to_tokens(ids[j].tolist()) for j, n in enumerate(neurons)}
+    try:
+        token_ids = concept_tokens(res, words)
+    except (OSError, ValueError, AttributeError):  # no readable results.jsonl: the tokenizer's token below
+        token_ids = {}
+    fold = bool((res.run.get("options") or {}).get("fold_final_norm"))
+    keys, neurons, signs = [], [], []
+    for w in words:
+        top = summary[w]["neurons"][:n]
+        ns = [(x["layer"], x["index"]) for x in top]
+        try:
+            tok = token_ids[w] if w in token_ids else word_token(engine.tokenizer, w)
+        except MMNError:  # a word the tokenizer cannot spell: no tokens shown for it
+            continue
+        signs += activation_signs(engine, tok, ns, [x["mean_score"] for x in top], fold)
+        keys += [(w, l, i) for l, i in ns]
+        neurons += ns
+    toks = promoted_tokens(engine, neurons, signs, k)
+    return {key: (s, t) for key, s, t in zip(keys, signs, toks)}
 
 
 def _examples(engine, res, words: list[str], per_concept: int, n: int, method: str) -> dict:
@@ -281,7 +297,7 @@ def build_report(results_dir, engine=None, neurons: int = 10, examples: int = 3,
     for ns in neuron_lists.values():
         for l, _ in ns:
             per_layer[l] += 1
-    tokens = _top_tokens(engine, list(dict.fromkeys(n for ns in neuron_lists.values() for n in ns)), k)
+    tokens = _promoted(engine, res, summary, words, neurons, k)
     # The run's ids tell its own heatmaps and metrics from a discarded run's: read only when there are
     # any (one pass over results.jsonl, seconds per GB).
     has_artifacts = (root / "heatmaps").is_dir() or (root / "metrics.json").is_file()
@@ -324,6 +340,10 @@ def build_report(results_dir, engine=None, neurons: int = 10, examples: int = 3,
              f"neurons of the {len(words)} most frequent concepts ({sum(per_layer)} neurons).</p>"
              f'<div class="card">{layer_svg(per_layer, "top neurons per layer")}</div>')
     h.append('<h2 id="concepts">Concepts</h2>')
+    if tokens:
+        h.append('<p class="muted">activation: the sign of the neuron\'s activation where it was scored for the '
+                 'concept (sign(mean score) &times; sign(&lt;W_out[:, i], W_U[t]&gt;)); tokens it promotes: the top of '
+                 'W_U W_out[:, i] when +, the bottom (most negative first) when &minus;.</p>')
     if "_error" in computed:
         h.append(f'<p class="muted">No heatmaps: {_e(computed["_error"])}</p>')
     elif engine is None and todo:
@@ -332,10 +352,13 @@ def build_report(results_dir, engine=None, neurons: int = 10, examples: int = 3,
         info = summary[w]
         rows = []
         for rank, x in enumerate(info["neurons"][:neurons], 1):
-            toks = "".join(f'<span class="tok">{_e(t)}</span>' for t in tokens.get((x["layer"], x["index"]), []))
-            rows.append([rank, x["layer"], x["index"], x["count"], _num(float(x["mean_score"]), 4), toks])
+            sign, toks = tokens.get((w, x["layer"], x["index"]), (None, []))
+            toks = "".join(f'<span class="tok">{_e(t)}</span>' for t in toks)
+            rows.append([rank, x["layer"], x["index"], x["count"], _num(float(x["mean_score"]), 4),
+                         "" if sign is None else ("+" if sign > 0 else "&minus;"), toks])
         h.append(f'<h3 id="c-{_e(w)}">{_e(w)} <span class="muted">({info["images"]} images)</span></h3>'
-                 + _table(["#", "layer", "neuron", "images in top-k", "mean score", "top tokens"], rows, {0, 1, 2, 3, 4}))
+                 + _table(["#", "layer", "neuron", "images in top-k", "mean score", "activation", "tokens it promotes"],
+                          rows, {0, 1, 2, 3, 4}))
         figs = []
         for rec in on_disk.get(w, [])[:examples]:
             d = Path(rec["_dir"])
