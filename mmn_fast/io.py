@@ -119,3 +119,8 @@ def tensor_fingerprint(tensors: list[torch.Tensor], max_elems: int = 1 << 20, ve
         h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def user_cache_dir() -> Path:
+    """Root of mmn_fast's caches: $MMN_CACHE, else ~/.cache/mmn_fast (never a model's or the working folder)."""
+    return Path(os.environ.get("MMN_CACHE") or Path.home() / ".cache" / "mmn_fast").expanduser()

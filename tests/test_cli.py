@@ -1,5 +1,6 @@
 """The `mmn` command: output files, and one-line errors (exit 2, no traceback) on bad input."""
 import json
+import re
 
 import pytest
 
@@ -124,15 +125,37 @@ def test_bad_option_values(llava_path, image_dir, tmp_path, capsys):
     _assert_one_line_error(rc, err, "top_k")
 
 
-def test_top_tokens_command(llava_path, tmp_path, capsys):
-    rc, out, _ = _run(capsys, "top-tokens", "--model", llava_path, "--layer", "1", "--neuron", "3", "-k", "4")
+def test_top_tokens_command(llava_path, tmp_path, capsys, monkeypatch):
+    rc, out, err = _run(capsys, "top-tokens", "--model", llava_path, "--neuron", "L1.3", "-k", "4")
     lines = out.strip().splitlines()  # both ends, labelled: what it promotes firing positive, then negative
-    assert rc == 0 and len(lines) == 10 and "fires positive" in lines[0] and "fires negative" in lines[5]
-    assert all(float(x.split()[-1]) < 0 for x in lines[6:])
+    assert rc == 0 and len(lines) == 10 and "L1.3 fires positive" in lines[0] and "fires negative" in lines[5]
+    assert all(float(x.split()[-1]) < 0 for x in lines[6:]) and "mmn:" not in err
+    rc, old, err = _run(capsys, "top-tokens", "--model", llava_path, "--layer", "1", "--neuron", "3", "-k", "4")
+    assert rc == 0 and old == out and "mmn: note: --layer L --neuron I is deprecated" in err  # the old spelling
     rc, out, _ = _run(capsys, "top-tokens", "--model", llava_path, "--cache-dir", tmp_path / "c", "--quiet")
     assert rc == 0 and list((tmp_path / "c").glob("vocab-*.safetensors"))
-    rc, _, err = _run(capsys, "top-tokens", "--model", llava_path, "--layer", "99", "--neuron", "0")
+    rc, _, err = _run(capsys, "top-tokens", "--model", llava_path, "--neuron", "L99.0")
     _assert_one_line_error(rc, err, "out of range")
+    rc, _, err = _run(capsys, "top-tokens", "--model", llava_path, "--neuron", "1/3")
+    _assert_one_line_error(rc, err, "L<layer>.<index>")
+
+
+def test_top_tokens_caches_in_the_user_cache_not_the_model(llava_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MMN_CACHE", str(tmp_path / "cache"))
+    before = sorted(p.name for p in llava_path.iterdir())
+    rc, out, _ = _run(capsys, "top-tokens", "--model", llava_path, "--quiet")
+    assert rc == 0 and sorted(p.name for p in llava_path.iterdir()) == before
+    assert list((tmp_path / "cache" / "top-tokens").rglob("vocab-*.safetensors")) and str(tmp_path / "cache") in out
+
+
+def test_summary_and_demo_write_neurons_one_way(demo_path, tmp_path, capsys):
+    """Neurons are written L<layer>.<index> in the find summary (and the demo, and top-tokens)."""
+    images = tmp_path / "images"
+    save_examples(make_examples(4, seed=5), images)
+    rc, out, _ = _run(capsys, "find", "--model", demo_path, "--images", images / "manifest.jsonl", "--out",
+                      tmp_path / "o", "--concepts", "all", "--max-new-tokens", "12", "--quiet")
+    rows = [ln for ln in out.splitlines()[1:] if " x" in ln]
+    assert rc == 0 and rows and all(re.search(r"\bL\d+\.\d+ x\d+", ln) for ln in rows), out
 
 
 def test_out_that_is_a_file_is_one_line(llava_path, image_dir, tmp_path, capsys):

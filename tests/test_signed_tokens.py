@@ -73,7 +73,7 @@ def test_vocab_table_caches_both_ends(llava, tmp_path):
 
 
 def test_top_tokens_command_labels_both_ends_and_caches_them(llava_path, llava, tmp_path, capsys):
-    assert main(["top-tokens", "--model", str(llava_path), "--layer", "1", "--neuron", "5", "-k", "3"]) == 0
+    assert main(["top-tokens", "--model", str(llava_path), "--neuron", "L1.5", "-k", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("promoted when L1.5 fires positive")
     assert lines[4].startswith("promoted when L1.5 fires negative")

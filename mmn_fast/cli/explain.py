@@ -13,6 +13,7 @@ from ..errors import MMNError
 from ..explain.metrics import ALL, MetricOptions, RunModelWarning, check_run_model, compute_metrics, summary_table
 from ..explain.report import write_report
 from ..find.engine import DEFAULT_PROMPT
+from ..find.results import neuron_label, parse_neuron
 from ..find.heatmap import COLORMAPS, DEFAULT_CMAP, DISPLAY_MIN, maps, safe_name, save_heatmap
 from ..io import write_json
 from ..model.inputs import load_image
@@ -38,20 +39,12 @@ def _model_notices():
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
-def _neuron(value: str) -> tuple[int, int]:
-    try:
-        layer, index = value.split(".")
-        return int(layer), int(index)
-    except ValueError:
-        raise MMNError(f"--neuron takes LAYER.INDEX (e.g. 12.345), got {value!r}") from None
-
-
 def cmd_heatmap(args: argparse.Namespace) -> int:
     if args.neurons is not None and args.neurons < 1:
         raise MMNError(f"--neurons must be at least 1, got {args.neurons}")
     n = args.neurons or 10
     word = args.concept.strip().lower()
-    picked = _neuron(args.neuron) if args.neuron else None
+    picked = parse_neuron(args.neuron) if args.neuron else None
     image = load_image(args.image)
     res_dir = None
     if args.results and not picked:
@@ -68,13 +61,13 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
         neurons = [picked]
         l, i = picked
         if not (0 <= l < ad.n_layers and 0 <= i < ad.d_mlp):
-            raise MMNError(f"neuron {l}.{i} out of range: layers 0..{ad.n_layers - 1}, neurons 0..{ad.d_mlp - 1}")
+            raise MMNError(f"neuron {neuron_label(l, i)} out of range: layers 0..{ad.n_layers - 1}, neurons 0..{ad.d_mlp - 1}")
     elif res_dir is not None:
         neurons = [(x["layer"], x["index"]) for x in res_dir.top_neurons(word, n)]
         if not neurons:
             raise MMNError(f"'{word}' is not a concept of the run in {args.results}")
     elif con is None:
-        raise MMNError(f"the model's caption {res.caption!r} does not name '{word}': give --neuron L.I, or "
+        raise MMNError(f"the model's caption {res.caption!r} does not name '{word}': give --neuron L<layer>.<index>, or "
                        "--results DIR to use a run's top neurons for it")
     else:
         neurons = [tuple(x[:2]) for x in con.neurons[:n]]
@@ -161,7 +154,7 @@ def register(sub) -> None:
     h.add_argument("--concept", required=True, help="the word whose neurons to map")
     which = h.add_mutually_exclusive_group()
     which.add_argument("--neurons", type=int, default=None, help="mean of the concept's top-N neurons (default 10)")
-    which.add_argument("--neuron", default=None, help="one neuron, LAYER.INDEX")
+    which.add_argument("--neuron", default=None, help="one neuron, L<layer>.<index> (e.g. L12.345)")
     h.add_argument("--results", default=None, help="take the concept's top neurons from this find run")
     h.add_argument("--method", default="activation", choices=["activation", "occlusion"],
                    help="activation at the image tokens (the paper), or occlusion of each image token")

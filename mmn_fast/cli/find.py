@@ -16,9 +16,12 @@ import torch
 from ..demo.run import run_demo
 from ..errors import MMNError
 from ..find.engine import DEFAULT_PROMPT, FindOptions
+from ..find.heatmap import safe_name
+from ..find.results import neuron_label, parse_neuron
 from ..find.vocab import both_ends, vocab_table
+from ..io import user_cache_dir
 from ..run.runner import RunSettings, check_run, run_corpus, summary_table
-from .common import add_model_options, check_words_before_loading, load_engine
+from .common import add_model_options, check_words_before_loading, deprecated, load_engine
 
 DEVICE_MAP_WITH_PROCESSES = ("--device-map spreads one model over this machine's GPUs; do not combine it with "
                              "--nproc or torchrun (one replica per process)")
@@ -203,21 +206,32 @@ def run_torchrun(cmd: list[str]) -> int:
 
 # ------------------------------------------------------------------------------ top-tokens, demo
 def cmd_top_tokens(args: argparse.Namespace) -> int:
+    neuron = _one_neuron(args)
     engine = load_engine(args)
-    if args.layer is not None and args.neuron is not None:
-        ends = both_ends(engine, args.layer, args.neuron, args.k)
+    if neuron is not None:
+        layer, index = neuron
+        ends = both_ends(engine, layer, index, args.k)
         for side, end in (("positive", "top"), ("negative", "bottom")):
-            print(f"promoted when L{args.layer}.{args.neuron} fires {side} ({end} of W_U W_out[:, i]):")
+            print(f"promoted when {neuron_label(layer, index)} fires {side} ({end} of W_U W_out[:, i]):")
             for tok, tid, val in ends[side]:
                 print(f"{tok!r:>20} {tid:>8} {val:+.4f}")
         return 0
-    if args.layer is not None or args.neuron is not None:
-        raise MMNError("give both --layer and --neuron for one neuron, or neither for the whole table")
-    cache = args.cache_dir or (Path(args.model) / ".mmn_cache")
+    cache = args.cache_dir or user_cache_dir() / "top-tokens" / safe_name(Path(args.model).resolve().name, 64)
     table = vocab_table(engine, k=args.k, cache_dir=cache, progress=not args.quiet, both=True)
     print(f"top-{args.k} and bottom-{args.k} tokens (promoted when firing positive / negative) of "
           f"{table.top_ids.shape[0]} x {table.top_ids.shape[1]} neurons cached in {Path(cache).resolve()}")
     return 0
+
+
+def _one_neuron(args: argparse.Namespace) -> tuple[int, int] | None:
+    """--neuron L<layer>.<index>; the old `--layer L --neuron I` still works, with a note."""
+    if args.layer is None:
+        return None if args.neuron is None else parse_neuron(args.neuron)
+    if args.neuron is None or not args.neuron.isdigit():
+        raise MMNError("give one neuron as --neuron L<layer>.<index> (e.g. --neuron L12.345), or nothing for the "
+                       "whole table")
+    deprecated("--layer L --neuron I", "--neuron L<layer>.<index>")
+    return args.layer, int(args.neuron)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -230,7 +244,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("given that sign (top of W_U W_out[:, i] when +, bottom when -):")
     for word, neurons in demo.top_tokens.items():
         signs = demo.signs[word]
-        print(f"  {word:<10} " + "; ".join(f"L{layer}.{index} {'+' if s > 0 else '-'} [{' '.join(toks)}]"
+        print(f"  {word:<10} " + "; ".join(f"{neuron_label(layer, index)} {'+' if s > 0 else '-'} [{' '.join(toks)}]"
                                          for (layer, index, toks), s in zip(neurons, signs)))
     print(f"\nresults written to {demo.out_dir.resolve()} (results.jsonl, concepts.json, run.json, images/)")
     return 0
@@ -274,14 +288,18 @@ def register(sub) -> None:
     t = sub.add_parser("top-tokens", help="tokens each neuron promotes when it fires positive and negative")
     add_model_options(t)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--layer", type=int)
-    t.add_argument("--neuron", type=int)
-    t.add_argument("-k", type=int, default=10)
-    t.add_argument("--cache-dir", default=None, help="where the whole-model table is cached")
+    t.add_argument("--neuron", default=None, help="one neuron, L<layer>.<index> (e.g. L12.345); none: every neuron's "
+                                                  "tokens, as a cached table")
+    t.add_argument("--layer", type=int, default=None, help="deprecated: use --neuron L<layer>.<index>")
+    t.add_argument("-k", type=int, default=10, help="tokens per end")
+    t.add_argument("--cache-dir", default=None,
+                   help="where the whole-model table is cached (default: $MMN_CACHE or ~/.cache/mmn_fast, "
+                        "under top-tokens/<model folder name>)")
     t.set_defaults(func=cmd_top_tokens)
 
     d = sub.add_parser("demo", help="build (once) the trained demo model and find its neurons")
-    d.add_argument("--out", default="mmn_demo_out")
+    d.add_argument("--out", default=None,
+                   help="where the demo's find run goes (default: demo-run/ in $MMN_CACHE or ~/.cache/mmn_fast)")
     d.add_argument("--cache-dir", default=None, help="demo model cache (default: $MMN_CACHE or ~/.cache/mmn_fast)")
     d.add_argument("--n-images", type=int, default=24)
     d.add_argument("--top-k", type=int, default=20)

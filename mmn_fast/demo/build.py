@@ -32,7 +32,7 @@ from transformers import (AutoProcessor, CLIPVisionConfig, GenerationConfig, Lla
                           LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 from transformers.utils import logging as hf_logging
 
-from ..io import umask
+from ..io import umask, user_cache_dir
 from ..model.templates import LLAVA_CHAT_TEMPLATE
 from .data import COLOURS, IMAGE_SIZE, SHAPES, make_examples, make_examples_with_masks
 
@@ -77,8 +77,8 @@ BUILD_THREADS = 1
 
 
 def default_cache_dir() -> Path:
-    """Root of the mmn_fast cache: $MMN_CACHE, else ~/.cache/mmn_fast (the demo lives in `demo-v2/`)."""
-    return Path(os.environ.get("MMN_CACHE") or Path.home() / ".cache" / "mmn_fast").expanduser()
+    """Root of the mmn_fast cache (`mmn_fast.io.user_cache_dir`); the demo lives in `demo-v{RECIPE_VERSION}/`."""
+    return user_cache_dir()
 
 
 def _vocab_list() -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..find.engine import load
 from ..find.vocab import activation_signs, concept_tokens, promoted_tokens
 from ..run.runner import run_find
-from .build import build_demo_model
+from .build import build_demo_model, default_cache_dir
 from .data import make_examples, save_examples
 
 FRESH_SEED = 20241125  # not a training or held-out seed of the demo recipe
@@ -29,12 +29,13 @@ class DemoRun:
     signs: dict[str, list[int]] | None = None  # word -> +1 / -1 per top neuron: the sign of its activation there
 
 
-def run_demo(out_dir: str | Path = "mmn_demo_out", cache_dir=None, n_images: int = 24, top_k: int = 20,
+def run_demo(out_dir: str | Path | None = None, cache_dir=None, n_images: int = 24, top_k: int = 20,
              device=None, progress: bool = True, n_neurons: int = 3) -> DemoRun:
+    """out_dir: where the find run goes (default `demo-run/` in the cache root, never the working folder)."""
     path = build_demo_model(cache_dir, progress=progress)
     info = json.loads((Path(path) / "demo_info.json").read_text())
     engine = load(path, device=device)
-    out = Path(out_dir)
+    out = Path(out_dir) if out_dir is not None else Path(cache_dir or default_cache_dir()).expanduser() / "demo-run"
     manifest = save_examples(make_examples(n_images, seed=FRESH_SEED), out / "images")
     summary = run_find(engine, manifest, out, progress=progress, concepts="all", top_k=top_k, max_new_tokens=12,
                        overwrite=True)

@@ -1,7 +1,25 @@
 """Result records: the `results.jsonl` schema."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
+
+from ..errors import MMNError
+
+_NEURON = re.compile(r"[Ll]?(\d+)[.:](\d+)")
+
+
+def neuron_label(layer: int, index: int) -> str:
+    """The one way neurons are written for people: `L12.345` (layer 12, neuron 345)."""
+    return f"L{layer}.{index}"
+
+
+def parse_neuron(text: str) -> tuple[int, int]:
+    """`L12.345` -> (12, 345); `12.345` and `12:345` are read too."""
+    m = _NEURON.fullmatch(str(text).strip())
+    if not m:
+        raise MMNError(f"a neuron is written L<layer>.<index> (e.g. L12.345), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
 
 
 @dataclass

@@ -31,6 +31,7 @@ from ..errors import MMNError
 from ..find.concepts import resolve_mode
 from ..find.engine import Engine, FindOptions
 from ..find.heatmap import write_heatmaps
+from ..find.results import neuron_label
 from ..io import write_json
 from .aggregate import NeuronStats
 from .corpus import Corpus, Sample, ShardEnd, iter_samples, open_corpus
@@ -196,9 +197,9 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, settings
 
 def summary_table(summary: dict, max_rows: int = 20, neurons: int = 3) -> str:
     """A short text table of concepts.json: concept, images, its most frequent top neurons (layer:index)."""
-    lines = [f"{'concept':<16} {'images':>6}  top neurons (layer:index x count)"]
+    lines = [f"{'concept':<16} {'images':>6}  top neurons (L<layer>.<index> x count)"]
     for word, info in list(summary.items())[:max_rows]:
-        top = ", ".join(f"{n['layer']}:{n['index']} x{n['count']}" for n in info["neurons"][:neurons])
+        top = ", ".join(f"{neuron_label(n['layer'], n['index'])} x{n['count']}" for n in info["neurons"][:neurons])
         lines.append(f"{word:<16} {info['images']:>6}  {top}")
     if len(summary) > max_rows:
         lines.append(f"... {len(summary) - max_rows} more concepts in concepts.json")
