@@ -248,3 +248,31 @@ def test_an_interrupted_find_says_how_to_resume(llava_path, image_dir, tmp_path,
     monkeypatch.setattr(cli_find, "run_corpus", interrupted)
     rc, _, err = _run(capsys, "find", "--model", llava_path, "--images", image_dir, "--out", tmp_path / "o", "--quiet")
     assert rc == 130 and "run the same command again to resume" in err
+
+
+def test_every_option_has_a_help_text_and_find_comes_first(capsys):
+    """--help documents every option (with its default where it has one), lists find first, and
+    --version answers."""
+    import argparse
+
+    from mmn_fast.cli.main import build_parser
+
+    def missing(parser, name):
+        out = []
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                out += [m for n, sp in a.choices.items() for m in missing(sp, f"{name} {n}")]
+            elif not a.help:
+                out.append(f"{name} {'/'.join(a.option_strings) or a.dest}")
+        return out
+
+    assert missing(build_parser(), "mmn") == []
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.split("{")[1].startswith("find,")
+    with pytest.raises(SystemExit):
+        main(["find", "--help"])
+    assert "neurons kept per concept (default: 50)" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("mmn_fast ")

@@ -112,9 +112,9 @@ def test_report_without_model_and_cli(report_run, tmp_path, capsys):
     assert not p.errors and all(s.startswith("data:image/png;base64,") for s in p.imgs)
     assert 'class="tok"' not in text and "Model not loaded" in text
     out = tmp_path / "r.html"
-    assert main(["report", str(report_run), "--out", str(out), "--no-model"]) == 0
+    assert main(["report", "--results", str(report_run), "--out", str(out), "--no-model"]) == 0
     assert out.is_file() and "report written" in capsys.readouterr().out
-    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert main(["report", "--results", str(tmp_path / "missing")]) == 2
 
 
 def test_layer_svg_is_valid_xml():
@@ -149,7 +149,7 @@ def test_report_refuses_a_model_of_other_shapes(llava, llava_path, report_run, t
     with pytest.raises(MMNError, match="4 layers x 64 MLP neurons.*2 x 96"):
         build_report(report_run, engine=llava, examples=1)
     out = tmp_path / "r.html"
-    assert main(["report", str(report_run), "--model", str(llava_path), "--out", str(out)]) == 2
+    assert main(["report", "--results", str(report_run), "--model", str(llava_path), "--out", str(out)]) == 2
     assert "Load the run's checkpoint" in capsys.readouterr().err and not out.exists()
 
 
@@ -168,7 +168,7 @@ def test_report_refuses_bad_counts(report_run, tmp_path, capsys, argv, kw):
     with pytest.raises(MMNError, match=next(iter(kw))):
         build_report(report_run, **kw)
     out = tmp_path / "r.html"
-    assert main(["report", str(report_run), "--no-model", "--out", str(out), *argv]) == 2
+    assert main(["report", "--results", str(report_run), "--no-model", "--out", str(out), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mmn: error:") and argv[0] in err and not out.exists()
 
@@ -269,3 +269,8 @@ def test_report_heatmaps_of_ids_with_one_safe_name(demo, tmp_path):
     text = build_report(run, engine=None, examples=4)
     for i in ids:
         assert f"figcaption>{i}: heatmap" in text, i
+
+
+def test_report_takes_the_run_as_a_positional_too_with_a_note(report_run, tmp_path, capsys):
+    assert main(["report", str(report_run), "--out", str(tmp_path / "r.html"), "--no-model"]) == 0
+    assert "mmn: note: a positional run directory is deprecated" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from ..find.heatmap import COLORMAPS, DEFAULT_CMAP, DISPLAY_MIN, maps, safe_name
 from ..io import write_json
 from ..model.inputs import load_image
 from ..run.aggregate import open_results
-from .common import add_model_options, load_engine
+from .common import add_model_options, deprecated, load_engine
 
 
 @contextlib.contextmanager
@@ -125,6 +125,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise MMNError(f"--neurons must be at least 1, got {args.neurons}")
     if args.examples < 0:
         raise MMNError(f"--examples must be at least 0, got {args.examples}")
+    if args.results is None and args.results_dir is None:
+        raise MMNError("give the run: mmn report --results DIR")
+    if args.results is None:
+        deprecated("a positional run directory", "--results DIR")
+    args.results_dir = args.results or args.results_dir
     engine = None
     if not args.no_model:
         model = args.model
@@ -150,7 +155,7 @@ def register(sub) -> None:
     """Add `heatmap`, `metrics` and `report` to the `mmn` sub-command parsers."""
     h = sub.add_parser("heatmap", help="heatmap and mask of a concept's neurons over an image")
     add_model_options(h)
-    h.add_argument("--image", required=True)
+    h.add_argument("--image", required=True, help='the image to map')
     h.add_argument("--concept", required=True, help="the word whose neurons to map")
     which = h.add_mutually_exclusive_group()
     which.add_argument("--neurons", type=int, default=None, help="mean of the concept's top-N neurons (default 10)")
@@ -162,9 +167,9 @@ def register(sub) -> None:
     h.add_argument("--cmap", default=DEFAULT_CMAP, choices=sorted(COLORMAPS),
                    help=f"colour map of the overlay (default {DEFAULT_CMAP}: readable over red objects)")
     h.add_argument("--raw", action="store_true", help="do not orient activations by the sign toward the concept")
-    h.add_argument("--prompt", default=DEFAULT_PROMPT)
-    h.add_argument("--prefix", default=None)
-    h.add_argument("--max-new-tokens", type=int, default=32)
+    h.add_argument("--prompt", default=DEFAULT_PROMPT, help='the captioning prompt')
+    h.add_argument("--prefix", default=None, help="text the caption starts with (e.g. 'An image of')")
+    h.add_argument("--max-new-tokens", type=int, default=32, help='caption length limit, in tokens')
     h.add_argument("--out", required=True, help="output directory")
     h.set_defaults(func=cmd_heatmap)
 
@@ -176,25 +181,26 @@ def register(sub) -> None:
     m.add_argument("--neurons", type=int, default=10, help="top-n neurons per concept")
     m.add_argument("--top-tokens", type=int, default=10, help="top-k tokens per neuron (semantic sensitivity)")
     m.add_argument("--concepts", default=None, help="comma-separated concepts (default: the most frequent)")
-    m.add_argument("--max-concepts", type=int, default=20)
-    m.add_argument("--min-images", type=int, default=2)
+    m.add_argument("--max-concepts", type=int, default=20, help='measure at most this many concepts (the most frequent)')
+    m.add_argument("--min-images", type=int, default=2, help='leave out concepts named in fewer images (said in the output)')
     m.add_argument("--max-images", type=int, default=1000, help="use the first N result records (0: all)")
-    m.add_argument("--random-sets", type=int, default=3)
+    m.add_argument("--random-sets", type=int, default=3, help='random neuron sets per concept (the control)')
     m.add_argument("--causal-images", type=int, default=32, help="images per concept in the causal experiment")
-    m.add_argument("--causal-modes", default="zero,noise")
+    m.add_argument("--causal-modes", default="zero,noise", help='how the causal metric perturbs the neurons (zero, noise)')
     m.add_argument("--sigma", type=float, default=10.0, help="noise std in units of the RMS entry of W_out")
     m.add_argument("--metrics", default=None, help="subset of semantic,cross_image,specificity,region,causal")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--batch-size", type=int, default=16)
-    m.add_argument("--quiet", action="store_true")
+    m.add_argument("--seed", type=int, default=0, help='random neurons, shuffles and noise')
+    m.add_argument("--batch-size", type=int, default=16, help='images per forward pass')
+    m.add_argument("--quiet", action="store_true", help='no progress bar or per-metric timings')
     m.set_defaults(func=cmd_metrics)
 
     r = sub.add_parser("report", help="one self-contained HTML report of a find run")
-    r.add_argument("results_dir")
+    r.add_argument("--results", default=None, help="a finished `mmn find` output directory")
+    r.add_argument("results_dir", nargs="?", default=None, help="deprecated: the run directory as a positional argument")
     r.add_argument("--out", default=None, help="HTML file (default: RESULTS_DIR/report.html)")
     add_model_options(r, required=False, model_help="checkpoint for top tokens and heatmaps (default: the run's)")
     r.add_argument("--no-model", action="store_true", help="do not load the model (no top tokens, no computed heatmaps)")
     r.add_argument("--neurons", type=int, default=10, help="top neurons shown per concept")
     r.add_argument("--examples", type=int, default=3, help="example heatmaps per concept")
-    r.add_argument("--method", default="activation", choices=["activation", "occlusion"])
+    r.add_argument("--method", default="activation", choices=["activation", "occlusion"], help='how heatmaps are made (with --model)')
     r.set_defaults(func=cmd_report)

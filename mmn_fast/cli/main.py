@@ -10,16 +10,35 @@ import warnings
 
 from safetensors import SafetensorError
 
+from .. import __version__
 from ..errors import MMNError
 from . import edit, explain, find
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one worth saying (not None, False or a suppressed one)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub-)command's --help shows each option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmn", description="Find multi-modal neurons in vision-language models.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="mmn", description="Find and edit multi-modal neurons in vision-language models.")
+    p.add_argument("--version", action="version", version=f"mmn_fast {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    find.register(sub)  # find, top-tokens, demo: listed first
     edit.register(sub)  # edit, patch bake|inspect|verify
     explain.register(sub)  # heatmap, metrics, report
-    find.register(sub)  # find, top-tokens, demo
     return p
 
 
