@@ -194,3 +194,16 @@ def test_metrics_warn_on_other_weights_and_record_the_engine(demo, demo_run):
     assert edited != run["weight_fingerprint"]
     assert m["weight_fingerprint"] == edited and m["run"]["weight_fingerprint"] == run["weight_fingerprint"]
     assert m["run"]["model"] == run["model"] and "weights" in m["warning"]
+
+
+def test_cli_metrics_says_which_concepts_it_left_out(demo_run, tmp_path, capsys):
+    """Concepts under --min-images (or past --max-concepts) are named in the output and in metrics.json."""
+    out = tmp_path / "m"
+    counts = {w: c["images"] for w, c in json.loads((demo_run / "concepts.json").read_text()).items()}
+    cut = sorted(set(counts.values()))[1]  # at least one concept falls under it
+    assert main(["metrics", "--results", str(demo_run), "--out", str(out), "--metrics", "semantic", "--min-images",
+                 str(cut), "--quiet"]) == 0
+    few = sorted(w for w, c in counts.items() if c < cut)
+    m = json.loads((out / "metrics.json").read_text())
+    assert few and m["left_out"]["fewer_images"] == few and not set(few) & set(m["concepts"])
+    assert f"left out {len(few)} concept(s) named in fewer than {cut} images" in capsys.readouterr().out

@@ -117,6 +117,12 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     write_json(path, out)
     print(summary_table(out))
     print(f"{len(out['concepts'])} concepts, {out['records']} images; written {path}")
+    few, many = out["left_out"].get("fewer_images", []), out["left_out"].get("past_max_concepts", [])
+    if few:
+        print(f"left out {len(few)} concept(s) named in fewer than {args.min_images} images (--min-images): "
+              f"{', '.join(few[:10])}{' ...' if len(few) > 10 else ''}")
+    if many:
+        print(f"left out {len(many)} less frequent concept(s) past --max-concepts {args.max_concepts}")
     return 0
 
 

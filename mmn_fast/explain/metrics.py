@@ -211,8 +211,10 @@ def compute_metrics(engine, results_dir, images=None, progress: bool = False, **
             raise MMNError(f"concept(s) {missing} not in the run; it has {', '.join(list(counts)[:12])}")
         words = [w.lower() for w in opts.concepts]
     else:
-        words = [w for w, c in sorted(counts.items(), key=lambda x: (-x[1], x[0])) if c >= opts.min_images]
-        words = words[: opts.max_concepts]
+        ranked = sorted(counts.items(), key=lambda x: (-x[1], x[0]))
+        words = [w for w, c in ranked if c >= opts.min_images][: opts.max_concepts]
+        left_out = {"fewer_images": sorted(w for w, c in ranked if c < opts.min_images),
+                    "past_max_concepts": [w for w, c in ranked if c >= opts.min_images][opts.max_concepts:]}
     if not words:
         raise MMNError(f"no concept of the run names at least {opts.min_images} images; lower --min-images")
     firsts = [_first(r) for r in records]
@@ -228,7 +230,8 @@ def compute_metrics(engine, results_dir, images=None, progress: bool = False, **
            "run": {"model": res.run.get("model"), "weight_fingerprint": run_fingerprint(res),  # what they belong to
                    "images": (res.run.get("totals") or {}).get("images"),
                    "ids_sha1": ids_digest(r["id"] for r in records)},
-           "options": asdict(opts), "run_options": run_opts, "records": len(records), "concepts": {}, "seconds": {}}
+           "options": asdict(opts), "run_options": run_opts, "records": len(records), "concepts": {}, "seconds": {},
+           "left_out": {} if opts.concepts else left_out}  # concepts of the run not measured, and why
     if mismatch:
         out["warning"] = mismatch
     per = out["concepts"]
