@@ -274,3 +274,10 @@ def test_report_heatmaps_of_ids_with_one_safe_name(demo, tmp_path):
 def test_report_takes_the_run_as_a_positional_too_with_a_note(report_run, tmp_path, capsys):
     assert main(["report", str(report_run), "--out", str(tmp_path / "r.html"), "--no-model"]) == 0
     assert "mmn: note: a positional run directory is deprecated" in capsys.readouterr().err
+
+
+def test_report_hides_unset_options_and_wraps_patch_descriptions(demo, report_run, tmp_path):
+    """An unset option (prefix None) is not a row; a patch's long description wraps inside its card."""
+    text = write_report(report_run, tmp_path / "r.html", engine=None).read_text()
+    assert "option prefix" not in text and "option top_k" in text
+    assert "pre{white-space:pre-wrap" in text and ".card{overflow-x:auto}" in text

@@ -32,6 +32,7 @@ main{max-width:1100px;margin:0 auto;padding:24px}
 h1{font-size:24px;margin:0 0 4px}h2{font-size:19px;margin:32px 0 8px;border-bottom:2px solid #dde1e8;padding-bottom:4px}
 h3{font-size:16px;margin:22px 0 6px}
 .card{background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:14px 16px;margin:10px 0}
+pre{white-space:pre-wrap;overflow-wrap:anywhere;max-width:100%}.card{overflow-x:auto}
 table{border-collapse:collapse;font-size:13px}td,th{padding:3px 9px;border-bottom:1px solid #e6e9ef;text-align:left}
 th{background:#f0f2f6}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .muted{color:#667085}.tok{font-family:ui-monospace,Menlo,Consolas,monospace;background:#eef1f6;border-radius:3px;padding:0 3px;margin-right:3px}
@@ -334,7 +335,7 @@ def build_report(results_dir, engine=None, neurons: int = 10, examples: int = 3,
              ("neurons scored", f"{totals.get('neurons_scored', 0):,}"), ("seconds", run.get("seconds")),
              ("device / dtype / backend", f"{run.get('device')} / {run.get('dtype')} / {run.get('backend')}"),
              ("corpus", run.get("corpus"))]
-    facts += [(f"option {k}", v) for k, v in opts.items()]
+    facts += [(f"option {k}", v) for k, v in opts.items() if v is not None]  # unset options say nothing
     h.append(_table(None, [[f"<b>{_e(a)}</b>", _e(b)] for a, b in facts]) + "</div>")
     h.append(f'<h2 id="layers">Where the multi-modal neurons are</h2><p class="muted">Layers of the top-{neurons} '
              f"neurons of the {len(words)} most frequent concepts ({sum(per_layer)} neurons).</p>"
