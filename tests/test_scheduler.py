@@ -405,3 +405,46 @@ def test_nproc_error_in_the_ranks_is_one_line_and_exit_2(demo_path, corpus, tmp_
     lines = [l for l in done.stderr.splitlines() if "mmn: error:" in l]
     assert len(lines) == 1 and "zyzzyva" in lines[0]
     assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr
+
+
+# ------------------------------------------------------------------------------------ nothing silently replaced
+def test_a_folder_that_is_not_a_run_keeps_its_files(demo_path, corpus, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.jsonl").write_text("my own results\n")
+    assert _find(demo_path, corpus, out) == 2
+    assert "is not a find run but holds results.jsonl" in capsys.readouterr().err
+    assert (out / "results.jsonl").read_text() == "my own results\n" and not (out / "parts").exists()
+    assert _find(demo_path, corpus, out, "--overwrite") == 0 and (out / "run.json").is_file()
+
+
+def test_rerunning_a_finished_run_leaves_its_record_alone(demo_path, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _find(demo_path, corpus, out) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert _find(demo_path, corpus, out) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # run.json's seconds too
+
+
+def test_a_resumed_run_says_how_far_it_got(demo_path, corpus, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import mmn_fast.run.runner as runner_mod
+
+    real, calls = runner_mod._BatchRunner.flush, []
+
+    def flush_then_stop(self, shard, samples):
+        calls.append(shard)
+        if len(calls) == 4:  # a few batches in: as if the process were stopped
+            raise KeyboardInterrupt
+        return real(self, shard, samples)
+
+    monkeypatch.setattr(runner_mod._BatchRunner, "flush", flush_then_stop)
+    out = tmp_path / "run"
+    assert _find(demo_path, corpus, out, "--checkpoint-every", "1") == 130
+    monkeypatch.setattr(runner_mod._BatchRunner, "flush", real)
+    with caplog.at_level(logging.INFO, logger="mmn_fast"):
+        assert _find(demo_path, corpus, out) == 0
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming:")]
+    assert len(said) == 1 and said[0].endswith(" of 23 images done") and not said[0].startswith("resuming: 0 "), said

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import sys
@@ -37,6 +38,8 @@ from .aggregate import NeuronStats
 from .corpus import Corpus, Sample, ShardEnd, iter_samples, open_corpus
 from .parts import RankState, join_parts, merge_ranks
 from .runinfo import library_versions
+
+log = logging.getLogger(__name__)
 
 MAX_FAILED_BATCHES = 8  # this many batches in a row with no usable image: a model-wide error, not bad images
 RUN_FORMAT_VERSION = 2  # run.json's format_version
@@ -155,6 +158,12 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, settings
     todo = [s for s in mine if not state.shards.get(s, {}).get("complete")]
     starts = {s: state.shards[s]["done"] for s in todo if s in state.shards}
     t0, done_before = time.perf_counter(), state.counts["images"] + state.counts["skipped"]
+    if not todo and (out / "run.json").is_file():  # finished before: its record stays as it was
+        state.close()
+        return _finished_summary(out, state, rank)
+    if done_before and rank == 0:
+        total = corpus.size()
+        log.info("resuming: %d of %s images done", done_before, total if total is not None else "?")
     bar = _progress_bar(corpus, world, done_before, settings.progress and rank == 0)
     runner = _BatchRunner(engine, options, settings, state, bar, out / "heatmaps")
     last_ckpt, since_ckpt = time.monotonic(), 0
@@ -192,6 +201,16 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, settings
         first = json.loads((out / "skipped.jsonl").read_text().splitlines()[0])
         raise MMNError(f"none of the {summary['skipped']} images could be used (first, '{first['key']}': "
                        f"{first['reason']}); every reason is in {out / 'skipped.jsonl'}")
+    return summary
+
+
+def _finished_summary(out: Path, state: RankState, rank: int) -> dict:
+    """The summary of a run that was already finished, read from its files (nothing is rewritten)."""
+    summary = dict(state.counts, seconds=0.0)
+    if rank == 0:
+        summary["concepts_json"] = json.loads((out / "concepts.json").read_text())
+        summary.update(json.loads((out / "run.json").read_text())["totals"])
+    log.info("the run in %s was already finished: nothing to do", out)
     return summary
 
 
@@ -251,8 +270,13 @@ def _out_dir(out_dir: str | os.PathLike, create: bool) -> Path:
 
 
 def _finished_without_parts(out: Path) -> str | None:
-    """Why `out` cannot be resumed when it holds run.json but no parts/config.json, else None."""
+    """Why a new run cannot start in `out` (no parts/config.json there): it holds a finished run, or
+    files of a run's names that no run here wrote; else None."""
     if not (out / "run.json").is_file():
+        theirs = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+        if theirs:
+            return (f"'{out}' is not a find run but holds {', '.join(theirs)}, which a run would replace: choose "
+                    "another --out, or add --overwrite to replace them")
         return None
     try:
         version = json.loads((out / "run.json").read_text()).get("format_version")
@@ -299,7 +323,7 @@ def _prepare(out: Path, config: dict, overwrite: bool, rank: int, world: int) ->
         if overwrite:
             _remove_run(out)
         if not cfg_path.is_file():
-            why = _finished_without_parts(out)
+            why = None if overwrite else _finished_without_parts(out)  # --overwrite: replace what is there
             if why:
                 raise MMNError(why)
             parts.mkdir(parents=True, exist_ok=True)
