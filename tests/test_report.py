@@ -214,13 +214,16 @@ def test_report_embeds_only_files_inside_the_run(report_run, tmp_path):
     assert not _parse(text).errors
 
 
-def test_report_shows_a_symlinked_heatmaps_folder_and_needs_no_results_without_artifacts(report_run, tmp_path):
+def test_report_leaves_out_a_heatmaps_folder_outside_the_run_and_needs_no_results_without_artifacts(report_run,
+                                                                                                     tmp_path):
+    """A heatmaps/ that links outside the run is not embedded (issue 13: only the run's own files), with a note."""
     import shutil
 
     run = _copy(report_run, tmp_path / "in")
     shutil.move(run / "heatmaps", tmp_path / "elsewhere")
     (run / "heatmaps").symlink_to(tmp_path / "elsewhere")
-    assert "figcaption>shape_0000: mask" in build_report(run, engine=None, examples=3)
+    text = build_report(run, engine=None, examples=3)
+    assert "figcaption>shape_0000: mask" not in text and "heatmaps/ leads outside the run directory" in text
     (run / "heatmaps").unlink()
     (run / "metrics.json").unlink()
     (run / "results.jsonl").unlink()  # nothing to tell apart: results.jsonl is not read

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -95,11 +94,9 @@ def _words(value: str | None):
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    run = Path(args.results) / "run.json"
-    try:
-        model = args.model or json.loads(run.read_text())["model"]
-    except (OSError, ValueError, KeyError):
-        raise MMNError(f"'{args.results}' is not a finished find run (no readable run.json); give --results DIR") from None
+    model = args.model or open_results(args.results).run.get("model")  # run.json checked there
+    if not model:
+        raise MMNError(f"the run in '{args.results}' names no model (run.json): pass --model")
     metrics = tuple(_words(args.metrics) or ALL)
     bad = sorted(set(metrics) - set(ALL))
     if bad:
@@ -140,10 +137,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not args.no_model:
         model = args.model
         if model is None:
-            try:
-                model = json.loads((Path(args.results_dir) / "run.json").read_text()).get("model")
-            except (OSError, ValueError):
-                model = None
+            model = open_results(args.results_dir).run.get("model")  # run.json checked there
             if model and not (Path(model) / "config.json").is_file():
                 print(f"mmn: note: the run's model '{model}' is not a local checkpoint here; the report has no top "
                       "tokens or computed heatmaps (pass --model PATH)", file=sys.stderr)

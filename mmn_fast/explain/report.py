@@ -5,6 +5,12 @@ distribution of the concepts' top neurons over layers, per concept a table of to
 index, images, mean score, the sign of its activation at the concept and the tokens it promotes given
 that sign) and example heatmaps, the metrics (DIR/metrics.json) and the
 edits (patch files in DIR, DIR/edits, DIR/patches).
+
+Only the run's own files are read or embedded: regular files whose real path lies inside DIR (a
+heatmap PNG, heatmaps/, metrics.json or patch file that links elsewhere is left out; the last three
+with a note). What is read
+is checked: a malformed concepts.json or results.jsonl is one MMNError naming the file and field; a
+malformed metrics.json is left out with a note naming the field.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from ..find.vocab import activation_signs, concept_tokens, promoted_tokens
 from ..io import atomic_open
 from ..model.inputs import load_image
 from ..model.patch_file import SUFFIX, load_patch
-from ..run.aggregate import open_results
+from ..run.aggregate import RERUN, inside_run, open_results, outside_run, run_file
 from ..run.runinfo import check_run_model, ids_digest
 
 CSS = """
@@ -141,10 +147,15 @@ def _examples(engine, res, words: list[str], per_concept: int, n: int, method: s
         if all(len(v) >= per_concept for v in want.values()):
             break
     out = {}
-    ro = res.run.get("options", {})
+    ro = res.run.get("options") or {}
+    ad = engine.adapter
     for w, pairs in want.items():
         imgs, items, caps = [], [], []
         for rec, c in pairs:
+            off = next((x for x in c["neurons"][:n] if not (x[0] < ad.n_layers and x[1] < ad.d_mlp)), None)
+            if off is not None:
+                raise MMNError(f"'{res.path / 'results.jsonl'}': record '{rec['id']}' names neuron {off[:2]} of "
+                               f"'{w}', outside the model ({ad.n_layers} layers x {ad.d_mlp} neurons); {RERUN}")
             try:
                 imgs.append(load_image(rec["image"]))
             except MMNError:
@@ -169,6 +180,10 @@ def _patches(root: Path) -> list[str]:
             found += sorted(d.glob(f"*{SUFFIX}"))
     blocks = []
     for p in found:
+        why = outside_run(root, p)
+        if why:
+            blocks.append(f'<div class="card"><b>{_e(p.name)}</b>: not read (it {_e(why)})</div>')
+            continue
         try:
             patch = load_patch(p)
         except MMNError as e:
@@ -214,12 +229,12 @@ def _metrics_section(metrics: dict) -> str:
     return "".join(parts)
 
 
-def _own_file(folder: Path, name: str) -> bool:
+def _own_file(root: Path, folder: Path, name: str) -> bool:
     """Whether a heatmap record's file `name` is a plain file name in its own folder (never a path
-    such as '../../../etc/passwd' or '/etc/passwd'). Judged by the name, not by resolving links, so
-    a run whose heatmaps/ is a symlink still shows its figures."""
+    such as '../../../etc/passwd' or '/etc/passwd') and a regular file whose real path lies inside
+    the run `root` (never a link to a file elsewhere, such as a private key)."""
     return (Path(name).name == name and name not in (".", "..") and os.sep not in name
-            and (folder / name).is_file())
+            and outside_run(root, folder / name) is None)
 
 
 def _run_ids(res) -> list[str]:
@@ -233,10 +248,21 @@ def _run_ids(res) -> list[str]:
 def _heatmaps_on_disk(root: Path, ids: set) -> dict:
     """concept -> heatmap records of DIR/heatmaps that belong to this run: the image id is one of its
     records (a discarded run's folders are not), one record per (id, concept), preferring the folder
-    write_heatmaps names for the id."""
+    write_heatmaps names for the id. Only folders inside the run whose JSON files are its own count."""
     hdir = root / "heatmaps"
-    recs = [dict(r, id=str(r["id"])) for r in (read_heatmaps(hdir) if hdir.is_dir() else [])
-            if r.get("id") is not None and str(r["id"]) in ids and isinstance(r.get("concept"), str)]
+    if not hdir.is_dir() or not inside_run(root, hdir):
+        return {}
+    own = {}  # folder -> whether it and its JSON files lie inside the run
+
+    def inside(folder: str) -> bool:
+        if folder not in own:
+            own[folder] = inside_run(root, folder) and all(outside_run(root, p) is None
+                                                           for p in Path(folder).glob("*.json"))
+        return own[folder]
+
+    recs = [dict(r, id=str(r["id"])) for r in read_heatmaps(hdir)
+            if r.get("id") is not None and str(r["id"]) in ids and isinstance(r.get("concept"), str)
+            and inside(r["_dir"])]
     recs.sort(key=lambda r: Path(r["_dir"]).name != unique_name(r["id"]))  # stable: the run's own folder first
     out, seen = {}, set()
     for r in recs:
@@ -246,10 +272,34 @@ def _heatmaps_on_disk(root: Path, ids: set) -> dict:
     return out
 
 
+def _is_number(v, none: bool = True) -> bool:
+    return (none and v is None) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _metrics_shape(metrics) -> str | None:
+    """Why DIR/metrics.json is not shaped as mmn metrics writes it (naming the field), or None."""
+    if not isinstance(metrics, dict):
+        return "it is not a metrics.json of mmn metrics (a JSON object)"
+    for key in ("summary", "concepts", "options", "run"):
+        if not isinstance(metrics.get(key, {}), dict):
+            return f"its field '{key}' is {type(metrics[key]).__name__}, not an object"
+        for k, v in metrics.get(key, {}).items() if key in ("summary", "concepts") else ():
+            if not isinstance(v, dict):
+                return f"its field '{key}.{k}' is {type(v).__name__}, not an object"
+    for k, row in metrics.get("summary", {}).items():
+        if not (isinstance(row.get("label"), str) and _is_number(row.get("top")) and _is_number(row.get("random"))):
+            return f"its field 'summary.{k}' needs a label and numbers 'top' and 'random'"
+    max_images = metrics.get("options", {}).get("max_images")
+    if max_images is not None and not (isinstance(max_images, int) and not isinstance(max_images, bool)):
+        return "its field 'options.max_images' is not an integer"
+    return None
+
+
 def _stale_metrics(metrics: dict, run: dict, ids: list[str]) -> str | None:
     """Why DIR/metrics.json was not computed on this run's records (another run's file), or None."""
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("summary", {}), dict):
-        return "it is not a metrics.json of mmn metrics"
+    shape = _metrics_shape(metrics)
+    if shape:
+        return shape
     rec = metrics.get("run") if isinstance(metrics.get("run"), dict) else {}
     fp, mine = rec.get("weight_fingerprint"), run.get("weight_fingerprint")
     if fp and mine and fp != mine:
@@ -263,6 +313,63 @@ def _stale_metrics(metrics: dict, run: dict, ids: list[str]) -> str | None:
     if sha and sha != ids_digest(ids[:n]):
         return "it was computed on other images than this run's"
     return None
+
+
+def _in_range(v, size: int | None) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0 and (size is None or v < size)
+
+
+def _read_concepts(root: Path, run: dict, engine) -> dict:
+    """DIR/concepts.json, checked: per word an image count and top neurons inside the model (the run's
+    sizes, else the engine's); MMNError naming the field otherwise."""
+    path = root / "concepts.json"
+    try:
+        summary = json.loads(run_file(root, path).read_text()) if os.path.lexists(path) else None
+    except (OSError, ValueError):
+        summary = None
+    if summary is None:
+        raise MMNError(f"'{root}' has no readable concepts.json: is it a finished `mmn find` run?")
+    adapter = run.get("adapter") or {}
+    n_layers = adapter.get("n_layers") or (engine.adapter.n_layers if engine else None)
+    d_mlp = adapter.get("d_mlp") or (engine.adapter.d_mlp if engine else None)
+
+    def bad(field, want, got):
+        raise MMNError(f"'{path}': field '{field}' must be {want}, got {got!r:.80}; {RERUN}")
+
+    if not isinstance(summary, dict):
+        bad("(top level)", "an object of concepts", summary)
+    span = {"layer": n_layers, "index": d_mlp, "count": None}
+    for w, info in summary.items():
+        if not (isinstance(info, dict) and _in_range(info.get("images"), None)
+                and isinstance(info.get("neurons"), list)):
+            bad(w, "an object with images (an integer) and neurons (a list)", info)
+        for j, x in enumerate(info["neurons"]):
+            if not isinstance(x, dict):
+                bad(f"{w}.neurons[{j}]", "an object", x)
+            for key, size in span.items():
+                if not _in_range(x.get(key), size):
+                    bad(f"{w}.neurons[{j}].{key}", f"an integer in 0..{size - 1}" if size else "an integer >= 0",
+                        x.get(key))
+            if not _is_number(x.get("mean_score"), none=False):
+                bad(f"{w}.neurons[{j}].mean_score", "a number", x.get("mean_score"))
+    return summary
+
+
+def _read_metrics(root: Path, run: dict, ids: list[str]) -> tuple[dict | None, str | None]:
+    """(DIR/metrics.json, None) when it is the run's own, well-formed file; else (None, why it is not
+    shown) when there is one; (None, None) when there is none."""
+    path = root / "metrics.json"
+    if not os.path.lexists(path):
+        return None, None
+    metrics, why = None, outside_run(root, path)
+    why = why and f"it {why}"
+    if not why:
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, ValueError):
+            why = "it is not valid JSON"
+    why = why or _stale_metrics(metrics, run, ids)
+    return (None, f"{path} is not shown: {why}. Run mmn metrics again.") if why else (metrics, None)
 
 
 def _dig(d, path):
@@ -285,10 +392,7 @@ def build_report(results_dir, engine=None, neurons: int = 10, examples: int = 3,
     res = open_results(root)
     run = res.run
     model_note = check_run_model(res, engine, "the report's top tokens and heatmaps") if engine is not None else None
-    try:
-        summary = json.loads((root / "concepts.json").read_text())
-    except (OSError, ValueError):
-        raise MMNError(f"'{root}' has no readable concepts.json: is it a finished `mmn find` run?") from None
+    summary = _read_concepts(root, run, engine)
     words = list(summary)[:max_concepts]
     n_layers = (run.get("adapter") or {}).get("n_layers") or (engine.adapter.n_layers if engine else None)
     neuron_lists = {w: [(x["layer"], x["index"]) for x in summary[w]["neurons"][:neurons]] for w in words}
@@ -306,21 +410,13 @@ def build_report(results_dir, engine=None, neurons: int = 10, examples: int = 3,
     on_disk = _heatmaps_on_disk(root, set(ids)) if has_artifacts else {}
     todo = [w for w in words if w not in on_disk]
     computed = _examples(engine, res, todo, examples, neurons, method) if todo else {}
-    metrics, metrics_note = None, None
-    if (root / "metrics.json").is_file():
-        try:
-            metrics = json.loads((root / "metrics.json").read_text())
-        except ValueError:
-            metrics = None
-        why = _stale_metrics(metrics, run, ids) if metrics is not None else None
-        if why:
-            metrics, metrics_note = None, f"{root / 'metrics.json'} is not shown: {why}. Run mmn metrics again."
-        elif metrics and metrics.get("weight_fingerprint") and run.get("weight_fingerprint") \
-                and metrics["weight_fingerprint"] != run["weight_fingerprint"]:
-            metrics_note = (f"computed with the model '{metrics.get('model')}' (weights "
-                            f"{metrics['weight_fingerprint']}), not the run's weights ({run['weight_fingerprint']}).")
-    totals = run.get("totals", {})
-    opts = run.get("options", {})
+    metrics, metrics_note = _read_metrics(root, run, ids)
+    if metrics and metrics.get("weight_fingerprint") and run.get("weight_fingerprint") \
+            and metrics["weight_fingerprint"] != run["weight_fingerprint"]:
+        metrics_note = (f"computed with the model '{metrics.get('model')}' (weights "
+                        f"{metrics['weight_fingerprint']}), not the run's weights ({run['weight_fingerprint']}).")
+    totals = run.get("totals") or {}
+    opts = run.get("options") or {}
     h = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>mmn report: {_e(root.name)}</title>"
          f"<style>{CSS}</style></head><body><main>",
          f"<h1>Multi-modal neurons: {_e(Path(str(run.get('model', '?'))).name)}</h1>",
@@ -345,6 +441,9 @@ def build_report(results_dir, engine=None, neurons: int = 10, examples: int = 3,
         h.append('<p class="muted">activation: the sign of the neuron\'s activation where it was scored for the '
                  'concept (sign(mean score) &times; sign(&lt;W_out[:, i], W_U[t]&gt;)); tokens it promotes: the top of '
                  'W_U W_out[:, i] when +, the bottom (most negative first) when &minus;.</p>')
+    if (root / "heatmaps").is_dir() and not inside_run(root, root / "heatmaps"):
+        h.append('<p class="muted">heatmaps/ leads outside the run directory: its figures are not embedded '
+                 '(move the folder itself into the run).</p>')
     if "_error" in computed:
         h.append(f'<p class="muted">No heatmaps: {_e(computed["_error"])}</p>')
     elif engine is None and todo:
@@ -365,7 +464,7 @@ def build_report(results_dir, engine=None, neurons: int = 10, examples: int = 3,
             d = Path(rec["_dir"])
             for key, label in (("heatmap", "heatmap"), ("mask", "mask")):
                 name = rec.get(key)
-                if isinstance(name, str) and name and _own_file(d, name):  # never a file outside the run
+                if isinstance(name, str) and name and _own_file(root, d, name):  # never a file outside the run
                     figs.append(f'<figure><img alt="{_e(label)}" src="{file_uri(d / name)}"><figcaption>{_e(rec["id"])}: '
                                 f'{_e(label)} ({_e(rec.get("method"))}, top-{len(rec.get("neurons", []))})</figcaption></figure>')
         for cap, over, masked in computed.get(w, []) if isinstance(computed.get(w), list) else []:

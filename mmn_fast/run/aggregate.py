@@ -17,10 +17,15 @@ Each (image, concept word) pair counts once (the word's first occurrence in the 
 Stored as `aggregates.safetensors` (dense: tensors `<row>/<statistic>` [L, F]; sparse: stacked
 columns; no pickle) plus `aggregates.json` (format version, mode, concepts in row order, image
 counts), written straight to disk without an in-memory copy of the table. `open_results(DIR)` reads a run back.
+
+Everything read back is checked first (`run_file`: a regular file whose real path lies inside the run
+directory, never a link to a file elsewhere; then its fields): a damaged or hand-edited run is one
+MMNError naming the file and the field, not a traceback.
 """
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,6 +38,9 @@ from ..io import save_safetensors, write_json
 
 FORMAT_VERSION = 2  # 2: one tensor per dense concept and statistic
 MODES = ("dense", "sparse")
+SPARSE_COLUMNS = ("concept", "layer", "index", "topk", "topk_sum", "topk_sumsq")
+DENSE_DTYPES = {"sum": torch.float64, "sumsq": torch.float64, "topk_sum": torch.float64, "topk": torch.int32}
+RERUN = "rerun `mmn find` into the folder (--overwrite to start again)"  # the fix for a damaged run
 
 
 class NeuronStats:
@@ -149,42 +157,198 @@ class NeuronStats:
 
     @classmethod
     def load(cls, stem: str | Path) -> "NeuronStats":
+        """Read `save`'s pair back; every field and tensor is checked against the index first."""
         try:
             index = json.loads(Path(f"{stem}.json").read_text())
             tensors = load_file(f"{stem}.safetensors")
         except (OSError, ValueError) as e:
             raise MMNError(f"cannot read aggregates '{stem}': {e}") from None
+        if not isinstance(index, dict):
+            raise MMNError(f"'{stem}.json' is not an aggregates index (a JSON object); {RERUN}")
         if index.get("format_version") != FORMAT_VERSION:
             raise MMNError(f"aggregates '{stem}' have format version {index.get('format_version')!r}; "
                            f"this mmn_fast reads version {FORMAT_VERSION}")
+        _check_index(f"{stem}.json", index)
         stats = cls(index["mode"], index["n_layers"], index["d_mlp"])
         words = index["concepts"]
         stats.images = dict(zip(words, index["images"]))
         if stats.mode == "dense":
             for row, w in enumerate(index.get("dense_rows", [])):
-                stats.dense[w] = {k: tensors[f"{row}/{k}"] for k in ("sum", "sumsq", "topk_sum", "topk")}
+                stats.dense[w] = {k: _tensor(tensors, f"{row}/{k}", stem, (stats.n_layers, stats.d_mlp))
+                                  for k in ("sum", "sumsq", "topk_sum", "topk")}
         elif tensors:
-            cols = [tensors[k].tolist() for k in ("concept", "layer", "index", "topk", "topk_sum", "topk_sumsq")]
-            for c, l, i, n, s, ss in zip(*cols):
+            cols = [_tensor(tensors, k, stem, None) for k in SPARSE_COLUMNS]
+            _check_sparse(stem, cols, len(words), stats.n_layers, stats.d_mlp)
+            for c, l, i, n, s, ss in zip(*(c.tolist() for c in cols)):
                 stats.sparse[words[c]][(l, i)] = [n, s, ss]
         return stats
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_index(name: str, index: dict) -> None:
+    """The fields of an aggregates index, before any is used."""
+    def bad(field, want):
+        raise MMNError(f"'{name}': field '{field}' must be {want}, got {index.get(field)!r:.80}; {RERUN}")
+
+    if index.get("mode") not in MODES:
+        bad("mode", "'dense' or 'sparse'")
+    for key in ("n_layers", "d_mlp"):
+        if not _is_int(index.get(key)) or index[key] < 0:
+            bad(key, "an integer >= 0")
+    words, images = index.get("concepts"), index.get("images")
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words) or len(set(words)) != len(words):
+        bad("concepts", "a list of distinct words")
+    if not isinstance(images, list) or len(images) != len(words) or not all(_is_int(n) and n >= 0 for n in images):
+        bad("images", f"a list of {len(words)} image counts (one per concept)")
+    rows = index.get("dense_rows", [])
+    if not isinstance(rows, list) or not set(rows) <= set(words) or len(set(rows)) != len(rows):
+        bad("dense_rows", "a list of distinct words of 'concepts'")
+
+
+def _tensor(tensors: dict, key: str, stem, shape: tuple | None) -> torch.Tensor:
+    t = tensors.get(key)
+    want = DENSE_DTYPES.get(key.rpartition("/")[2]) if shape else None
+    if t is None or (shape and (tuple(t.shape) != shape or t.dtype != want)) or (not shape and t.dim() != 1):
+        got = "missing" if t is None else f"{t.dtype} {tuple(t.shape)}"
+        need = f"{want} {shape}" if shape else "a column"
+        raise MMNError(f"'{stem}.safetensors': tensor '{key}' is {got}, where its index needs {need}; {RERUN}")
+    return t
+
+
+def _check_sparse(stem, cols: list[torch.Tensor], n_words: int, n_layers: int, d_mlp: int) -> None:
+    """Sparse columns: one length, concept rows and neuron coordinates in range."""
+    if len({len(c) for c in cols}) != 1 or any(c.dtype.is_floating_point for c in cols[:4]):
+        raise MMNError(f"'{stem}.safetensors': the sparse columns differ in length, or a count or coordinate "
+                       f"column is not integer; {RERUN}")
+    for col, (name, hi) in zip(cols, (("concept", n_words), ("layer", n_layers), ("index", d_mlp))):
+        if len(col) and (int(col.min()) < 0 or (hi and int(col.max()) >= hi)):
+            raise MMNError(f"'{stem}.safetensors': column '{name}' holds values outside 0..{hi - 1}; {RERUN}")
+
+
+def inside_run(root: str | Path, path: str | Path) -> bool:
+    """Whether the real path of `path` (links and `..` resolved) lies inside the run directory `root`."""
+    base = os.path.realpath(root)
+    return os.path.commonpath([os.path.realpath(path), base]) == base
+
+
+def outside_run(root: str | Path, path: str | Path) -> str | None:
+    """Why `path`, a file the run directory `root` points to, may not be read through the run (None
+    when it may): it must be a regular file whose real path lies inside `root` (a link or `..` to a
+    file elsewhere would put that file into a report, a merge or a shared folder)."""
+    if not inside_run(root, path):
+        return "leads outside the run directory"
+    if not os.path.exists(path):
+        return "does not exist"
+    if not os.path.isfile(path):
+        return "is not a regular file"
+    return None
+
+
+def run_file(root: str | Path, path: str | Path) -> Path:
+    """`path` when `outside_run` allows it, else MMNError naming the file (and where a link leads)."""
+    why = outside_run(root, path)
+    if why:
+        real = os.path.realpath(path)
+        to = f" (to '{real}')" if real != os.path.abspath(path) else ""
+        raise MMNError(f"'{path}' {why}{to}: a run reads only its own files (put the file itself there), or {RERUN}")
+    return Path(path)
+
+
+# run.json fields other modules use: (key, types, what); None is allowed for every one
+_RUN_FIELDS = (("model", str, "a string"), ("adapter", dict, "an object"), ("options", dict, "an object"),
+               ("totals", dict, "an object"), ("weight_fingerprint", str, "a string"),
+               ("format_version", int, "an integer"), ("seconds", (int, float), "a number"))
+_OPTION_TYPES = {"prompt": (str,), "prefix": (str, type(None)), "activation": (str,), "top_k": (int,),
+                 "max_new_tokens": (int,), "fold_final_norm": (bool,)}
+
+
+def check_run_json(name, run) -> None:
+    """The run.json fields the library reads: their types, and positive model sizes."""
+    if not isinstance(run, dict):
+        raise MMNError(f"'{name}' is not a run.json of mmn find (a JSON object; got {type(run).__name__}); {RERUN}")
+    for key, types, what in _RUN_FIELDS:
+        v = run.get(key)
+        if v is not None and (not isinstance(v, types) or isinstance(v, bool)):
+            raise MMNError(f"'{name}': field '{key}' must be {what}, got {v!r:.80}; {RERUN}")
+    for key in ("n_layers", "d_mlp"):
+        v = (run.get("adapter") or {}).get(key)
+        if v is not None and (not _is_int(v) or v < 1):
+            raise MMNError(f"'{name}': field 'adapter.{key}' must be an integer >= 1, got {v!r:.80}; {RERUN}")
+    for key, v in (run.get("totals") or {}).items():
+        if not _is_int(v) or v < 0:
+            raise MMNError(f"'{name}': field 'totals.{key}' must be an integer >= 0, got {v!r:.80}; {RERUN}")
+    for key, types in _OPTION_TYPES.items():
+        v = (run.get("options") or {}).get(key)
+        if v is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+            raise MMNError(f"'{name}': field 'options.{key}' must be {' or '.join(t.__name__ for t in types)}, "
+                           f"got {v!r:.80}; {RERUN}")
+
+
+def check_record(rec, where: str, n_layers: int | None = None, d_mlp: int | None = None) -> dict:
+    """A results.jsonl record as readers use it (id, image, caption, output_ids, each concept's word,
+    token, step and [layer, index, score] neurons, in range when the model's sizes are known); `where`:
+    the file and line, for the message. Returns the record."""
+    def bad(field, want, got):
+        raise MMNError(f"{where}: field '{field}' must be {want}, got {got!r:.80}; {RERUN}")
+
+    if not isinstance(rec, dict):
+        raise MMNError(f"{where} is not a result record (a JSON object); {RERUN}")
+    for key, types, what in (("id", (str, int), "a string"), ("image", str, "a string"), ("caption", str, "a string"),
+                             ("output_ids", list, "a list of token ids"), ("concepts", list, "a list")):
+        if not isinstance(rec.get(key), types):
+            bad(key, what, rec.get(key))
+    if not all(_is_int(t) for t in rec["output_ids"]):
+        bad("output_ids", "a list of token ids", rec["output_ids"])
+    span = (f"layer in 0..{n_layers - 1}" if n_layers else "layer >= 0") + " and " + \
+        (f"index in 0..{d_mlp - 1}" if d_mlp else "index >= 0")
+    n_layers, d_mlp = n_layers or float("inf"), d_mlp or float("inf")
+    for j, c in enumerate(rec["concepts"]):
+        if not (isinstance(c, dict) and isinstance(c.get("word"), str) and _is_int(c.get("token_id"))
+                and _is_int(c.get("step")) and isinstance(c.get("neurons"), list)):
+            bad(f"concepts[{j}]", "an object with word, token_id, step and neurons", c)
+        for k, x in enumerate(c["neurons"]):
+            if not (type(x) is list and len(x) >= 2 and type(x[0]) is int and type(x[1]) is int
+                    and 0 <= x[0] < n_layers and 0 <= x[1] < d_mlp):
+                bad(f"concepts[{j}].neurons[{k}]", f"[layer, index, score] with {span}", x)
+    return rec
+
+
 class Results:
-    """A finished `find` run directory: `open_results(DIR)`."""
+    """A finished `find` run directory: `open_results(DIR)`. Every file is read through `run_file`
+    and checked (run.json at once, the rest when first used)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        run_json = self.file("run.json")
         try:
-            self.run = json.loads((self.path / "run.json").read_text())
+            self.run = json.loads(run_json.read_text())
         except (OSError, ValueError):
             raise MMNError(f"'{self.path}' is not a finished find run (no readable run.json)") from None
+        check_run_json(run_json, self.run)
+        adapter = self.run.get("adapter") or {}
+        self.sizes = (adapter.get("n_layers"), adapter.get("d_mlp"))  # None where run.json does not say
         self._stats = None
+
+    def file(self, name: str) -> Path:
+        """DIR/name; when it exists (or is a link) it must be a regular file inside the run (`run_file`).
+        A missing file is left to the reader (an OSError, as before)."""
+        path = self.path / name
+        return run_file(self.path, path) if os.path.lexists(path) else path
 
     @property
     def stats(self) -> NeuronStats:
         if self._stats is None:
-            self._stats = NeuronStats.load(self.path / "aggregates")
+            for name in ("aggregates.json", "aggregates.safetensors"):
+                self.file(name)
+            stats = NeuronStats.load(self.path / "aggregates")
+            n_layers, d_mlp = self.sizes
+            if None not in self.sizes and (stats.n_layers, stats.d_mlp) != self.sizes:
+                raise MMNError(f"'{self.path / 'aggregates.json'}' is for {stats.n_layers} x {stats.d_mlp} neurons, "
+                               f"run.json for {n_layers} x {d_mlp}; {RERUN}")
+            self._stats = stats
         return self._stats
 
     @property
@@ -205,14 +369,29 @@ class Results:
         return st.dense[word]["sum"] / st.images[word]
 
     def __iter__(self):
-        """The result records (dicts) of results.jsonl, streamed."""
-        with open(self.path / "results.jsonl") as f:
-            for line in f:
-                yield json.loads(line)
+        """The result records (dicts) of results.jsonl, streamed, each checked (`check_record`)."""
+        path = self.file("results.jsonl")
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                yield check_record(self._line(path, n, line), f"'{path}' line {n}", *self.sizes)
 
     def skipped(self) -> list[dict]:
-        p = self.path / "skipped.jsonl"
-        return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
+        p = self.file("skipped.jsonl")
+        if not p.is_file():
+            return []
+        recs = [self._line(p, n, line) for n, line in enumerate(p.read_text().splitlines(), 1)]
+        bad = next((n for n, r in enumerate(recs, 1) if not isinstance(r, dict)), None)
+        if bad:
+            raise MMNError(f"'{p}' line {bad} is not a skipped-sample record (a JSON object); {RERUN}")
+        return recs
+
+    @staticmethod
+    def _line(path: Path, n: int, line: str):
+        try:
+            return json.loads(line)
+        except ValueError as e:
+            raise MMNError(f"'{path}' line {n} is not valid JSON ({e.msg}; the file may be cut short); "
+                           f"{RERUN}") from None
 
 
 def open_results(path: str | Path) -> Results:

@@ -13,6 +13,7 @@ import transformers
 
 from .. import __version__
 from ..errors import MMNError
+from .aggregate import outside_run
 
 
 def library_versions() -> dict[str, str]:
@@ -32,14 +33,16 @@ def model_name(engine) -> str:
 
 
 def run_fingerprint(res) -> str | None:
-    """The weight fingerprint a find run recorded (run.json, else DIR/parts/config.json)."""
+    """The weight fingerprint a find run recorded (run.json, else DIR/parts/config.json when that is
+    a regular file inside the run)."""
     fp = res.run.get("weight_fingerprint")
-    if not fp:
+    config = Path(res.path) / "parts" / "config.json"
+    if not fp and outside_run(res.path, config) is None:
         try:
-            fp = json.loads((Path(res.path) / "parts" / "config.json").read_text()).get("weight_fingerprint")
+            fp = json.loads(config.read_text()).get("weight_fingerprint")
         except (OSError, ValueError, AttributeError):
             fp = None
-    return fp or None
+    return fp if isinstance(fp, str) and fp else None
 
 
 def check_run_model(res, engine, what: str = "this run") -> str | None:

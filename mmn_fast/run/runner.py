@@ -10,7 +10,8 @@ its aggregates and a state file (how far each shard got, and the part files' byt
 atomically (see mmn_fast.run.parts); never inside a streak of batches the model failed on, so that
 a run stopped by a model-wide error (MAX_FAILED_BATCHES) redoes the whole streak when rerun. A rank
 killed at any moment restarts from its last state: part files are cut back to the recorded
-lengths and reading resumes at the recorded positions, so no image is lost or counted twice. When
+lengths (after checking the state against them; a mismatch changes nothing) and reading resumes at
+the recorded positions, so no image is lost or counted twice. Nothing is written outside DIR. When
 every rank is done, rank 0 concatenates the parts in shard order into `results.jsonl` /
 `skipped.jsonl`, merges the aggregates, and writes `concepts.json` and, last, `run.json`.
 """
@@ -34,7 +35,7 @@ from ..find.engine import Engine, FindOptions
 from ..find.heatmap import write_heatmaps
 from ..find.results import neuron_label
 from ..io import write_json
-from .aggregate import NeuronStats
+from .aggregate import NeuronStats, run_file
 from .corpus import Corpus, Sample, ShardEnd, iter_samples, open_corpus
 from .parts import RankState, join_parts, merge_ranks
 from .runinfo import library_versions
@@ -123,10 +124,11 @@ def check_run(images: str | Path, out_dir: str | Path, settings: RunSettings, op
     if settings.overwrite:
         return
     cfg_path = out / "parts" / "config.json"
+    _check_own_folders(out, settings.heatmaps)
     if cfg_path.is_file():
         world = 1 if settings.world is None else settings.world
         config = _config(None, corpus, options, settings, world)
-        _compare(out, json.loads(cfg_path.read_text()), config, ignore=("weight_fingerprint",))
+        _compare(out, _read_config(out, cfg_path), config, ignore=("weight_fingerprint",))
     else:
         why = _finished_without_parts(out)
         if why:
@@ -149,11 +151,11 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, settings
     corpus = open_corpus(images, shard_size=settings.shard_size)
     out = _out_dir(out_dir, create=rank == 0)
     config = _config(engine.fingerprint, corpus, options, settings, world)
-    parts = _prepare(out, config, settings.overwrite, rank, world)
+    parts = _prepare(out, config, settings.overwrite, rank, world, settings.heatmaps)
     ad = engine.adapter
     state = RankState(parts, rank, world, NeuronStats(settings.aggregate, ad.n_layers, ad.d_mlp))
-    state.restore()
     mine = list(range(rank, corpus.n_shards, world))
+    state.restore(mine)
     state.forget_unrecorded(mine)
     todo = [s for s in mine if not state.shards.get(s, {}).get("complete")]
     starts = {s: state.shards[s]["done"] for s in todo if s in state.shards}
@@ -304,6 +306,8 @@ def _remove_run(out: Path) -> None:
     when the folder holds a run: a heatmaps/ or report.html of the user's own stays."""
     if not ((out / "parts" / "config.json").is_file() or (out / "run.json").is_file()):
         return
+    if (out / "parts").is_symlink():  # rmtree refuses a link: remove the link, never its target
+        (out / "parts").unlink()
     shutil.rmtree(out / "parts", ignore_errors=True)
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
@@ -315,13 +319,39 @@ def _remove_run(out: Path) -> None:
             shutil.rmtree(path)
 
 
-def _prepare(out: Path, config: dict, overwrite: bool, rank: int, world: int) -> Path:
+def _check_own_folders(out: Path, heatmaps: str | None) -> None:
+    """DIR/parts (and, when maps are written, DIR/heatmaps and its per-image folders) must be folders
+    inside the run, not links to folders elsewhere: a run never writes outside its directory."""
+    folders = [out / "parts"]
+    if heatmaps and (out / "heatmaps").is_dir() and not (out / "heatmaps").is_symlink():
+        with os.scandir(out / "heatmaps") as entries:  # one per image: the links among them only
+            folders += [Path(e.path) for e in entries if e.is_symlink()]
+    for path in folders + ([out / "heatmaps"] if heatmaps else []):
+        if os.path.lexists(path) and (path.is_symlink() or not path.is_dir()):
+            real = os.path.realpath(path)
+            what = f"a link to '{real}'" if path.is_symlink() else "not a folder"
+            raise MMNError(f"'{path}' is {what}: a run writes only inside its directory; remove it, or rerun with "
+                           "--overwrite to start again")
+
+
+def _read_config(out: Path, cfg_path: Path) -> dict:
+    try:
+        config = json.loads(run_file(out, cfg_path).read_text())
+    except (OSError, ValueError) as e:
+        raise MMNError(f"cannot read '{cfg_path}' ({e}); rerun with --overwrite to start again") from None
+    if not isinstance(config, dict):
+        raise MMNError(f"'{cfg_path}' is not a run config (a JSON object); rerun with --overwrite to start again")
+    return config
+
+
+def _prepare(out: Path, config: dict, overwrite: bool, rank: int, world: int, heatmaps: str | None = None) -> Path:
     """Create DIR/parts with the run's config; refuse to mix results of different options."""
     parts = out / "parts"
     cfg_path = parts / "config.json"
     if rank == 0:
         if overwrite:
             _remove_run(out)
+        _check_own_folders(out, heatmaps)
         if not cfg_path.is_file():
             why = None if overwrite else _finished_without_parts(out)  # --overwrite: replace what is there
             if why:
@@ -329,7 +359,8 @@ def _prepare(out: Path, config: dict, overwrite: bool, rank: int, world: int) ->
             parts.mkdir(parents=True, exist_ok=True)
             write_json(cfg_path, config)
     _barrier(world)
-    _compare(out, json.loads(cfg_path.read_text()), config)
+    _check_own_folders(out, heatmaps)
+    _compare(out, _read_config(out, cfg_path), config)
     return parts
 
 
