@@ -20,6 +20,7 @@ from ..find.heatmap import safe_name
 from ..find.results import neuron_label, parse_neuron
 from ..find.vocab import both_ends, vocab_table
 from ..io import user_cache_dir
+from ..model.inputs import MAX_IMAGE_BYTES
 from ..run.runner import RunSettings, check_run, run_corpus, summary_table
 from .common import add_model_options, check_words_before_loading, deprecated, load_engine
 
@@ -73,6 +74,7 @@ def _run_settings(args: argparse.Namespace, world: int | None = None) -> RunSett
         shard_size=args.shard_size, checkpoint_every=args.checkpoint_every,
         checkpoint_seconds=args.checkpoint_seconds, overwrite=args.overwrite, aggregate=args.aggregate,
         world=world, heatmaps=args.heatmaps, max_failed_batches=args.max_failed_batches,
+        max_image_bytes=args.max_image_bytes,
     )
 
 
@@ -276,6 +278,9 @@ def register(sub) -> None:
     f.add_argument("--checkpoint-seconds", type=float, default=60.0, help="... or this many seconds")
     f.add_argument("--max-failed-batches", type=int, default=8,
                    help="stop after this many batches in a row with no usable image (0: never stop)")
+    f.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES,
+                   help="skip an image (file, tar member, parquet cell) larger than this many bytes "
+                        f"(default {MAX_IMAGE_BYTES} = {MAX_IMAGE_BYTES >> 20} MiB)")
     f.add_argument("--overwrite", action="store_true", help="discard an existing run in --out and start again")
     f.add_argument("--aggregate", default="dense", choices=["dense", "sparse"],
                    help="per-concept statistics of every neuron (dense) or of top-k neurons only (sparse)")

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import copy
+import io
+import os
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -11,6 +16,10 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import MMNError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Bytes read for one image (a file, a tar member, a parquet cell): `mmn find --max-image-bytes`.
+MAX_IMAGE_BYTES = 64 << 20
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
 @dataclass
@@ -20,16 +29,107 @@ class ImageItem:
     caption: str | None = None
 
 
-def load_image(item: ImageItem | str):
-    """PIL RGB image; a missing or corrupt file is one clear error naming it."""
-    path = item.image if isinstance(item, ImageItem) else item
+def file_kind(mode: int) -> str | None:
+    """None for a regular file, else what it is ('a FIFO (named pipe)', 'a directory', ...)."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _NOT_REGULAR if test(mode)), "a special file")
+
+
+def not_regular(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be read as a file ('not found', 'is a FIFO (named pipe), not a regular file',
+    ...), else None. Checked before opening: opening a FIFO blocks until a writer comes, and a
+    device such as /dev/zero never ends."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise MMNError(f"image '{path}' not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise MMNError(f"cannot read image '{path}' ({type(e).__name__}: {e}); check it is a valid image file") from None
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return "not found"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    kind = file_kind(st.st_mode)
+    return None if kind is None else f"is {kind}, not a regular file"
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """`path` opened for binary reading if it is a regular file, else MMNError saying what it is.
+    Opened without blocking and checked again on the open file, so that a FIFO put in its place
+    after the first check cannot hang the read. OSError as open() raises it (FileNotFoundError ...)."""
+    why = not_regular(path)
+    if why is not None and why != "not found":
+        raise MMNError(f"'{os.fspath(path)}' {why}")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    f = os.fdopen(fd, "rb")
+    kind = file_kind(os.fstat(fd).st_mode)
+    if kind is not None:
+        f.close()
+        raise MMNError(f"'{os.fspath(path)}' is {kind}, not a regular file")
+    return f
+
+
+def too_big(size: int, max_bytes: int) -> str:
+    return f"{size:,} bytes, over the limit of {max_bytes:,} bytes per image (--max-image-bytes)"
+
+
+def read_image_file(path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES) -> tuple[bytes | None, str | None]:
+    """(the bytes of an image file, None), or (None, why not: missing, not a regular file, over
+    `max_bytes`, unreadable). Never reads more than max_bytes + 1 bytes."""
+    try:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            data = f.read(max_bytes + 1) if size <= max_bytes else b""
+    except (FileNotFoundError, NotADirectoryError):
+        return None, f"missing file: {path}"
+    except MMNError as e:
+        return None, str(e)
+    except OSError as e:
+        return None, f"cannot read {path} ({type(e).__name__}: {e.strerror or e})"
+    if size > max_bytes or len(data) > max_bytes:
+        return None, f"file too large: {path} is {too_big(max(size, len(data)), max_bytes)}"
+    return data, None
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """A fully loaded RGB image from encoded bytes. Pillow's decompression-bomb warning (more pixels
+    than Image.MAX_IMAGE_PIXELS) is an error here, like its DecompressionBombError at twice that:
+    an image that decodes to gigabytes is refused before it is decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                rgb = im.convert("RGB")
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise ValueError(f"too many pixels to decode: {e}") from None
+    rgb.load()
+    return rgb
+
+
+def decode_image_bytes(data: bytes, max_bytes: int = MAX_IMAGE_BYTES) -> tuple[Image.Image | None, str | None]:
+    """(RGB PIL image, None) or (None, why it cannot be decoded): over max_bytes, unrecognised,
+    corrupt, truncated, too many pixels. Never raises."""
+    if len(data) > max_bytes:
+        return None, f"image too large: {too_big(len(data), max_bytes)}"
+    try:
+        return decode_rgb(data), None
+    except UnidentifiedImageError:
+        return None, "cannot decode image (unrecognised or corrupt image data)"
+    except Exception as e:  # noqa: BLE001 - corrupt, truncated, unsupported, decompression bomb ...
+        return None, f"cannot decode image ({type(e).__name__}: {e})"
+
+
+def load_image(item: ImageItem | str, max_bytes: int = MAX_IMAGE_BYTES):
+    """PIL RGB image; a missing, non-regular (FIFO, device), oversized or corrupt file is one clear
+    error naming it."""
+    path = item.image if isinstance(item, ImageItem) else item
+    why = not_regular(path)
+    if why is not None:
+        raise MMNError(f"image '{path}' {why}")
+    data, why = read_image_file(path, max_bytes)
+    if data is None:
+        raise MMNError(f"cannot read image '{path}' ({why})")
+    image, why = decode_image_bytes(data, max_bytes)
+    if image is None:
+        raise MMNError(f"cannot read image '{path}': {why}; check it is a valid image file")
+    return image
 
 
 def as_image(x):

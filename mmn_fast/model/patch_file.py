@@ -30,6 +30,7 @@ from transformers import core_model_loading
 from .. import __version__
 from ..errors import MMNError
 from ..io import save_safetensors, tensor_fingerprint
+from .inputs import not_regular
 
 FORMAT = "mmn-patch"
 FORMAT_VERSION = "1"
@@ -229,8 +230,9 @@ def _check_entry(path, layer: int, info, base: dict, indices: torch.Tensor, vect
 def load_patch(path: str | Path) -> Patch:
     """Read and validate a patch file; a malformed or hostile file raises PatchError and executes nothing."""
     path = Path(path)
-    if not path.is_file():
-        raise PatchError(f"patch file '{path}' not found")
+    why = not_regular(path)  # a FIFO would block, /dev/zero never end: only a regular file is opened
+    if why:
+        raise PatchError(f"patch file '{path}' {why}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +36,10 @@ from ..find.engine import Engine, FindOptions
 from ..find.heatmap import write_heatmaps
 from ..find.results import neuron_label
 from ..io import write_json
+from ..model.inputs import MAX_IMAGE_BYTES
 from .aggregate import NeuronStats, run_file
 from .corpus import Corpus, Sample, ShardEnd, iter_samples, open_corpus
+from .corpus.base import FINGERPRINT_VERSION
 from .parts import RankState, join_parts, merge_ranks
 from .runinfo import library_versions
 
@@ -51,6 +54,8 @@ KEY_FORMAT = 2
 RUN_FILES = ("results.jsonl", "skipped.jsonl", "concepts.json", "run.json", "aggregates.json",
              "aggregates.safetensors", "metrics.json", "report.html")
 RUN_DIRS = ("heatmaps",)
+# What the config records of the corpus' content (Corpus.fingerprint) and the keys that follow from it.
+CORPUS_STATE = ("corpus_fingerprint", "n_shards", "corpus_size")
 
 
 @dataclass
@@ -66,7 +71,8 @@ class RunSettings:
     concept's heatmap and mask per image into DIR/heatmaps/<id>/ (see mmn_fast.explain.write_heatmaps).
     max_failed_batches: stop after this many batches in a row in which no image could be scored (a
     model-wide error; the rerun redoes them); 0: never stop, skip them all (images the model truly
-    rejects, many in a row)."""
+    rejects, many in a row). max_image_bytes: the most bytes read for one image (a file, a tar
+    member, a parquet cell); a larger one is skipped."""
     teacher_forced: bool = False
     progress: bool = True
     num_workers: int = 0
@@ -79,12 +85,16 @@ class RunSettings:
     world: int | None = None
     heatmaps: str | None = None
     max_failed_batches: int = MAX_FAILED_BATCHES
+    max_image_bytes: int = MAX_IMAGE_BYTES
 
     def validate(self) -> None:
         if self.aggregate not in ("dense", "sparse"):
             raise MMNError(f"--aggregate must be 'dense' or 'sparse', got {self.aggregate!r}")
         if self.max_failed_batches < 0:
             raise MMNError(f"--max-failed-batches must be 0 (never stop) or more, got {self.max_failed_batches}")
+        if isinstance(self.max_image_bytes, bool) or not isinstance(self.max_image_bytes, int) \
+                or self.max_image_bytes < 1:
+            raise MMNError(f"--max-image-bytes must be a positive number of bytes, got {self.max_image_bytes!r}")
 
 
 _SETTINGS = frozenset(f.name for f in dataclasses.fields(RunSettings))
@@ -120,7 +130,7 @@ def check_run(images: str | Path, out_dir: str | Path, settings: RunSettings, op
         resolve_mode(options.concepts)  # an empty word list; the words themselves need the tokenizer
     settings.validate()
     out = _out_dir(out_dir, create=False)
-    corpus = open_corpus(images, shard_size=settings.shard_size)
+    corpus = open_corpus(images, shard_size=settings.shard_size, max_image_bytes=settings.max_image_bytes)
     if settings.overwrite:
         return
     cfg_path = out / "parts" / "config.json"
@@ -148,7 +158,7 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, settings
         if not (dist.is_available() and dist.is_initialized()):
             raise MMNError(f"rank {rank} of {world}: no torch.distributed process group; run through `mmn find "
                            "--nproc N` or torchrun `-m mmn_fast find`, or call init_process_group() first")
-    corpus = open_corpus(images, shard_size=settings.shard_size)
+    corpus = open_corpus(images, shard_size=settings.shard_size, max_image_bytes=settings.max_image_bytes)
     out = _out_dir(out_dir, create=rank == 0)
     config = _config(engine.fingerprint, corpus, options, settings, world)
     parts = _prepare(out, config, settings.overwrite, rank, world, settings.heatmaps)
@@ -245,14 +255,18 @@ def _barrier(world: int) -> None:
 def _config(fingerprint: str | None, corpus: Corpus, opts: FindOptions, settings: RunSettings, world: int) -> dict:
     """What a resumed run must share with the run it resumes, as its JSON copy (tuples become lists).
     corpus: the absolute spec (Corpus.identity), so the same corpus typed another way, or from
-    another working directory, is recognised, and another corpus under the same relative path is not."""
+    another working directory, is recognised, and another corpus under the same relative path is not;
+    corpus_fingerprint: its files' names, sizes and mtimes (Corpus.fingerprint), so that a corpus
+    changed under the same path is too."""
     config = {"corpus": corpus.identity, "kind": corpus.kind, "n_shards": corpus.n_shards,
               "corpus_size": corpus.size(), "shard_size": settings.shard_size,
               "options": dataclasses.asdict(opts), "teacher_forced": settings.teacher_forced,
               "aggregate": settings.aggregate, "world_size": world, "weight_fingerprint": fingerprint,
-              "key_format": KEY_FORMAT}
+              "key_format": KEY_FORMAT, "corpus_fingerprint": corpus.fingerprint()}
     if settings.heatmaps:
         config["heatmaps"] = settings.heatmaps
+    if settings.max_image_bytes != MAX_IMAGE_BYTES:  # recorded when not the default, as runs before it had none
+        config["max_image_bytes"] = settings.max_image_bytes
     return json.loads(json.dumps(config))
 
 
@@ -296,9 +310,49 @@ def _compare(out: Path, old: dict, config: dict, ignore: tuple = ()) -> None:
     if "key_format" in diff and "key_format" not in old:
         raise MMNError(f"'{out}' holds a run started by an older mmn_fast, which named samples another way: "
                        "finish it with that version, or add --overwrite to start again")
+    diff = _check_corpus(out, old, config, diff)
     if diff:
         raise MMNError(f"'{out}' holds a run with different settings ({', '.join(diff)}); rerun with the same "
                        "command to resume, or add --overwrite to start again")
+
+
+def _check_corpus(out: Path, old: dict, config: dict, diff: list[str]) -> list[str]:
+    """`diff` less the corpus' content once that is checked: a corpus changed under the same path is
+    refused saying where; a run started before corpora were fingerprinted resumes with a warning."""
+    if "corpus_fingerprint" not in diff:
+        return diff
+    rest = [k for k in diff if k != "corpus_fingerprint"]
+    if "corpus" in diff or "kind" in diff:  # another corpus: its content differs, of course
+        return rest
+    before, now = old.get("corpus_fingerprint"), config.get("corpus_fingerprint")
+    if before is None:
+        warnings.warn(f"'{out}' holds a run started by an older mmn_fast, which did not record the corpus' files: "
+                      "resuming it without checking that the corpus is unchanged", stacklevel=3)
+        return rest
+    if not isinstance(before, dict) or before.get("version") != FINGERPRINT_VERSION:
+        raise MMNError(f"'{out}' holds a run that recorded its corpus another way (fingerprint version "
+                       f"{before.get('version') if isinstance(before, dict) else before!r}): finish it with the "
+                       "mmn_fast that started it, or add --overwrite to start again")
+    others = [k for k in rest if k not in CORPUS_STATE]
+    raise MMNError(f"the corpus '{config['corpus']}' changed since the run in '{out}' started "
+                   f"({_corpus_change(old, config, before, now)})"
+                   + (f", and other settings differ ({', '.join(others)})" if others else "")
+                   + ": rerun with --overwrite to start over, or restore the corpus to resume")
+
+
+def _corpus_change(old: dict, config: dict, before: dict, now: dict) -> str:
+    """What differs between two fingerprints of a corpus, in words."""
+    what = []
+    for key, name in (("n_shards", "shards"), ("corpus_size", "samples")):
+        if old.get(key) != config.get(key) and old.get(key) is not None and config.get(key) is not None:
+            what.append(f"{old[key]} {name}, now {config[key]}")
+    a, b = before.get("shards") or [], now.get("shards") or []
+    changed = [i for i in range(min(len(a), len(b))) if a[i] != b[i]]
+    if changed:
+        shown = ", ".join(map(str, changed[:5])) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        what.append(f"shard(s) {shown} of {len(b)} changed: files or records renamed, added, removed, resized or "
+                    "modified")
+    return "; ".join(what) or "files or records renamed, added, removed, resized or modified"
 
 
 def _remove_run(out: Path) -> None:

@@ -9,8 +9,10 @@ parquet files, single images.
 A corpus is a list of shards; `Corpus.iter_shard(shard, start)` reads one shard from a position
 on, in order, and `iter_samples` reads several in DataLoader worker processes (whole shards per
 worker, images decoded there). A bad sample (missing, corrupt or unsupported image, truncated tar
-member, key without image) is a `Sample` with `error` set, never an exception; a bad spec or a
-malformed manifest line is an `MMNError` from `open_corpus`.
+member, key without image, a file that is not a regular one, more than `max_image_bytes` bytes or
+too many pixels) is a `Sample` with `error` set, never an exception; a bad spec (also a FIFO or a
+device) or a malformed manifest line is an `MMNError` from `open_corpus`. Only regular files are
+opened (a FIFO would block), and no more than `max_image_bytes` is read for one image.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ...errors import MMNError
-from ...model.inputs import IMAGE_EXTENSIONS
+from ...model.inputs import IMAGE_EXTENSIONS, MAX_IMAGE_BYTES, not_regular
 from .base import Corpus, Sample, data_suffix, expand_pattern, has_braces, has_glob, is_image_name
 from .files import FolderCorpus, ImageCorpus, ManifestCorpus
 from .parquet import ParquetCorpus
@@ -38,17 +40,24 @@ _WHAT = ("give a folder of images, a .jsonl or .csv manifest, WebDataset .tar sh
          "or one image")
 
 
-def open_corpus(spec: str | os.PathLike, shard_size: int = 1000) -> Corpus:
-    """The corpus `spec` names; shard_size: samples per shard for folders, manifests and parquet files."""
+def open_corpus(spec: str | os.PathLike, shard_size: int = 1000, max_image_bytes: int = MAX_IMAGE_BYTES) -> Corpus:
+    """The corpus `spec` names; shard_size: samples per shard for folders, manifests and parquet
+    files; max_image_bytes: the most bytes read for one image (file, tar member, parquet cell)."""
     spec = os.fspath(spec)
     if not isinstance(spec, str):
         raise MMNError(f"corpus spec must be a path, got {spec!r}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise MMNError(f"shard_size must be a positive integer, got {shard_size!r}")
+    if isinstance(max_image_bytes, bool) or not isinstance(max_image_bytes, int) or max_image_bytes < 1:
+        raise MMNError(f"max_image_bytes must be a positive number of bytes, got {max_image_bytes!r}")
+    cap = max_image_bytes
     if not os.path.exists(spec) and (has_braces(spec) or has_glob(spec)):
-        return _from_paths(spec, expand_pattern(spec), shard_size)
+        return _from_paths(spec, expand_pattern(spec), shard_size, cap)
     if not os.path.exists(spec):
         raise MMNError(f"corpus '{spec}' does not exist: {_WHAT}")
+    why = None if os.path.isdir(spec) else not_regular(spec)
+    if why:
+        raise MMNError(f"corpus '{spec}' {why}: give a folder or a regular file")
     if os.path.isdir(spec):
         names = [n for n in os.listdir(spec) if not n.startswith(".")]
         tars = sorted(n for n in names if data_suffix(n) == ".tar" and os.path.isfile(os.path.join(spec, n)))
@@ -56,28 +65,28 @@ def open_corpus(spec: str | os.PathLike, shard_size: int = 1000) -> Corpus:
         images = [n for n in names if is_image_name(n)]
         # img2dataset folders hold, beside the .tar shards, .parquet metadata and _stats.json files.
         if tars and not images:
-            return WebDatasetCorpus(spec, [os.path.join(spec, n) for n in tars])
+            return WebDatasetCorpus(spec, [os.path.join(spec, n) for n in tars], cap)
         if parquets and not images:
-            return ParquetCorpus(spec, [os.path.join(spec, n) for n in parquets], shard_size)
-        return FolderCorpus(spec, spec, shard_size)
+            return ParquetCorpus(spec, [os.path.join(spec, n) for n in parquets], shard_size, cap)
+        return FolderCorpus(spec, spec, shard_size, cap)
     suffix = data_suffix(spec)
     if suffix == ".tar":
-        return WebDatasetCorpus(spec, [spec])
+        return WebDatasetCorpus(spec, [spec], cap)
     if suffix == ".parquet":
-        return ParquetCorpus(spec, [spec], shard_size)
+        return ParquetCorpus(spec, [spec], shard_size, cap)
     if suffix in _MANIFEST_SUFFIXES:
-        return ManifestCorpus(spec, spec, shard_size)
+        return ManifestCorpus(spec, spec, shard_size, cap)
     if suffix in IMAGE_EXTENSIONS:
-        return ImageCorpus(spec, spec)
+        return ImageCorpus(spec, spec, cap)
     raise MMNError(f"'{spec}' is not a corpus mmn_fast reads (suffix '{suffix or Path(spec).name}'): {_WHAT}")
 
 
-def _from_paths(spec: str, paths: list[str], shard_size: int) -> Corpus:
+def _from_paths(spec: str, paths: list[str], shard_size: int, cap: int) -> Corpus:
     kinds = {data_suffix(p) for p in paths}
     if kinds == {".tar"}:
-        return WebDatasetCorpus(spec, paths)
+        return WebDatasetCorpus(spec, paths, cap)
     if kinds == {".parquet"}:
-        return ParquetCorpus(spec, paths, shard_size)
+        return ParquetCorpus(spec, paths, shard_size, cap)
     raise MMNError(f"'{spec}' matches {len(paths)} file(s) of kinds {sorted(kinds)}: a pattern must name only "
                    ".tar shards or only .parquet files")
 

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import glob
-import io
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ...errors import MMNError
-from ...model.inputs import IMAGE_EXTENSIONS
+from ...model.inputs import (IMAGE_EXTENSIONS, MAX_IMAGE_BYTES, decode_image_bytes, not_regular, open_regular,
+                             read_image_file)
 
 DATA_EXTRA = "pip install 'mmn_fast[data]'"
 
@@ -20,6 +22,8 @@ DATA_EXTRA = "pip install 'mmn_fast[data]'"
 UNSUPPORTED_IMAGE_EXTENSIONS = (".avif", ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".jpx", ".svg", ".ico",
                                 ".ppm", ".pgm", ".pbm", ".pnm", ".psd", ".tga", ".exr", ".hdr", ".dng",
                                 ".cr2", ".nef", ".arw", ".raw")
+# How `Corpus.fingerprint` describes a corpus; a run recorded under another version is not compared.
+FINGERPRINT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -45,15 +49,17 @@ class Corpus:
 
     spec: what the user passed; identity: `spec` made absolute (see `absolute_spec`), the same
     whatever the working directory it was given in and however it was spelt ('./data' or 'data');
-    kind: "folder" | "manifest" | "webdataset" | "parquet" | "image"; n_shards: number of shards.
+    kind: "folder" | "manifest" | "webdataset" | "parquet" | "image"; n_shards: number of shards;
+    max_image_bytes: the most bytes read for one image (a larger one is a bad sample).
     A corpus holds no open files and pickles cheaply.
     """
     kind: str = ""
 
-    def __init__(self, spec: str, n_shards: int):
+    def __init__(self, spec: str, n_shards: int, max_image_bytes: int = MAX_IMAGE_BYTES):
         self.spec = spec
         self.identity = absolute_spec(spec)
         self.n_shards = n_shards
+        self.max_image_bytes = max_image_bytes
 
     def shard_name(self, shard: int) -> str:
         raise NotImplementedError
@@ -80,6 +86,24 @@ class Corpus:
         """
         raise NotImplementedError
 
+    def stamps(self, shard: int) -> Iterator[list]:
+        """What `shard` holds, as JSON-able lists (file names, sizes, modification times, records),
+        found without reading any image: `fingerprint` hashes them."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict:
+        """{"version", "digest" (sha256 of every shard's stamps), "shards" (8 hex digits per shard)}:
+        a resumed run compares it with the one recorded when it started, so that a file renamed,
+        added, removed, resized or rewritten since is found (and where) rather than mixed in."""
+        whole, shards = hashlib.sha256(), []
+        for s in range(self.n_shards):
+            h = hashlib.sha256()
+            for entry in self.stamps(s):
+                h.update(json.dumps(entry).encode() + b"\n")
+            whole.update(h.digest())
+            shards.append(h.hexdigest()[:8])
+        return {"version": FINGERPRINT_VERSION, "digest": whole.hexdigest(), "shards": shards}
+
     def _check(self, shard: int, start: int) -> None:
         if not 0 <= shard < self.n_shards:
             raise IndexError(f"shard {shard} out of range: {self.spec!r} has {self.n_shards} shards")
@@ -91,21 +115,24 @@ class Corpus:
 
 
 # ---------------------------------------------------------------------------------------- images
-def decode_image(data: bytes | None = None, path: str | os.PathLike | None = None):
-    """(RGB PIL image, None) or (None, error message). Never raises."""
+def decode_image(data: bytes | None = None, path: str | os.PathLike | None = None,
+                 max_bytes: int = MAX_IMAGE_BYTES):
+    """(RGB PIL image, None) or (None, error message), from bytes or a file. Only a regular file is
+    read (a FIFO or a device is an error, never a hang) and no more than `max_bytes` of it. Never raises."""
+    if data is None:
+        data, error = read_image_file(path, max_bytes)
+        if data is None:
+            return None, error
+    return decode_image_bytes(data, max_bytes)
+
+
+def file_stamp(path: str | os.PathLike) -> list:
+    """[size, mtime in ns] of a file (following links), or [None, None] if it cannot be stat'ed."""
     try:
-        with Image.open(io.BytesIO(data) if data is not None else path) as im:
-            rgb = im.convert("RGB")
-        rgb.load()
-        return rgb, None
-    except FileNotFoundError:
-        return None, f"missing file: {path}"
-    except IsADirectoryError:
-        return None, f"not a file: {path}"
-    except UnidentifiedImageError:
-        return None, "cannot decode image (unrecognised or corrupt image data)"
-    except Exception as e:  # corrupt, truncated, unsupported, decompression bomb ...
-        return None, f"cannot decode image ({type(e).__name__}: {e})"
+        st = os.stat(path)
+    except OSError:
+        return [None, None]
+    return [st.st_size, st.st_mtime_ns]
 
 
 def image_error_for_extension(name: str) -> str | None:
@@ -120,13 +147,15 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def read_text(path: str | os.PathLike) -> str | None:
-    """A caption file's stripped text; None if it cannot be read."""
+def read_text(path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES) -> str | None:
+    """A caption file's stripped text; None if it cannot be read, is not a regular file or holds
+    more than `max_bytes`."""
     try:
-        with open(path, "rb") as f:
-            return f.read().decode("utf-8", errors="replace").strip()
-    except OSError:
+        with open_regular(path) as f:
+            data = f.read(max_bytes + 1)
+    except (OSError, MMNError):
         return None
+    return data.decode("utf-8", errors="replace").strip() if len(data) <= max_bytes else None
 
 
 # ------------------------------------------------------------------------------------ spec paths
@@ -198,6 +227,10 @@ def expand_pattern(spec: str) -> list[str]:
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise MMNError(f"'{spec}' names {len(missing)} file(s) that do not exist ({shown}); fix the pattern")
+    odd = [(p, why) for p, why in ((p, not_regular(p)) for p in paths) if why]
+    if odd:
+        raise MMNError(f"'{spec}' names {len(odd)} file(s) that cannot be read as shards (first: '{odd[0][0]}' "
+                       f"{odd[0][1]}); name regular files only")
     if not paths:
         raise MMNError(f"no files match '{spec}'")
     return paths

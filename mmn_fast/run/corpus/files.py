@@ -8,11 +8,17 @@ from pathlib import Path
 from typing import Iterator
 
 from ...errors import MMNError
-from ...model.inputs import IMAGE_EXTENSIONS
-from .base import Corpus, Sample, decode_image, image_error_for_extension, is_image_name, read_text, unique_keys
+from ...model.inputs import IMAGE_EXTENSIONS, MAX_IMAGE_BYTES, not_regular, open_regular
+from .base import (Corpus, Sample, decode_image, file_stamp, image_error_for_extension, is_image_name, read_text,
+                   unique_keys)
+
+# The most bytes of one manifest line (a record: image path, caption, id), so that a file without
+# line breaks is an error, not all of it in memory.
+MAX_LINE_BYTES = 1 << 20
 
 
-def _file_sample(shard: int, position: int, key: str, path: str, caption: str | None, decode: bool) -> Sample:
+def _file_sample(shard: int, position: int, key: str, path: str, caption: str | None, decode: bool,
+                 max_bytes: int) -> Sample:
     """source: the absolute path, so that results.jsonl's "image" still opens from another working
     directory (`mmn edit --from`, `mmn metrics` read the images back from there)."""
     path = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)  # not normalised: '..' after a
@@ -21,9 +27,10 @@ def _file_sample(shard: int, position: int, key: str, path: str, caption: str | 
     image = None
     if error is None:
         if decode:
-            image, error = decode_image(path=path)
-        elif not os.path.isfile(path):
-            error = f"missing file: {path}"
+            image, error = decode_image(path=path, max_bytes=max_bytes)
+        else:
+            why = not_regular(path)
+            error = None if why is None else f"missing file: {path}" if why == "not found" else f"'{path}' {why}"
     return Sample(shard, position, key, path, image if error is None else None, caption, error)
 
 
@@ -40,7 +47,7 @@ class FolderCorpus(Corpus):
     """
     kind = "folder"
 
-    def __init__(self, spec: str, root: str, shard_size: int):
+    def __init__(self, spec: str, root: str, shard_size: int, max_image_bytes: int = MAX_IMAGE_BYTES):
         self.root = root
         rel, txt = [], set()
         seen_dirs = set()
@@ -72,7 +79,7 @@ class FolderCorpus(Corpus):
         self._keys = unique_keys(keys)
         self._has_caption = [s in txt for s in stems]
         self._shards = _chunks(len(rel), shard_size)
-        super().__init__(spec, len(self._shards))
+        super().__init__(spec, len(self._shards), max_image_bytes)
 
     def shard_name(self, shard: int) -> str:
         lo, hi = self._shards[shard]
@@ -87,8 +94,18 @@ class FolderCorpus(Corpus):
         lo, hi = self._shards[shard]
         for i in range(lo + start, hi):
             path = os.path.join(self.root, self._rel[i])
-            caption = read_text(os.path.splitext(path)[0] + ".txt") if self._has_caption[i] else None
-            yield _file_sample(shard, i - lo, self._keys[i], path, caption, decode)
+            caption = None
+            if self._has_caption[i]:
+                caption = read_text(os.path.splitext(path)[0] + ".txt", self.max_image_bytes)
+            yield _file_sample(shard, i - lo, self._keys[i], path, caption, decode, self.max_image_bytes)
+
+    def stamps(self, shard: int) -> Iterator[list]:
+        lo, hi = self._shards[shard]
+        for i in range(lo, hi):
+            path = os.path.join(self.root, self._rel[i])
+            yield [self._rel[i], *file_stamp(path)]
+            if self._has_caption[i]:
+                yield [os.path.splitext(self._rel[i])[0] + ".txt", *file_stamp(os.path.splitext(path)[0] + ".txt")]
 
 
 # ------------------------------------------------------------------------------------ one image
@@ -96,9 +113,9 @@ class ImageCorpus(Corpus):
     """One image file: one shard of one sample (key: the file stem; caption: a same-stem .txt)."""
     kind = "image"
 
-    def __init__(self, spec: str, path: str):
+    def __init__(self, spec: str, path: str, max_image_bytes: int = MAX_IMAGE_BYTES):
         self.path = path
-        super().__init__(spec, 1)
+        super().__init__(spec, 1, max_image_bytes)
 
     def shard_name(self, shard: int) -> str:
         return self.path
@@ -110,8 +127,14 @@ class ImageCorpus(Corpus):
         self._check(shard, start)
         if start == 0:
             stem = os.path.splitext(self.path)[0]
-            caption = read_text(stem + ".txt") if os.path.isfile(stem + ".txt") else None
-            yield _file_sample(0, 0, Path(self.path).stem, self.path, caption, decode)
+            caption = read_text(stem + ".txt", self.max_image_bytes) if os.path.isfile(stem + ".txt") else None
+            yield _file_sample(0, 0, Path(self.path).stem, self.path, caption, decode, self.max_image_bytes)
+
+    def stamps(self, shard: int) -> Iterator[list]:
+        stem = os.path.splitext(self.path)[0]
+        yield [os.path.basename(self.path), *file_stamp(self.path)]
+        if os.path.isfile(stem + ".txt"):
+            yield [os.path.basename(stem) + ".txt", *file_stamp(stem + ".txt")]
 
 
 # -------------------------------------------------------------------------------------- manifest
@@ -126,11 +149,14 @@ class _Lines:
         return self
 
     def __next__(self) -> str:
-        raw = self.f.readline()
+        raw = self.f.readline(MAX_LINE_BYTES + 1)
         if not raw:
             raise StopIteration
         self.pos += len(raw)
         self.line_no += 1
+        if len(raw) > MAX_LINE_BYTES:
+            raise MMNError(f"{self.path}:{self.line_no}: line longer than {MAX_LINE_BYTES:,} bytes; a manifest line "
+                           "holds one record (image path, caption, id): is this a manifest?")
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -152,7 +178,7 @@ class ManifestCorpus(Corpus):
     """
     kind = "manifest"
 
-    def __init__(self, spec: str, path: str, shard_size: int):
+    def __init__(self, spec: str, path: str, shard_size: int, max_image_bytes: int = MAX_IMAGE_BYTES):
         self.path = path
         self.base = os.path.dirname(os.path.abspath(path))
         self.csv = path.lower().endswith(".csv")
@@ -163,7 +189,7 @@ class ManifestCorpus(Corpus):
         self._key_override: dict[int, str] = {}  # record index -> key, for repeated image paths
         seen: dict[str, tuple[int, bool]] = {}   # key -> (line, explicit id)
         n = 0
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             for start_pos, line_no, rec in self._records(f):
                 if n % shard_size == 0:
                     self._offsets.append(start_pos)
@@ -184,7 +210,7 @@ class ManifestCorpus(Corpus):
                 n += 1
         if n == 0:
             raise MMNError(f"manifest '{path}' lists no images")
-        super().__init__(spec, len(self._sizes))
+        super().__init__(spec, len(self._sizes), max_image_bytes)
 
     # one pass over the records from the current position of f: (start offset, line number, record)
     def _records(self, f, first_line: int = 1) -> Iterator[tuple[int, int, dict]]:
@@ -266,16 +292,26 @@ class ManifestCorpus(Corpus):
 
     def iter_shard(self, shard: int, start: int = 0, decode: bool = True) -> Iterator[Sample]:
         self._check(shard, start)
+        first = sum(self._sizes[:shard])
+        for position, rec in self._shard_records(shard, start):
+            key = self._key_override.get(first + position) or self._key(rec)[0]
+            yield _file_sample(shard, position, key, self._image_path(rec["image"]), rec["caption"], decode,
+                               self.max_image_bytes)
+
+    def stamps(self, shard: int) -> Iterator[list]:
+        """Each record as written (image, caption, id) and its image file's size and mtime."""
+        for _, rec in self._shard_records(shard, 0):
+            yield [rec["image"], rec["caption"], rec["id"], *file_stamp(self._image_path(rec["image"]))]
+
+    def _shard_records(self, shard: int, start: int) -> Iterator[tuple[int, dict]]:
+        """(position, record) of `shard` from position `start` on, re-read from the manifest."""
         size = self._sizes[shard]
         if start >= size:
             return
-        first = sum(self._sizes[:shard])
-        with open(self.path, "rb") as f:
+        with open_regular(self.path) as f:
             f.seek(self._offsets[shard])
             for position, (_, _, rec) in enumerate(self._records(f, self._first_line[shard])):
                 if position >= size:
                     return
-                if position < start:
-                    continue
-                key = self._key_override.get(first + position) or self._key(rec)[0]
-                yield _file_sample(shard, position, key, self._image_path(rec["image"]), rec["caption"], decode)
+                if position >= start:
+                    yield position, rec

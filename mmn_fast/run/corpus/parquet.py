@@ -5,7 +5,8 @@ import os
 from typing import Iterator
 
 from ...errors import MMNError
-from .base import DATA_EXTRA, Corpus, Sample, decode_image, relative_names
+from ...model.inputs import MAX_IMAGE_BYTES
+from .base import DATA_EXTRA, Corpus, Sample, decode_image, file_stamp, relative_names
 
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp")
 CAPTION_COLUMNS = ("caption", "text")
@@ -73,14 +74,14 @@ class ParquetCorpus(Corpus):
     """
     kind = "parquet"
 
-    def __init__(self, spec: str, paths: list[str], shard_size: int):
+    def __init__(self, spec: str, paths: list[str], shard_size: int, max_image_bytes: int = MAX_IMAGE_BYTES):
         self.files = [_File(p) for p in paths]
         self._shards = [(fi, lo, min(lo + shard_size, f.rows))
                         for fi, f in enumerate(self.files) for lo in range(0, f.rows, shard_size)]
         if not self._shards:
             raise MMNError(f"the parquet file(s) of '{spec}' have no rows")
         self._names = relative_names([f.path for f in self.files], lambda rel: os.path.splitext(rel)[0])
-        super().__init__(spec, len(self._shards))
+        super().__init__(spec, len(self._shards), max_image_bytes)
 
     def _fallback(self, fi: int, row: int) -> str:
         return f"{self._names[fi]}-{row}"
@@ -95,6 +96,10 @@ class ParquetCorpus(Corpus):
     def shard_size(self, shard: int) -> int:
         _, lo, hi = self._shards[shard]
         return hi - lo
+
+    def stamps(self, shard: int) -> Iterator[list]:
+        fi, lo, hi = self._shards[shard]
+        yield [self._names[fi], lo, hi, *file_stamp(self.files[fi].path)]
 
     def iter_shard(self, shard: int, start: int = 0, decode: bool = True) -> Iterator[Sample]:
         self._check(shard, start)
@@ -155,11 +160,11 @@ class ParquetCorpus(Corpus):
                 if path:  # a Hugging Face image stored by path only
                     path = path if os.path.isabs(path) else os.path.join(base, path)
                     if decode:
-                        image, error = decode_image(path=path)
+                        image, error = decode_image(path=path, max_bytes=self.max_image_bytes)
                     elif not os.path.isfile(path):
                         error = f"missing file: {path}"
                 else:
                     error = "no image bytes"
             elif decode:
-                image, error = decode_image(data)
+                image, error = decode_image(data, max_bytes=self.max_image_bytes)
             yield Sample(shard, row - lo, key, f"{f.path}#{row}", image, None if cap is None else str(cap), error)
