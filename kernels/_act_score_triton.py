@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._act_score_common import ActScoreOut, ActScorePlans, planned
+from ._triton_math import round_to
 from ._triton_util import interpreter_on
 
 
@@ -32,17 +33,6 @@ def _act(x, ACT: tl.constexpr):
     else:
         y = tl.maximum(x, 0.0)
     return y
-
-
-@triton.jit
-def _round(x, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
-    """fp32 -> dtype. RNE_BF16: round to nearest even by hand first (triton's interpreter truncates
-    fp32 -> bf16; on a GPU the plain cast already rounds to nearest even)."""
-    if RNE_BF16:
-        bits = x.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # keep the top 16 bits, rounded
-        x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN kept as is
-    return x.to(dtype)
 
 
 @triton.jit
@@ -90,7 +80,7 @@ def act_score_kernel(
             h = a * tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         else:
             h = a
-        h = _round(h, h_ptr.dtype.element_ty, RNE_BF16)  # rounded once; the scores use this stored value
+        h = round_to(h, h_ptr.dtype.element_ty, RNE_BF16)  # rounded once; the scores use this stored value
         tl.store(h_ptr + offs, h, mask=mask)
 
         if HAS_CAPTURE:
@@ -99,7 +89,7 @@ def act_score_kernel(
             cap_offs = dst[:, None] * F + cols[None, :]
             tl.store(cap_ptr + cap_offs, h, mask=cap_mask)
             if CAPTURE_ACT:
-                tl.store(cap_act_ptr + cap_offs, _round(a, cap_act_ptr.dtype.element_ty, RNE_BF16), mask=cap_mask)
+                tl.store(cap_act_ptr + cap_offs, round_to(a, cap_act_ptr.dtype.element_ty, RNE_BF16), mask=cap_mask)
 
         if HAS_PROJ:
             hs = h.to(tl.float32)

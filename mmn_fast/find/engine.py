@@ -19,6 +19,7 @@ from ..model.adapters import Adapter, spec_for
 from ..model.backend import resolve_backend
 from ..model.inputs import ImageItem, Prompter, as_image, teacher_forced
 from ..model.live import apply_patch, model_lock, patched as patched_context
+from ..model.request_patches import BatchPatches, PatchRegistry
 from .capture import capture, gather_positions, last_position
 from .concepts import NounTagger, check_word_list, resolve_mode, select_concepts, split_words
 from .fused import fused_capture, fused_problem
@@ -228,6 +229,8 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
 
         self.swap_lock = model_lock(model)  # held by each find batch, caption batch and patch swap
+        # Per-request patches (caption/find(..., patches=[...])): named ones live here.
+        self.patches = PatchRegistry(model, self.adapter, self.backend)
 
     @property
     def device(self) -> torch.device:
@@ -281,7 +284,8 @@ class Engine:
         return list(self.iter_find(images, **options))
 
     def iter_find(self, images: Iterable, captions: list | None = None, ids: list[str] | None = None,
-                  progress=None, keep_scores: bool = False, **options) -> Iterator[ImageResult]:
+                  progress=None, keep_scores: bool = False, patches: list | None = None,
+                  **options) -> Iterator[ImageResult]:
         """Yield one `ImageResult` per image, batch by batch.
 
         images: PIL images, paths or `ImageItem`s. captions: optional texts (or token id lists),
@@ -289,6 +293,9 @@ class Engine:
         options: the fields of `FindOptions`. progress: a tqdm-like bar updated per image.
         keep_scores: attach every neuron's score to each concept (`ConceptResult.scores`, [L, F]
         fp32 on CPU, not serialised), for corpus-level aggregates.
+        patches: one entry per image (None: the base model; a registered name, a path, a `Patch`, or a
+        list of those, stacked in order): each image is captioned and scored with its patch, the
+        patched output vectors included, in shared batches; no weight changes (`engine.patches`).
         """
         opts = FindOptions(**options)
         mode = self.check_options(opts)
@@ -304,11 +311,13 @@ class Engine:
                            f"{type(images).__name__}") from None
         if captions is not None and len(captions) != len(items):
             raise MMNError(f"{len(captions)} captions for {len(items)} images: give one caption per image")
+        stacks = self.patches.resolve(patches, len(items))  # names looked up once, when the call starts
         for start in range(0, len(items), opts.batch_size):
             batch = items[start : start + opts.batch_size]
             caps = None if captions is None else captions[start : start + opts.batch_size]
             batch_ids = ids[start : start + opts.batch_size] if ids is not None else None
-            yield from self._find_batch(batch, caps, batch_ids, opts, mode, scorer, start, keep_scores)
+            rows = None if stacks is None else stacks[start : start + opts.batch_size]
+            yield from self._find_batch(batch, caps, batch_ids, opts, mode, scorer, start, keep_scores, rows)
             if progress is not None:
                 progress.update(len(batch))
 
@@ -321,7 +330,7 @@ class Engine:
         return mode
 
     def _find_batch(self, batch, caps, batch_ids, opts: FindOptions, mode, scorer: Scorer, offset: int,
-                    keep_scores: bool = False):
+                    keep_scores: bool = False, stacks: list | None = None):
         pil = [as_image(x) for x in batch]
         inputs = self.encode(pil, opts.prompt, opts.prefix)
         prompt_len = inputs["input_ids"].shape[1]
@@ -338,7 +347,7 @@ class Engine:
             image_mask = run_inputs["input_ids"] == self.adapter.image_token_id
         # swap_lock: the whole batch (generation, capture and scoring, the grad method's forward
         # included) sees one patch state (see live.py)
-        with self.swap_lock:
+        with self.swap_lock, self.patches.active(stacks) as plan:
             with torch.no_grad(), self._capture(opts, select, image_mask) as store:
                 if caps is None:
                     seq = self.model.generate(**inputs, max_new_tokens=opts.max_new_tokens, do_sample=False,
@@ -348,7 +357,7 @@ class Engine:
                     self.model(**run_inputs, use_cache=False)
             records = self._concepts(outputs, mode)
             flat = [(b, w) for b, ws in enumerate(records) for w in ws]
-            neurons, scores = self._score(flat, outputs, store, scorer, opts, inputs) if flat else ([], None)
+            neurons, scores = self._score(flat, outputs, store, scorer, opts, inputs, plan) if flat else ([], None)
         if keep_scores and scores is not None:
             scores = scores.float().cpu()  # [C, L, F]
         k = 0
@@ -383,22 +392,25 @@ class Engine:
             picked.append(select_concepts(text, words, mode, self.tagger))
         return picked
 
-    def _score(self, flat, outputs, store, scorer: Scorer, opts: FindOptions, inputs) -> list:
+    def _score(self, flat, outputs, store, scorer: Scorer, opts: FindOptions, inputs,
+               plan: BatchPatches | None = None) -> list:
         b_idx = torch.tensor([b for b, _ in flat])
         s_idx = torch.tensor([w.step for _, w in flat])
         tokens = [outputs[b][w.step] for b, w in flat]
+        # per-request patches: each concept is scored with its row's output vectors
+        edits = None if plan is None else [{l: (e.idx, e.new) for l, e in plan.row_edits(b).items()} for b, _ in flat]
         if opts.method == "grad":
             scores = grad_scores(self, inputs, outputs, flat, opts)
         elif opts.positions == "image":
             stats = store.image_stats()
             dev = stats["count"].device
             per = {k: v[b_idx.to(dev)] for k, v in stats.items()}
-            scores = scorer.score_image(per, tokens, opts.reduce)
+            scores = scorer.score_image(per, tokens, opts.reduce, edits)
         else:
             acts = store.acts()  # [B, S, L, F]
             dev = acts.device
             norm_in = store.norm_inputs()[b_idx.to(dev), s_idx.to(dev)] if opts.fold_final_norm else None
-            scores = scorer.score(acts[b_idx.to(dev), s_idx.to(dev)], tokens, norm_in)
+            scores = scorer.score(acts[b_idx.to(dev), s_idx.to(dev)], tokens, norm_in, edits)
         return Scorer.top(scores, opts.top_k), scores
 
     # ------------------------------------------------------------------ patches (live.py, patch.py)
@@ -413,13 +425,16 @@ class Engine:
         return patched_context(self, patch, force=force)
 
     def caption(self, images, prompt: str = DEFAULT_PROMPT, prefix: str | None = None, max_new_tokens: int = 32,
-                batch_size: int = 8) -> list[str]:
-        """Greedy captions; each batch is generated under swap_lock, so it sees one patch state."""
+                batch_size: int = 8, patches: list | None = None) -> list[str]:
+        """Greedy captions; each batch is generated under swap_lock, so it sees one patch state.
+        patches: one entry per image (see `iter_find`): rows with different patches share batches."""
         images, out = list(images), []
+        stacks = self.patches.resolve(patches, len(images))  # names looked up once, when the call starts
         for s in range(0, len(images), batch_size):
             pil = [as_image(x) for x in images[s : s + batch_size]]
             inputs = self.encode(pil, prompt, prefix)
-            with torch.no_grad(), self.swap_lock:
+            rows = None if stacks is None else stacks[s : s + batch_size]
+            with torch.no_grad(), self.swap_lock, self.patches.active(rows):
                 seq = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                           use_cache=True)
             out += [self._caption_text(self._trim(r)) for r in seq[:, inputs["input_ids"].shape[1]:].tolist()]

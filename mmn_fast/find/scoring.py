@@ -35,9 +35,42 @@ class Scorer:
         except RuntimeError:  # inference-mode tensors keep no version counter: never trust the cache
             return None
 
+    def unembed_rows(self, tokens: list[int]) -> tuple[torch.Tensor, bool]:
+        """([K, d] fp32 (fp64 kept) unembedding rows of `tokens`, scaled by a folded norm's weight;
+        whether output vectors are centred first (a folded LayerNorm))."""
+        ad = self.adapter
+        w_u = ad.unembed_weight()
+        rows = w_u[torch.tensor(tokens, device=w_u.device)]  # [K, d]
+        rows = rows if rows.dtype == torch.float64 else rows.float()
+        center = False
+        if self.fold_norm:
+            w = ad.norm_weight()
+            if w is not None:
+                rows = rows * w.to(rows.device, rows.dtype)
+            center = ad.norm_kind() == "layer"
+        return rows, center
+
     @torch.no_grad()
-    def projection(self, tokens: list[int]) -> torch.Tensor:
-        """[C, L, F] fp32: the projection column of each token (in order, repeats allowed)."""
+    def projection(self, tokens: list[int], edits: list | None = None) -> torch.Tensor:
+        """[C, L, F] fp32: the projection column of each token (in order, repeats allowed).
+        edits: per concept None or {layer: (neuron idx [n], new output vectors [n, d])}: those neurons'
+        entries are projected from the new vectors (a per-request patch's) instead of W_out's."""
+        cols = self.base_projection(tokens)
+        if edits is None or not any(edits):
+            return cols
+        cols = cols.clone()
+        rows, center = self.unembed_rows(tokens)  # [C, d]
+        for c, edit in enumerate(edits):
+            for layer, (idx, new) in (edit or {}).items():
+                # the same padded matmul shape as the cached columns
+                padded = rows[c : c + 1].expand(PROJECTION_CHUNK, -1).to(new.device)  # [CHUNK, d]
+                col = token_projection(new.t(), padded, center)[:, 0]  # [n]
+                cols[c, layer, idx.to(cols.device)] = col.to(cols.device, cols.dtype)
+        return cols
+
+    @torch.no_grad()
+    def base_projection(self, tokens: list[int]) -> torch.Tensor:
+        """[C, L, F] fp32: the cached projection columns of the model's own W_out."""
         versions = self._weights_version()
         if versions is None or versions != self._versions:
             self._cache.clear()
@@ -45,15 +78,7 @@ class Scorer:
         missing = sorted({t for t in tokens if t not in self._cache})
         if missing:
             ad = self.adapter
-            w_u = ad.unembed_weight()
-            rows = w_u[torch.tensor(missing, device=w_u.device)]  # [K, d]
-            rows = rows if rows.dtype == torch.float64 else rows.float()
-            center = False
-            if self.fold_norm:
-                w = ad.norm_weight()
-                if w is not None:
-                    rows = rows * w.to(rows.device, rows.dtype)
-                center = ad.norm_kind() == "layer"
+            rows, center = self.unembed_rows(missing)
             for start in range(0, len(missing), PROJECTION_CHUNK):
                 chunk = rows[start : start + PROJECTION_CHUNK]  # [<=CHUNK, d]
                 # Always the same matmul shape (the last chunk padded with repeats of its last row): a
@@ -82,17 +107,19 @@ class Scorer:
         return (x.pow(2).mean(-1) + eps).sqrt()
 
     @torch.no_grad()
-    def score(self, acts: torch.Tensor, tokens: list[int], norm_inputs: torch.Tensor | None = None) -> torch.Tensor:
-        """acts [C, L, F] at each concept's position -> scores [C, L, F] fp32."""
-        scores = contribution_scores(acts, self.projection(tokens).to(acts.device))
+    def score(self, acts: torch.Tensor, tokens: list[int], norm_inputs: torch.Tensor | None = None,
+              edits: list | None = None) -> torch.Tensor:
+        """acts [C, L, F] at each concept's position -> scores [C, L, F] fp32 (edits: see `projection`)."""
+        scores = contribution_scores(acts, self.projection(tokens, edits).to(acts.device))
         if self.fold_norm:
             scores = scores / self.norm_denominator(norm_inputs)[:, None, None]
         return scores
 
     @torch.no_grad()
-    def score_image(self, stats: dict[str, torch.Tensor], tokens: list[int], reduce: str) -> torch.Tensor:
+    def score_image(self, stats: dict[str, torch.Tensor], tokens: list[int], reduce: str,
+                    edits: list | None = None) -> torch.Tensor:
         """Image-position view: stats of the concept's sample ({'sum','max','min': [C, L, F], 'count': [C]})."""
-        proj = self.projection(tokens).to(stats["count"].device)
+        proj = self.projection(tokens, edits).to(stats["count"].device)
         stats = {k: (v.to(proj.dtype) if v.is_floating_point() else v) for k, v in stats.items()}
         if reduce == "mean":
             return stats["sum"] / stats["count"].clamp(min=1)[:, None, None].float() * proj

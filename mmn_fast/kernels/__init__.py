@@ -20,6 +20,7 @@ from ._act_score_common import ActScoreOut, ActScorePlans
 from ._triton_util import interpreter_on, triton_available
 from .act_score import act_score, act_score_torch, act_score_triton
 from .contribution import contribution_scores, token_projection, topk_neurons
+from .neuron_delta import NeuronDeltas, neuron_delta, neuron_delta_torch, neuron_delta_triton
 from .vocab_topk import VocabTopK, vocab_topk, vocab_topk_torch, vocab_topk_triton
 
 __all__ = [
@@ -31,6 +32,10 @@ __all__ = [
     "act_score_triton",
     "contribution_scores",
     "interpreter_on",
+    "NeuronDeltas",
+    "neuron_delta",
+    "neuron_delta_torch",
+    "neuron_delta_triton",
     "token_projection",
     "topk_neurons",
     "triton_available",

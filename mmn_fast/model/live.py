@@ -280,7 +280,7 @@ def base_matches(e: Entry, rows: torch.Tensor, force: bool = False) -> bool:
     return e.orig_sha256.get(dt) == rows_sha256(rows)
 
 
-def _prepare(adapter: Adapter, patch: Patch) -> list:
+def prepare_patch(adapter: Adapter, patch: Patch) -> list:
     """apply's checks that never depend on the current values (check_layer, fit_rows).
     Returns [(layer, weight, idx, new rows, entry)], cast and moved."""
     out = []
@@ -303,7 +303,7 @@ def apply_patch(target, patch, force: bool = False, **spec_overrides) -> PatchHa
     patch = as_patch(patch)
     model, adapter = resolve_target(target, spec_overrides)
     st = _state(model)
-    prepared = _prepare(adapter, patch)
+    prepared = prepare_patch(adapter, patch)
     with st.lock:
         touched = {n: h for h in st.handles for n in h.neurons}
         names = {id(m): name for name, m in model.named_modules()}  # to find the module again at revert
@@ -347,7 +347,7 @@ def check_patch(target, patch, **spec_overrides) -> list[dict]:
     rows = []
     with _state(model, install=False).lock:
         _check_attached(model, adapter)
-        for l, w, idx, new, e in _prepare(adapter, patch):
+        for l, w, idx, new, e in prepare_patch(adapter, patch):
             cur = gather_rows(w, idx)
             status = ("base" if e.orig_sha256.get(_dtype_name(w.dtype)) == rows_sha256(cur)
                       else "applied" if _same_bits(cur, new) else "mismatch")
