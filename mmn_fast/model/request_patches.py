@@ -78,7 +78,8 @@ def _effective(adapter: Adapter, stack: Stack, in_place: dict, names: dict[int, 
                                      "give the row one of them, or make the second on top of the first")
                 raise PatchError(f"patch {_label(patch, names)} does not fit this model: the output vectors of layer "
                                  f"{l} do not match its recorded originals (made on {patch.base.get('architecture')} "
-                                 f"{patch.base.get('source') or ''})")
+                                 f"{patch.base.get('source') or ''}; if it was made on top of another patch, list that "
+                                 "one first on the row)")
             for k, i in enumerate(neurons):
                 layer_rows[i] = new[k]
                 owner[(l, i)] = patch
