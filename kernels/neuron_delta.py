@@ -5,7 +5,7 @@ same as adding `h[:, S] @ (V - W_out[:, S])^T` to the projection's output, so ro
 carry different patches (or none) while every row shares the unchanged weight: a gather and a small
 matmul per distinct patch, the shape of work of multi-LoRA's segmented kernels.
 
-`neuron_delta_torch` is the reference and the CPU path (one gather + matmul per patch);
+`neuron_delta_torch` is the reference and the CPU path (a gather and one batched matmul);
 `neuron_delta_triton` (kernel in `_neuron_delta_triton.py`, imported only when called) does all
 patches of a layer in one launch, segmented by the row's patch; `neuron_delta` dispatches. Both
 accumulate in fp32 (fp64 for fp64 inputs) and add to `out` in that precision before rounding once
@@ -51,34 +51,26 @@ def _check(h: torch.Tensor, out: torch.Tensor, row_patch: torch.Tensor, deltas: 
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
-def neuron_delta_torch(h: torch.Tensor, out: torch.Tensor, row_patch: torch.Tensor, deltas: NeuronDeltas,
-                       rows_of: list[list[int]] | None = None) -> torch.Tensor:
-    """Reference: a new tensor equal to `out` with each patched row corrected.
+def neuron_delta_torch(h: torch.Tensor, out: torch.Tensor, row_patch: torch.Tensor,
+                       deltas: NeuronDeltas) -> torch.Tensor:
+    """Reference and CPU path: a new tensor equal to `out` with each patched row corrected, in a fixed
+    number of batched ops whatever the number of patches (a gather of every row's neuron columns, one
+    batched matmul, a select that keeps unpatched rows' bits).
 
     h:         [B, T, F]  input of the output projection
     out:       [B, T, d]  its output (not modified)
     row_patch: [B] int64  the patch of each row, -1 for none
     deltas:    the P patches' edits of this layer
-    rows_of:   optional host-side rows of each patch (saves a device sync per patch)
     returns    [B, T, d] in out's dtype
     """
     _check(h, out, row_patch, deltas)
-    if rows_of is None:
-        rp = row_patch.tolist()
-        rows_of = [[b for b, q in enumerate(rp) if q == p] for p in range(deltas.idx.shape[0])]
     acc = _acc_dtype(out)
-    result = out
-    for p, rows in enumerate(rows_of):
-        n = deltas.counts_list[p]
-        if not rows or n == 0:
-            continue
-        if result is out:
-            result = out.clone()
-        r = torch.tensor(rows, device=out.device)
-        hs = h.index_select(0, r).index_select(2, deltas.idx[p, :n]).to(acc)  # [R, T, n]
-        corr = hs @ deltas.delta[p, :n].to(acc)  # [R, T, d]
-        result.index_copy_(0, r, (out.index_select(0, r).to(acc) + corr).to(out.dtype))
-    return result
+    p = row_patch.clamp(min=0)  # [B]
+    patched = (row_patch >= 0) & (deltas.counts.index_select(0, p) > 0)  # [B]
+    cols = deltas.idx.index_select(0, p)  # [B, n]; padding columns meet zero rows of delta
+    hs = torch.gather(h, 2, cols[:, None, :].expand(-1, h.shape[1], -1)).to(acc)  # [B, T, n]
+    corr = torch.bmm(hs, deltas.delta.index_select(0, p).to(acc))  # [B, T, d]
+    return torch.where(patched[:, None, None], (out.to(acc) + corr).to(out.dtype), out)
 
 
 def neuron_delta_triton(h: torch.Tensor, out: torch.Tensor, row_patch: torch.Tensor, deltas: NeuronDeltas,
@@ -97,7 +89,7 @@ def neuron_delta_triton(h: torch.Tensor, out: torch.Tensor, row_patch: torch.Ten
 
 
 def neuron_delta(h: torch.Tensor, out: torch.Tensor, row_patch: torch.Tensor, deltas: NeuronDeltas,
-                 backend: str = "torch", rows_of: list[list[int]] | None = None) -> torch.Tensor:
+                 backend: str = "torch") -> torch.Tensor:
     """`out` with each row's patch applied (see `neuron_delta_torch`). backend="triton" runs the kernel
     (in place) for fp32/fp16/bf16 inputs outside autograd, the torch path otherwise."""
     if backend not in ("torch", "triton"):
@@ -105,4 +97,4 @@ def neuron_delta(h: torch.Tensor, out: torch.Tensor, row_patch: torch.Tensor, de
     grad = torch.is_grad_enabled() and (h.requires_grad or out.requires_grad)
     if backend == "triton" and not grad and h.dtype in TRITON_DTYPES and out.dtype in TRITON_DTYPES:
         return neuron_delta_triton(h, out, row_patch, deltas)
-    return neuron_delta_torch(h, out, row_patch, deltas, rows_of)
+    return neuron_delta_torch(h, out, row_patch, deltas)

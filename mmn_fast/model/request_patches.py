@@ -99,7 +99,6 @@ class BatchPatches:
 
     def __init__(self, stacks: list[Stack], edits: list[dict[int, LayerEdit]], row_state: list[int]):
         self.stacks, self.edits, self.row_state = stacks, edits, row_state  # row_state: -1 = base
-        self.rows_of = [[b for b, s in enumerate(row_state) if s == p] for p in range(len(stacks))]
         self.layers = sorted({l for e in edits for l in e})
 
     def row_edits(self, row: int) -> dict[int, LayerEdit]:
@@ -278,6 +277,6 @@ class PatchRegistry:
                                f"batch of {n_rows}; this model does not keep the batch dimension first")
             h3 = h.reshape(n_rows, -1, h.shape[-1])  # [B, T, F] (models that flatten positions: [B*T, F])
             y3 = y.reshape(n_rows, -1, y.shape[-1])  # [B, T, d]
-            return neuron_delta(h3, y3, row_state, deltas, backend, plan.rows_of).reshape(y.shape)
+            return neuron_delta(h3, y3, row_state, deltas, backend).reshape(y.shape)
 
         return HookSite(out_proj, pre=True).hooked(fix, output=True)
