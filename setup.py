@@ -38,8 +38,9 @@ setup(
     ],
     extras_require={
         # triton: the kernel tests run it on CPU through its interpreter (Linux wheels only)
+        # peft: the exported LoRA adapters are loaded with PEFT itself
         "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0; platform_system == 'Linux'",
-                 "webdataset", "braceexpand", "pyarrow", "accelerate"],
+                 "webdataset", "braceexpand", "pyarrow", "accelerate", "peft"],
         "triton": ["triton>=3.0"],
         # corpus readers (mmn_fast.run.corpus): brace patterns for tar shards, parquet files
         "data": ["webdataset", "braceexpand", "pyarrow"],

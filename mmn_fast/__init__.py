@@ -5,6 +5,7 @@
 """
 __version__ = "0.1.0"  # first: modules imported below read it
 
+from .edit.export import export_peft
 from .errors import MMNError
 from .find.engine import DEFAULT_PROMPT, Engine, FindOptions, load
 from .find.results import ConceptResult, ImageResult
@@ -15,4 +16,4 @@ from .run.aggregate import open_results
 
 __all__ = ["load", "open_results", "Engine", "FindOptions", "ModelSpec", "register_adapter", "MMNError",
            "ConceptResult", "ImageResult", "DEFAULT_PROMPT", "__version__",
-           "apply_patch", "load_patch", "Patch", "PatchHandle"]
+           "apply_patch", "load_patch", "Patch", "PatchHandle", "export_peft"]

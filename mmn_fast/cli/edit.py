@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..edit.bake import bake
 from ..edit.evaluate import report_table, run_edit
+from ..edit.export import export_peft
 from ..errors import MMNError
 from ..find.engine import DEFAULT_PROMPT
 from ..model.live import check_patch
@@ -104,6 +105,18 @@ def cmd_bake(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.patch_opt is None and args.patch is None:
+        raise MMNError("give the patch file: mmn patch export --patch FILE --model PATH --out DIR")
+    if args.patch_opt is not None and args.patch is not None:
+        raise MMNError("give the patch file once: --patch FILE")
+    done = export_peft(args.patch_opt or args.patch, args.model, args.out, overwrite=args.overwrite, force=args.force)
+    print(f"PEFT LoRA adapter written to {Path(done['out']).resolve()}: rank {done['rank']}, {done['neurons']} "
+          f"neurons in {len(done['target_modules'])} module(s) ({', '.join(done['target_modules'][:3])}"
+          f"{', ...' if len(done['target_modules']) > 3 else ''})")
+    return 0
+
+
 def register(sub) -> None:
     """Add `edit` and `patch` to the `mmn` sub-command parsers."""
     e = sub.add_parser("edit", help="edit a concept's neurons; write a .mmnpatch.safetensors file and report")
@@ -143,7 +156,7 @@ def register(sub) -> None:
     e.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     e.set_defaults(func=cmd_edit)
 
-    p = sub.add_parser("patch", help="inspect, verify or bake a patch file")
+    p = sub.add_parser("patch", help="inspect, verify, bake or export a patch file")
     psub = p.add_subparsers(dest="patch_command", required=True)
     i = psub.add_parser("inspect", help="what a patch touches, and its metadata")
     i.add_argument("--patch", dest="patch_opt", default=None, help="the patch file")
@@ -160,3 +173,12 @@ def register(sub) -> None:
     b.add_argument("--out", required=True, help="the new checkpoint folder (missing or empty, outside --model)")
     b.add_argument("--force", action="store_true", help="bake even if the base vectors do not match")
     b.set_defaults(func=cmd_bake)
+    x = psub.add_parser("export", help="write the patch as a PEFT LoRA adapter (vLLM, SGLang, LoRAX, PEFT)")
+    x.add_argument("--patch", dest="patch_opt", default=None, help="the patch file")
+    x.add_argument("patch", nargs="?", default=None, help="the patch file, as a positional argument")
+    x.add_argument("--format", default="peft", choices=["peft"], help="adapter format (default: peft)")
+    x.add_argument("--model", required=True, help="the local checkpoint the adapter is for")
+    x.add_argument("--out", required=True, help="the adapter folder to write")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it holds an adapter")
+    x.add_argument("--force", action="store_true", help="export even if the base vectors do not match")
+    x.set_defaults(func=cmd_export)
