@@ -24,13 +24,13 @@ NEW_TOKENS = 32
 HOST_BOUND = dict(num_layers=32, hidden_size=64, intermediate_size=172, image_size=32, patch_size=8)
 
 
-def random_llava_engine(workdir: str | None = None, shape: dict | None = None):
-    """(engine, images) for the random model (`LARGE` unless `shape`); EOS disabled so every run
-    makes NEW_TOKENS tokens."""
+def random_llava_engine(workdir: str | None = None, shape: dict | None = None, device: str = "cpu"):
+    """(engine, images) for the random model (`LARGE` unless `shape`) on `device` (backend auto); EOS
+    disabled so every run makes NEW_TOKENS tokens."""
     shape = shape or LARGE
     workdir = workdir or tempfile.mkdtemp(prefix="mmn_bench_")
     path = tiny_llava(Path(workdir) / "llava_random", seed=0, **shape)
-    eng = mmn_fast.load(path, device="cpu")
+    eng = mmn_fast.load(path, device=device)
     eng.model.generation_config.eos_token_id = None
     eng.eos_ids = set()
     return eng, random_images(8, size=shape["image_size"], seed=1)

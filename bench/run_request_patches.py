@@ -119,9 +119,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    engine, images = random_llava_engine(shape=LARGE)
-    if args.device != "cpu":
-        engine.model.to(args.device)
+    engine, images = random_llava_engine(shape=LARGE, device=args.device)  # CUDA: the Triton kernel
     images = (images * (BATCH // len(images) + 1))[:BATCH]
     patches = random_patches(engine, N_PATCHES, args.neurons)
     print(f"(built the model in {time.perf_counter() - t0:.1f}s)", file=sys.stderr)
