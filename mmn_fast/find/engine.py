@@ -23,6 +23,7 @@ from ..model.request_patches import BatchPatches, PatchRegistry
 from .capture import capture, gather_positions, last_position
 from .concepts import NounTagger, check_word_list, resolve_mode, select_concepts, split_words
 from .fused import fused_capture, fused_problem
+from .generation import RowStreamer, Sampling
 from .grad import grad_scores
 from .results import ConceptResult, ImageResult
 from .scoring import Scorer
@@ -373,7 +374,7 @@ class Engine:
             name = item.image if isinstance(item, ImageItem) else (str(item) if isinstance(item, (str, Path)) else "")
             rid = batch_ids[b] if batch_ids is not None else (item.id if isinstance(item, ImageItem) else str(offset + b))
             yield ImageResult(id=rid, image=name, prompt_ids=inputs["input_ids"][b][mask].tolist(),
-                              output_ids=outputs[b], caption=self._caption_text(outputs[b]), concepts=cons)
+                              output_ids=outputs[b], caption=self.caption_text(outputs[b]), concepts=cons)
 
     def _capture(self, opts: FindOptions, select, image_mask):
         """The fused MLP forward on the Triton backend; forward hooks on the torch backend."""
@@ -382,7 +383,7 @@ class Engine:
                                  opts.fold_final_norm, self.decode_with_kernel)
         return capture(self.adapter, opts.activation, select, opts.fold_final_norm, image_mask)
 
-    def _caption_text(self, output_ids: list[int]) -> str:
+    def caption_text(self, output_ids: list[int]) -> str:
         return self.tokenizer.decode(output_ids, skip_special_tokens=True).strip()
 
     def _concepts(self, outputs: list[list[int]], mode) -> list:
@@ -431,12 +432,33 @@ class Engine:
         images, out = list(images), []
         stacks = self.patches.resolve(patches, len(images))  # names looked up once, when the call starts
         for s in range(0, len(images), batch_size):
-            pil = [as_image(x) for x in images[s : s + batch_size]]
-            inputs = self.encode(pil, prompt, prefix)
+            batch = images[s : s + batch_size]
             rows = None if stacks is None else stacks[s : s + batch_size]
-            with torch.no_grad(), self.swap_lock, self.patches.active(rows):
-                seq = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                          use_cache=True)
-            out += [self._caption_text(self._trim(r)) for r in seq[:, inputs["input_ids"].shape[1]:].tolist()]
+            ids = self.generate(batch, [prompt] * len(batch), max_new_tokens, rows, prefix=prefix)
+            out += [self.caption_text(r) for r in ids]
         return out
 
+    def generate(self, images: list, prompts: list[str], max_new_tokens: int | list[int], patches: list | None = None,
+                 sampling: Sampling | None = None, on_token=None, prefix: str | None = None) -> list[list[int]]:
+        """One batch: image i continued after prompts[i], up to max_new_tokens (one per row, or one for
+        all), each row with its patch (see `iter_find`), greedy unless `sampling` says otherwise (a
+        seed then makes the batch reproducible without touching the global RNG). on_token(row, id) is
+        called for each new token as it is made. Returns each row's ids, trimmed after the first EOS
+        and to its own limit."""
+        n = len(images)
+        limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
+        if len(limits) != n or len(prompts) != n or min(limits, default=1) < 1:
+            raise MMNError("generate needs one prompt and one max_new_tokens >= 1 per image")
+        sampling = sampling or Sampling()
+        stacks = patches if patches is None or all(isinstance(p, tuple) for p in patches) else self.patches.resolve(
+            patches, n)
+        inputs = self.encode([as_image(x) for x in images], list(prompts), prefix)
+        streamer = RowStreamer(on_token) if on_token is not None else None
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), self.swap_lock, self.patches.active(stacks), torch.random.fork_rng(devices):
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            seq = self.model.generate(**inputs, max_new_tokens=max(limits), streamer=streamer, use_cache=True,
+                                      **sampling.generate_kwargs())
+        rows = seq[:, inputs["input_ids"].shape[1]:].tolist()
+        return [self._trim(r)[:m] for r, m in zip(rows, limits)]

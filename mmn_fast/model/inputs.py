@@ -205,11 +205,14 @@ class Prompter:
         enc["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return enc
 
-    def encode(self, images: list, prompt: str, prefix: str | None, device: torch.device,
+    def encode(self, images: list, prompt: str | list[str], prefix: str | None, device: torch.device,
                dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Inputs for `images` (PIL) under one prompt (+ prefix): floating tensors in `dtype`, all on `device`."""
-        text = self.text(prompt, prefix)
-        enc = self(images, [text] * len(images))
+        """Inputs for `images` (PIL) under one prompt (+ prefix), or one prompt per image (a list):
+        floating tensors in `dtype`, all on `device`."""
+        prompts = prompt if isinstance(prompt, list) else [prompt] * len(images)
+        if len(prompts) != len(images):
+            raise MMNError(f"{len(prompts)} prompts for {len(images)} images: give one prompt, or one per image")
+        enc = self(images, [self.text(p, prefix) for p in prompts])
         return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in enc.items()}
 
 

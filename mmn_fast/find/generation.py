@@ -1,0 +1,56 @@
+"""Generation settings and a batch streamer for `Engine.generate` (the server's path)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from ..errors import MMNError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are picked: temperature 0 is greedy; above 0, sampling (seeded by `seed` when given).
+    Frozen and hashable: a server batches only requests whose settings are equal."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not 0 <= self.temperature <= 100:
+            raise MMNError(f"temperature must be in [0, 100], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise MMNError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generate_kwargs(self) -> dict:
+        if self.greedy:
+            return dict(do_sample=False, num_beams=1)
+        return dict(do_sample=True, num_beams=1, temperature=self.temperature, top_p=self.top_p, top_k=None)
+
+
+class RowStreamer(BaseStreamer):
+    """Hands each row's new tokens to `on_token(row, token_id)` as `generate` makes them (a batch
+    streamer: Hugging Face's text streamers take one row only). The prompt, put first, is skipped."""
+
+    def __init__(self, on_token: Callable[[int, int], None]):
+        self.on_token = on_token
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        rows = value.reshape(value.shape[0], -1).tolist()  # [B] or [B, k] new tokens
+        for row, tokens in enumerate(rows):
+            for token in tokens:
+                self.on_token(row, int(token))
+
+    def end(self) -> None:
+        pass
