@@ -35,12 +35,16 @@ setup(
         "numpy",
         "pillow",
         "tqdm",
+        # mmn serve: the OpenAI-compatible server
+        "fastapi",
+        "uvicorn",
+        "prometheus-client",
     ],
     extras_require={
         # triton: the kernel tests run it on CPU through its interpreter (Linux wheels only)
-        # peft: the exported LoRA adapters are loaded with PEFT itself
+        # peft: the exported LoRA adapters are loaded with PEFT itself; openai: the server's tests
         "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0; platform_system == 'Linux'",
-                 "webdataset", "braceexpand", "pyarrow", "accelerate", "peft"],
+                 "webdataset", "braceexpand", "pyarrow", "accelerate", "peft", "openai"],
         "triton": ["triton>=3.0"],
         # corpus readers (mmn_fast.run.corpus): brace patterns for tar shards, parquet files
         "data": ["webdataset", "braceexpand", "pyarrow"],

@@ -2,7 +2,7 @@
 
 - no import cycle among mmn_fast modules (a package's __init__ counts as a module: importing
   `mmn_fast.find.engine` runs `mmn_fast.find`'s);
-- imports point down the layers: errors/io -> kernels -> model -> find -> run -> edit -> explain -> cli;
+- imports point down the layers: errors/io -> kernels -> model -> find -> run -> edit -> explain -> serve -> cli;
 - no function-level import, except of optional dependencies (triton and the `_*_triton` kernel
   modules that import it, spacy, webdataset, braceexpand, pyarrow, accelerate, torch.distributed);
 - no module reaches into another module's `_private` names.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["errors", "io", "kernels", "model", "find", "run", "edit", "explain", "cli"]
+LAYERS = ["errors", "io", "kernels", "model", "find", "run", "edit", "explain", "serve", "cli"]
 # Below the layers (imported by any) and above them (import any): the package root, demo, testing.
 UNLAYERED = {"mmn_fast", "mmn_fast.__main__", "mmn_fast.aggregate"}
 OPTIONAL = ("triton", "spacy", "webdataset", "braceexpand", "pyarrow", "accelerate", "torch.distributed")

@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 
 from .. import __version__
 from ..errors import MMNError
-from . import edit, explain, find
+from . import edit, explain, find, serve
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     find.register(sub)  # find, top-tokens, demo: listed first
     edit.register(sub)  # edit, patch bake|inspect|verify
     explain.register(sub)  # heatmap, metrics, report
+    serve.register(sub)  # serve
     return p
 
 

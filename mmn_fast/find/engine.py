@@ -23,7 +23,7 @@ from ..model.request_patches import BatchPatches, PatchRegistry
 from .capture import capture, gather_positions, last_position
 from .concepts import NounTagger, check_word_list, resolve_mode, select_concepts, split_words
 from .fused import fused_capture, fused_problem
-from .generation import RowStreamer, Sampling
+from .generation import Generated, RowStreamer, Sampling
 from .grad import grad_scores
 from .results import ConceptResult, ImageResult
 from .scoring import Scorer
@@ -434,17 +434,17 @@ class Engine:
         for s in range(0, len(images), batch_size):
             batch = images[s : s + batch_size]
             rows = None if stacks is None else stacks[s : s + batch_size]
-            ids = self.generate(batch, [prompt] * len(batch), max_new_tokens, rows, prefix=prefix)
-            out += [self.caption_text(r) for r in ids]
+            done = self.generate(batch, [prompt] * len(batch), max_new_tokens, rows, prefix=prefix)
+            out += [self.caption_text(r) for r in done.ids]
         return out
 
     def generate(self, images: list, prompts: list[str], max_new_tokens: int | list[int], patches: list | None = None,
-                 sampling: Sampling | None = None, on_token=None, prefix: str | None = None) -> list[list[int]]:
+                 sampling: Sampling | None = None, on_token=None, prefix: str | None = None) -> Generated:
         """One batch: image i continued after prompts[i], up to max_new_tokens (one per row, or one for
         all), each row with its patch (see `iter_find`), greedy unless `sampling` says otherwise (a
         seed then makes the batch reproducible without touching the global RNG). on_token(row, id) is
-        called for each new token as it is made. Returns each row's ids, trimmed after the first EOS
-        and to its own limit."""
+        called for each new token as it is made. Returns each row's new ids, trimmed after the first
+        EOS and to its own limit, and its prompt's length in tokens."""
         n = len(images)
         limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
         if len(limits) != n or len(prompts) != n or min(limits, default=1) < 1:
@@ -461,4 +461,4 @@ class Engine:
             seq = self.model.generate(**inputs, max_new_tokens=max(limits), streamer=streamer, use_cache=True,
                                       **sampling.generate_kwargs())
         rows = seq[:, inputs["input_ids"].shape[1]:].tolist()
-        return [self._trim(r)[:m] for r, m in zip(rows, limits)]
+        return Generated([self._trim(r)[:m] for r, m in zip(rows, limits)], inputs["attention_mask"].sum(1).tolist())

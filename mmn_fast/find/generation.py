@@ -35,6 +35,14 @@ class Sampling:
         return dict(do_sample=True, num_beams=1, temperature=self.temperature, top_p=self.top_p, top_k=None)
 
 
+@dataclass
+class Generated:
+    """What `Engine.generate` returns: each row's new token ids and its prompt's length in tokens."""
+
+    ids: list[list[int]]
+    prompt_tokens: list[int]
+
+
 class RowStreamer(BaseStreamer):
     """Hands each row's new tokens to `on_token(row, token_id)` as `generate` makes them (a batch
     streamer: Hugging Face's text streamers take one row only). The prompt, put first, is skipped."""
