@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
 
 import uvicorn
@@ -48,9 +49,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(engine, settings)
     print(f"mmn serve: {name!r} with {len(patches)} patch(es) on http://{args.host}:{args.port}/v1", flush=True)
     # uvicorn handles SIGTERM/SIGINT: it stops accepting, lets in-flight requests finish, then the app's
-    # lifespan drains the batcher; the process exits 0.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=60)
+    # lifespan drains the batcher. On its way out uvicorn re-raises the signal it caught to the handler
+    # that was there before it; for SIGTERM that is this no-op, so a requested shutdown exits 0.
+    previous = signal.signal(signal.SIGTERM, _shutdown_done)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=60)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _shutdown_done(signum, frame) -> None:
+    """SIGTERM outside uvicorn's own handling (re-raised after its graceful shutdown): nothing left to do."""
 
 
 def register(sub) -> None:

@@ -104,6 +104,7 @@ class Batcher:
             if batch is None:
                 return
             self._run(batch)
+            del batch  # while waiting for the next one, hold no request (nor the patches it named)
 
     def _run(self, batch: list[Job]) -> None:
         start = time.monotonic()
