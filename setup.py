@@ -37,7 +37,7 @@ setup(
         "tqdm",
         # mmn serve: the OpenAI-compatible server
         "fastapi",
-        "uvicorn",
+        "uvicorn[standard]",  # httptools and uvloop: a faster HTTP parser and event loop
         "prometheus-client",
     ],
     extras_require={

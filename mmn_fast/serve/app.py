@@ -251,6 +251,43 @@ class Server:
                 for row_ids, row_v in zip(ids.tolist(), values.tolist())]
 
 
+KNOWN = frozenset({"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/neurons",
+                   "/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+
+
+class Guard:
+    """ASGI middleware: the API key check (every endpoint but /health) and per-request metrics. Plain ASGI,
+    not Starlette's BaseHTTPMiddleware, which costs about a millisecond a request."""
+
+    def __init__(self, app, server: "Server", api_key: str | None):
+        self.app, self.server = app, server
+        self.expected = f"Bearer {api_key}".encode() if api_key is not None else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, start, status = scope["path"], time.perf_counter(), [500]
+        endpoint = path if path in KNOWN else "other"
+        if self.expected is not None and path != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                self.server.metrics.requests.labels(endpoint, "401").inc()
+                response = _error(APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                           "authentication_error", code="invalid_api_key"))
+                return await response(scope, receive, send)
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.server.metrics.requests.labels(endpoint, str(status[0])).inc()
+            self.server.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     server = Server(engine, settings)
 
@@ -262,25 +299,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     app = FastAPI(title="mmn_fast", version=__version__, lifespan=lifespan)
     app.state.server = server
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        endpoint, start = request.url.path, time.perf_counter()
-        key = settings.api_key
-        if key is not None and endpoint != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                response = _error(APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                           "authentication_error", code="invalid_api_key"))
-                server.metrics.requests.labels(endpoint, "401").inc()
-                return response
-        try:
-            response = await call_next(request)
-        except APIError as e:
-            response = _error(e)
-        known = endpoint if endpoint in KNOWN else "other"
-        server.metrics.requests.labels(known, str(response.status_code)).inc()
-        server.metrics.latency.labels(known).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(Guard, server=server, api_key=settings.api_key)
 
     @app.exception_handler(APIError)
     async def api_error(_request, e: APIError):
@@ -316,14 +335,14 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             ids, n_prompt = await asyncio.wrap_future(server.submit(req, stack))
         except MMNError as e:
             raise bad(str(e), "model") from None
-        return server.completion(req, ids, n_prompt)
+        return JSONResponse(server.completion(req, ids, n_prompt))
 
     @app.post("/v1/neurons")
     async def neurons(request: Request):
         req = await run_in_threadpool(parse_neurons, await _json(request), settings.limits)
         stack = server.stack_of(req.model)
         try:
-            return await run_in_threadpool(server.neurons, req, stack)
+            return JSONResponse(await run_in_threadpool(server.neurons, req, stack))
         except MMNError as e:
             raise bad(str(e)) from None
 
@@ -342,6 +361,4 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         runtime_allowed()
         return PlainTextResponse(await run_in_threadpool(server.unload_patch, await _json(request)))
 
-    KNOWN = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/neurons", "/v1/load_lora_adapter",
-             "/v1/unload_lora_adapter"}
     return app
