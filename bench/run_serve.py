@@ -95,7 +95,7 @@ def load(base: str, clients: int, requests: int, models: list[str], urls: list[s
     wall = time.perf_counter() - t0
     if errors:
         raise SystemExit(f"{len(errors)} failed requests: {errors[:2]}")
-    q = statistics.quantiles(latencies, n=20)
+    q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
     return {"rps": len(latencies) / wall, "p50": statistics.median(latencies), "p95": q[18]}
 
 
