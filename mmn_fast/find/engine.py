@@ -209,6 +209,11 @@ class Engine:
     def __init__(self, model, tokenizer, processor=None, image_processor=None, source=None,
                  n_image_tokens=None, spec_overrides=None, backend: str | None = None):
         self.model, self.tokenizer, self.processor, self.source = model, tokenizer, processor, source
+        cfg = getattr(model, "config", None)
+        if any(getattr(c, "is_encoder_decoder", False) for c in (cfg, getattr(cfg, "text_config", None))):
+            raise MMNError(f"{type(model).__name__} is an encoder-decoder model (its text decoder reads an encoder's "
+                           "output through cross-attention): mmn_fast scores the MLP neurons of decoder-only language "
+                           "models, as the method defines them; this architecture is not supported")
         self.adapter = Adapter(model, spec_for(model, spec_overrides))
         self.backend = resolve_backend(backend, self.device, fused_problem(self.adapter))
         # Triton backend: also run the fused kernel at one-position decode steps, which otherwise take
@@ -325,6 +330,9 @@ class Engine:
     def check_options(self, opts: FindOptions):
         """Validate `opts` against this model (option values, concept words); returns the concept mode."""
         opts.validate()
+        if opts.positions == "image" and self.adapter.cross_attention:
+            raise MMNError(f"positions='image' is not defined for {type(self.model).__name__}: its text decoder sees the "
+                           "image through cross-attention, not as image tokens in the sequence; use positions='last'")
         mode = resolve_mode(opts.concepts, self.tagger)
         if isinstance(mode, list):
             check_word_list(self.tokenizer, mode)

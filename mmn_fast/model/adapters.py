@@ -74,6 +74,8 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
 def _mlp_style(mlp: nn.Module) -> tuple[str, str | None, bool] | None:
     """(out_proj, act_fn, gated) if `mlp` looks like a transformer MLP, else None."""
     children = dict(mlp.named_children())
+    if "gate_up_proj" in children and "down_proj" in children:  # gate and up fused in one matmul (GLM-4V, Phi-4)
+        return "down_proj", next((a for a in ("activation_fn", "act_fn") if a in children), None), True
     for gate, up, down, act in _GATED:
         if gate in children and up in children and down in children:
             return down, act if act in children else None, True
@@ -158,19 +160,37 @@ def check_activation(activation: str) -> None:
         raise MMNError(f"unknown activation '{activation}': use 'down_proj_input' or 'act_fn'")
 
 
+class _Handles:
+    """Several hook handles removed as one."""
+
+    def __init__(self, *handles: RemovableHandle):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 @dataclass(frozen=True)
 class HookSite:
     """Where a tensor of the forward pass can be read: the first input of `module` (pre=True, a
     forward pre-hook) or its output (pre=False, a forward hook). Every capture goes through one,
-    so the activation mode is resolved in one place (`Adapter.hook_site`)."""
+    so the activation mode is resolved in one place (`Adapter.hook_site`).
+
+    layer: the decoder layer around the site. Models that flatten positions inside a layer (OPT
+    reshapes [B, T, d] to [B*T, d] before fc1/fc2) then still hand hooks [B, T, F]: the layer's input
+    shape is read by a pre-hook, and what a hook returns goes back in the model's own shape."""
 
     module: nn.Module
     pre: bool
+    layer: nn.Module | None = None
 
-    def register(self, fn: Callable, output: bool = False) -> RemovableHandle:
+    def register(self, fn: Callable, output: bool = False) -> RemovableHandle | _Handles:
         """Call fn(x) at each forward through the site, x the site's tensor (an MLP activation h is
         [batch, pos, d_mlp]); a tensor fn returns replaces x downstream. output=True: fn(x, y) with y
         what `module` returns; a tensor fn returns replaces y. The caller removes the handle."""
+        if self.layer is not None:
+            return self._register_unflattened(fn, output)
         if output:
             if self.pre:
                 return self.module.register_forward_hook(lambda _m, args, y: fn(args[0], y))
@@ -182,6 +202,28 @@ class HookSite:
 
             return self.module.register_forward_pre_hook(pre_hook)
         return self.module.register_forward_hook(lambda _m, _args, y: fn(y))
+
+    def _register_unflattened(self, fn: Callable, output: bool) -> _Handles:
+        shape: list = []  # [(B, T)] of the layer's current call
+
+        def record(_m, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states")
+            shape[:] = [tuple(x.shape[:2])] if isinstance(x, torch.Tensor) and x.dim() == 3 else []
+
+        def view(t):
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and shape and shape[0][0] * shape[0][1] == t.shape[0]:
+                return t.view(*shape[0], t.shape[-1])
+            return t
+
+        def back(new, like):
+            return new.reshape(like.shape) if isinstance(new, torch.Tensor) and new.shape != like.shape else new
+
+        site = HookSite(self.module, self.pre)
+        if output:
+            handle = site.register(lambda x, y: back(fn(view(x), view(y)), y), output=True)
+        else:
+            handle = site.register(lambda x: back(fn(view(x)), x))
+        return _Handles(self.layer.register_forward_pre_hook(record, with_kwargs=True), handle)
 
     @contextlib.contextmanager
     def hooked(self, fn: Callable, output: bool = False) -> Iterator[None]:
@@ -207,6 +249,7 @@ class Adapter:
         layer_list = get_module(model, spec.layers)
         if not isinstance(layer_list, (nn.ModuleList, nn.Sequential)) or len(layer_list) == 0:
             raise MMNError(f"'{spec.layers}' in {type(model).__name__} is not a non-empty list of layers")
+        self.layer_modules = list(layer_list)
         self.mlps = [get_module(layer, spec.mlp) for layer in layer_list]
         self.out_projs = [get_module(m, spec.out_proj) for m in self.mlps]
         self.act_fns = None
@@ -220,6 +263,9 @@ class Adapter:
         self.n_layers = len(self.mlps)
         self.d_mlp = self.out_weight(0).shape[1]
         cfg = getattr(model, "config", None)
+        # The text decoder reads the image through cross-attention layers (Mllama), not image tokens
+        # in its sequence: there are no image positions to average over.
+        self.cross_attention = bool(getattr(getattr(cfg, "text_config", cfg), "cross_attention_layers", None))
         self.image_token_id = next(
             (getattr(cfg, a) for a in ("image_token_id", "image_token_index") if getattr(cfg, a, None) is not None),
             None,
@@ -238,13 +284,13 @@ class Adapter:
         ("down_proj_input", exact) or the activation module's output ("act_fn", the paper's released code)."""
         check_activation(activation)
         if activation == "down_proj_input":
-            return HookSite(self.out_projs[layer], pre=True)
+            return HookSite(self.out_projs[layer], pre=True, layer=self.layer_modules[layer])
         if self.act_fns is None:
             raise MMNError(
                 f"activation='act_fn' needs a per-layer activation module '{self.spec.act_fn}' "
                 "in each MLP; none was found. Use activation='down_proj_input' or pass act_fn='<name>'."
             )
-        return HookSite(self.act_fns[layer], pre=False)
+        return HookSite(self.act_fns[layer], pre=False, layer=self.layer_modules[layer])
 
     def require_final_norm(self) -> nn.Module:
         """The final norm; MMNError when the adapter has none (folding it needs it)."""

@@ -191,7 +191,12 @@ class Prompter:
 
     def __call__(self, images: list, texts: list[str]) -> dict[str, torch.Tensor]:
         if self.processor is not None:
-            return dict(self.processor(images=images, text=texts, return_tensors="pt", padding=True))
+            # One list of images per sample: processors that count image tokens per prompt (Gemma 3,
+            # Mllama, SmolVLM) read a flat list as all images belonging to one sample; the others
+            # accept both. `labels` (PaliGemma's processor adds them) must not reach generate.
+            enc = dict(self.processor(images=[[im] for im in images], text=texts, return_tensors="pt", padding=True))
+            enc.pop("labels", None)
+            return enc
         if self.image_processor is None:
             raise MMNError("no image processor: the model would caption text alone; load the checkpoint's "
                            "processor, or pass image_processor=... to mmn_fast.load()")
@@ -216,6 +221,10 @@ class Prompter:
         return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in enc.items()}
 
 
+# Model inputs other than input_ids / attention_mask that hold one entry per position.
+PER_POSITION_INPUTS = ("mm_token_type_ids", "token_type_ids", "cross_attention_mask")
+
+
 def teacher_forced(inputs: dict, captions: list[list[int]], pad_token_id: int,
                    position_ids: bool) -> tuple[dict, torch.Tensor]:
     """Append each caption after its (left-padded) prompt in `inputs`, right-pad with `pad_token_id`.
@@ -233,9 +242,17 @@ def teacher_forced(inputs: dict, captions: list[list[int]], pad_token_id: int,
         cap[i, : len(c)] = torch.tensor(c, dtype=ids.dtype)
         cap_mask[i, : len(c)] = 1
     full = dict(inputs, input_ids=torch.cat([ids, cap], 1), attention_mask=torch.cat([mask, cap_mask], 1))
-    tt = full.get("mm_token_type_ids")  # per-token modality (Qwen2-VL style): captions are text, 0
-    if isinstance(tt, torch.Tensor) and tuple(tt.shape) == (b, t):
-        full["mm_token_type_ids"] = torch.cat([tt, tt.new_zeros(b, s)], 1)
+    for key in PER_POSITION_INPUTS:  # other per-position inputs grow with the caption too
+        value = inputs.get(key)
+        if not isinstance(value, torch.Tensor) or value.dim() < 2 or tuple(value.shape[:2]) != (b, t):
+            continue
+        if key == "mm_token_type_ids":  # per-token modality (Qwen2-VL style): captions are text, 0
+            grown = value.new_zeros(b, s)
+        elif key == "token_type_ids":  # PaliGemma: prefix 0 (image and prompt), suffix 1 (what is generated)
+            grown = value.new_ones(b, s)
+        else:  # Mllama's cross_attention_mask [B, T, images, tiles]: as generate does, repeat the last position
+            grown = value[:, -1:].expand(b, s, *value.shape[2:])
+        full[key] = torch.cat([value, grown], 1)
     if position_ids:
         pos = full["attention_mask"].long().cumsum(-1) - 1
         full["position_ids"] = pos.masked_fill(full["attention_mask"] == 0, 0)
