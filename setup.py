@@ -42,9 +42,10 @@ setup(
     ],
     extras_require={
         # triton: the kernel tests run it on CPU through its interpreter (Linux wheels only)
-        # peft: the exported LoRA adapters are loaded with PEFT itself; openai: the server's tests
+        # peft: the exported LoRA adapters are loaded with PEFT itself; openai, httpx: the server's tests (raw
+        # HTTP, starlette's TestClient; openai itself now depends on httpx2)
         "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.0; platform_system == 'Linux'",
-                 "webdataset", "braceexpand", "pyarrow", "accelerate", "peft", "openai"],
+                 "webdataset", "braceexpand", "pyarrow", "accelerate", "peft", "openai", "httpx"],
         "triton": ["triton>=3.0"],
         # corpus readers (mmn_fast.run.corpus): brace patterns for tar shards, parquet files
         "data": ["webdataset", "braceexpand", "pyarrow"],
