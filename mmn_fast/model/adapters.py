@@ -86,6 +86,19 @@ def _mlp_style(mlp: nn.Module) -> tuple[str, str | None, bool] | None:
     return None
 
 
+_EXPERT_LISTS = ("experts", "shared_experts", "local_experts")  # lists of expert MLPs, never decoder layers
+
+
+def _is_moe(module: nn.Module) -> bool:
+    """A mixture-of-experts block: it holds experts (a list of MLPs, or fused expert weights)."""
+    return any(hasattr(module, a) for a in _EXPERT_LISTS[::2])
+
+
+def moe_message(model: nn.Module, where: list, block: str) -> str:
+    return (f"{type(model).__name__} has mixture-of-experts MLP blocks ({block}, at {where[:4]}): scoring expert "
+            "neurons (router weight x activation x output vector) is not implemented yet; dense decoders only")
+
+
 def _out_features(module: nn.Module) -> int | None:
     w = getattr(module, "weight", None)
     if w is None or w.ndim != 2:
@@ -106,7 +119,7 @@ def discover_spec(model: nn.Module) -> ModelSpec:
     d_model = unembed.weight.shape[1]
     candidates = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0 or name.rsplit(".", 1)[-1] in _EXPERT_LISTS:
             continue
         for mlp_name, mlp in mod[0].named_modules():  # "" first: MLP weights on the layer itself (OPT)
             style = _mlp_style(mlp)
@@ -119,6 +132,9 @@ def discover_spec(model: nn.Module) -> ModelSpec:
             candidates.append((visionish, -len(mod), name, mlp_name, out_proj, act, gated))
             break
     if not candidates:
+        moe = [n for n, m in model.named_modules() if _is_moe(m)]
+        if moe:
+            raise MMNError(moe_message(model, moe[:1], type(model.get_submodule(moe[0])).__name__))
         raise MMNError(
             f"could not find the decoder MLPs of {type(model).__name__}: no nn.ModuleList of layers "
             "with gate_proj/up_proj/down_proj, fc1/fc2 or c_fc/c_proj projecting to the LM's hidden "
@@ -251,6 +267,9 @@ class Adapter:
             raise MMNError(f"'{spec.layers}' in {type(model).__name__} is not a non-empty list of layers")
         self.layer_modules = list(layer_list)
         self.mlps = [get_module(layer, spec.mlp) for layer in layer_list]
+        moe = [i for i, m in enumerate(self.mlps) if _is_moe(m)]
+        if moe:
+            raise MMNError(moe_message(model, moe, type(self.mlps[moe[0]]).__name__))
         self.out_projs = [get_module(m, spec.out_proj) for m in self.mlps]
         self.act_fns = None
         if spec.act_fn and all(hasattr(m, spec.act_fn) for m in self.mlps):
