@@ -3,8 +3,6 @@
 One chat request, and a burst of 16 concurrent ones (base and 3 patches mixed), against `mmn serve` on the
 demo model; bench/run_serve.py prints requests/s and latency percentiles at 1, 4 and 16 clients.
 """
-import base64
-import io
 import os
 import sys
 import tempfile
@@ -12,19 +10,14 @@ import tempfile
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from run_serve import MODELS_MIXED, free_port, load, start, write_patches  # noqa: E402
+from run_serve import MODELS_MIXED, free_port, image_urls, load, start, write_patches  # noqa: E402
 
-from mmn_fast.demo import build_demo_model, make_examples  # noqa: E402
+from mmn_fast.demo import build_demo_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server():
-    model = build_demo_model(progress=False)
-    urls = []
-    for img, _ in make_examples(8, seed=5):
-        buf = io.BytesIO()
-        img.save(buf, "PNG")
-        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    model, urls = build_demo_model(progress=False), image_urls()
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         proc = start(model, port, write_patches(model, tmp) + ["--max-batch-size", "16"])

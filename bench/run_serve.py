@@ -65,6 +65,16 @@ def start(model_path, port, extra) -> subprocess.Popen:
     raise SystemExit("the server did not start")
 
 
+def image_urls(n: int = 8) -> list[str]:
+    """n demo images (64x64 PNG) as data URLs."""
+    urls = []
+    for img, _ in make_examples(n, seed=5):
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    return urls
+
+
 def body(model: str, url: str) -> dict:
     return {"model": model, "max_tokens": 16, "temperature": 0, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe the image."}]}]}
@@ -105,12 +115,7 @@ def main(argv=None):
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--batch-wait-ms", type=float, default=10)
     args = ap.parse_args(argv)
-    model = build_demo_model(progress=False)
-    urls = []
-    for img, _ in make_examples(8, seed=5):
-        buf = io.BytesIO()
-        img.save(buf, "PNG")
-        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    model, urls = build_demo_model(progress=False), image_urls()
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         proc = start(model, port, write_patches(model, tmp) + ["--max-batch-size", str(args.max_batch_size),
