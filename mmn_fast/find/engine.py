@@ -235,6 +235,10 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
 
         self.swap_lock = model_lock(model)  # held by each find batch, caption batch and patch swap
+        # Generation never writes the image placeholder token: the model's forward would take it for an image
+        # position, so a caption holding it could not be fed back (teacher forcing, the grad method).
+        self.no_placeholder = ({"suppress_tokens": [self.adapter.image_token_id]}
+                               if self.adapter.image_token_id is not None else {})
         # Per-request patches (caption/find(..., patches=[...])): named ones live here.
         self.patches = PatchRegistry(model, self.adapter, self.backend)
 
@@ -360,7 +364,7 @@ class Engine:
             with torch.no_grad(), self._capture(opts, select, image_mask) as store:
                 if caps is None:
                     seq = self.model.generate(**inputs, max_new_tokens=opts.max_new_tokens, do_sample=False,
-                                              num_beams=1, use_cache=True)
+                                              num_beams=1, use_cache=True, **self.no_placeholder)
                     outputs = [self._trim(row) for row in seq[:, prompt_len:].tolist()]
                 else:
                     self.model(**run_inputs, use_cache=False)
@@ -467,6 +471,6 @@ class Engine:
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             seq = self.model.generate(**inputs, max_new_tokens=max(limits), streamer=streamer, use_cache=True,
-                                      **sampling.generate_kwargs())
+                                      **sampling.generate_kwargs(), **self.no_placeholder)
         rows = seq[:, inputs["input_ids"].shape[1]:].tolist()
         return Generated([self._trim(r)[:m] for r, m in zip(rows, limits)], inputs["attention_mask"].sum(1).tolist())

@@ -56,6 +56,15 @@ register_adapter(
               unembed="language_model.lm_head", prompt_template="{prompt}"),
 )
 
+register_adapter(
+    "Blip2ForConditionalGeneration",
+    # OPT decoder (the released checkpoints; flan-T5 ones are encoder-decoder and refused): fc1/fc2 on the
+    # decoder layer itself, positions flattened to [B*T, d] inside it. The processor inserts the query tokens.
+    ModelSpec(layers="language_model.model.decoder.layers", mlp="", out_proj="fc2", act_fn="activation_fn",
+              unembed="language_model.lm_head", final_norm="language_model.model.decoder.final_layer_norm",
+              gated=False, prompt_template="{prompt}"),
+)
+
 _GATED = (("gate_proj", "up_proj", "down_proj", "act_fn"), ("w1", "w3", "w2", "act_fn"))
 _PLAIN = (("fc1", "fc2", ("activation_fn", "act_fn", "act")), ("c_fc", "c_proj", ("act",)),
           ("dense_h_to_4h", "dense_4h_to_h", ("activation_func", "act")))

@@ -54,7 +54,7 @@ def _corpus() -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=1)
-def _tokenizer_json() -> str:
+def tokenizer_json() -> str:
 
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Sequence([  # split at spaces, punctuation, digits and newlines
@@ -80,7 +80,7 @@ def tiny_tokenizer(*, named_image_token: bool = True):
     """
 
     return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json()), bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        tokenizer_object=Tokenizer.from_str(tokenizer_json()), bos_token=BOS, eos_token=EOS, pad_token=PAD,
         unk_token=UNK, extra_special_tokens={"image_token": IMAGE} if named_image_token else None,
         padding_side="left", clean_up_tokenization_spaces=False, model_max_length=2048)
 
