@@ -113,11 +113,23 @@ def view_box(image_processor, width: int, height: int) -> tuple[int, int, int, i
 
 
 # ----------------------------------------------------------------------------------- patch grid
+def merge_factor(cfg) -> int:
+    """How many patches per side one image token merges: Mistral3's spatial_merge_size, Idefics3 / SmolVLM's
+    pixel-shuffle scale_factor, InternVL's downsample_ratio (1/m), Aya Vision's downsample_factor; 1 else."""
+    for key in ("spatial_merge_size", "scale_factor", "downsample_factor"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    ratio = getattr(cfg, "downsample_ratio", None)
+    return round(1 / ratio) if isinstance(ratio, float) and 0 < ratio < 1 else 1
+
+
 def patch_grid(engine, n_tokens: int, inputs: dict | None = None, row: int = 0) -> tuple[int, int, int]:
     """(rows, cols, skip) of the image tokens of one prompt: `skip` leading tokens (CLS) are not on the grid.
 
     LLaVA-style models: (image_size / patch_size)^2 patches, plus CLS with vision_feature_select_strategy
-    "full"; Qwen2-VL: image_grid_thw / spatial_merge_size. Q-Former models (InstructBLIP, BLIP-2) and
+    "full"; Qwen2-VL: image_grid_thw / spatial_merge_size; models that merge m x m patches per token
+    (`merge_factor`): the patch grid / m. Q-Former models (InstructBLIP, BLIP-2) and
     any count that is not the grid raise MMNError saying why.
     """
     model = engine.model
@@ -145,9 +157,13 @@ def patch_grid(engine, n_tokens: int, inputs: dict | None = None, row: int = 0) 
         raise MMNError(f"cannot lay {n_tokens} image tokens of {name} on a patch grid: its vision config gives "
                        "no image_size and patch_size")
     g = int(size) // int(patch)
+    # "full" keeps CLIP's CLS token in front of the patches (SigLIP towers have none)
     skip = 1 if getattr(cfg, "vision_feature_select_strategy", "default") == "full" else 0
-    if n_tokens == g * g + skip:
-        return g, g, skip
+    merge = merge_factor(cfg)  # patches merged m x m into one token, in raster order (pixel shuffle, spatial merge)
+    for side in dict.fromkeys((g, g // merge if g % merge == 0 else g)):
+        for lead in dict.fromkeys((skip, 0)):
+            if n_tokens == side * side + lead:
+                return side, side, lead
     pooled = getattr(cfg, "mm_tokens_per_image", None)  # Gemma 3: the patch grid average-pooled to a square
     if pooled == n_tokens and math.isqrt(n_tokens) ** 2 == n_tokens:
         r = math.isqrt(n_tokens)

@@ -1,0 +1,124 @@
+"""Every supported VLM family end to end, from a tiny random checkpoint built from its config: load from disk,
+find (its top neuron's score equal to an independent fp64 recomputation with plain forward hooks),
+teacher-forced find, positions='image' (where defined), method='grad', a heatmap, a patch applied and reverted
+bit for bit, and bake then reload. Families mmn_fast does not take are refused at load with a clear error."""
+import pytest
+import torch
+
+import mmn_fast
+from mmn_fast import MMNError
+from mmn_fast.edit.bake import bake
+from mmn_fast.find.heatmap import maps
+from mmn_fast.model.patch_file import make_patch
+from mmn_fast.testing import random_images
+from mmn_fast.testing.instructblip import tiny_instructblip
+from mmn_fast.testing.llava import llava_model
+from mmn_fast.testing.qwen2_vl import qwen2_vl_model
+from mmn_fast.testing.zoo import ZOO_MODELS, save
+
+DENSE = ["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "idefics3", "smolvlm",
+         "paligemma", "gemma3", "mllama", "internvl", "aya_vision", "mistral3", "blip2", "instructblip"]
+# Heatmaps lay image tokens on the image's patch grid; these families' image tokens are not one grid.
+NO_PATCH_GRID = {"llava_onevision": "anyres", "blip2": "Q-Former", "instructblip": "Q-Former"}
+BUILDERS = {**ZOO_MODELS, "llava": llava_model, "qwen2_vl": qwen2_vl_model}
+
+
+@pytest.fixture(scope="module")
+def images():
+    return random_images(2, size=32, seed=3)
+
+
+def checkpoint(name, path):
+    """(saved checkpoint path, its processor in memory: some cannot be reloaded here without torchvision)."""
+    if name == "instructblip":
+        p = tiny_instructblip(path)
+        return p, None
+    model, processor = BUILDERS[name]()
+    return save(path, model, processor), processor
+
+
+def hooked_score(engine, image, caption: list[int], step: int, layer: int, index: int) -> float:
+    """a * <W_out[:, i], W_U[t]> at the position that predicts caption[step], from a plain forward pre-hook
+    on the output projection (not mmn_fast's capture code), in the engine's dtype (fp64 here)."""
+    inputs = engine.encode([image], "Describe the image.")
+    full, where = engine.teacher_forced(inputs, [caption])
+    seen = []
+    out_proj = engine.adapter.out_projs[layer]
+    handle = out_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            engine.model(**full, use_cache=False)
+    finally:
+        handle.remove()
+    h = seen[0]
+    h = h.reshape(1, -1, h.shape[-1])  # [1, T, F] (OPT hands fc2 [T, F])
+    a = h[0, int(where[0, step]), index]
+    w_out = engine.adapter.out_weight(layer)[:, index].detach()
+    w_u = engine.adapter.unembed_weight()[caption[step]].detach()
+    return float(a * (w_out.double() @ w_u.double()))
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_family_end_to_end(name, images, tmp_path):
+    path, processor = checkpoint(name, tmp_path / "ckpt")
+    engine = mmn_fast.load(path, processor=processor, device="cpu", dtype="float64")
+    kw = dict(concepts="all", top_k=3, max_new_tokens=5, batch_size=2)
+    found = engine.find(images, **kw)
+    assert len(found) == 2 and all(r.output_ids for r in found)
+
+    # exactness: the top neuron of each concept of image 0, recomputed with a plain hook in fp64
+    concepts = [c for c in found[0].concepts if c.neurons]
+    for c in concepts[:2]:
+        layer, index, score = c.neurons[0]
+        want = hooked_score(engine, images[0], found[0].output_ids, c.step, layer, index)
+        assert score == pytest.approx(want, rel=1e-7, abs=1e-12), (name, c.word)
+
+    # teacher-forced: the same captions give the same top neurons and scores
+    forced = engine.find(images, captions=[r.output_ids for r in found], **kw)
+    for got, want in zip(forced, found):
+        assert [c.word for c in got.concepts] == [c.word for c in want.concepts]
+        for cg, cw in zip(got.concepts, want.concepts):
+            assert [n[:2] for n in cg.neurons] == [n[:2] for n in cw.neurons]
+            assert [n[2] for n in cg.neurons] == pytest.approx([n[2] for n in cw.neurons], rel=1e-6, abs=1e-12)
+
+    if engine.adapter.cross_attention:
+        with pytest.raises(MMNError, match="cross-attention"):
+            engine.find(images, positions="image", **kw)
+    else:
+        assert len(engine.find(images, positions="image", **kw)) == 2
+    assert len(engine.find(images, method="grad", **kw)) == 2
+
+    if concepts and not engine.adapter.cross_attention:
+        c = concepts[0]
+        item = (0, [tuple(c.neurons[0][:2])], c.token_id, found[0].output_ids, c.step)
+        if name in NO_PATCH_GRID:
+            with pytest.raises(MMNError, match=NO_PATCH_GRID[name]):
+                maps(engine, images, [item])
+        else:
+            (hm,) = maps(engine, images, [item])
+            w, h = hm.overlay().size  # shown at least DISPLAY_MIN pixels wide, in the image's proportions
+            assert w * images[0].size[1] == h * images[0].size[0]
+
+    # a patch applied and reverted bit for bit, then baked into a checkpoint that reloads with it
+    engine32 = mmn_fast.load(path, processor=processor, device="cpu")
+    ad = engine32.adapter
+    before = [ad.out_weight(l).clone() for l in range(ad.n_layers)]
+    g = torch.Generator().manual_seed(1)
+    patch = make_patch(ad, {1: (torch.tensor([0, 5]), torch.randn(2, ad.out_weight(1).shape[0], generator=g))}, "test")
+    handle = engine32.apply(patch)
+    assert torch.equal(ad.out_weight(1)[:, 5], patch.entries[1].vectors[1])
+    handle.revert()
+    assert all(torch.equal(ad.out_weight(l), w) for l, w in enumerate(before))
+    patch_file = patch.save(tmp_path / "p.mmnpatch.safetensors")
+    bake(path, patch_file, tmp_path / "baked")
+    baked = mmn_fast.load(tmp_path / "baked", processor=processor, device="cpu").adapter
+    assert torch.equal(baked.out_weight(1)[:, [0, 5]].t(), patch.entries[1].vectors)
+    assert torch.equal(baked.out_weight(0), before[0])
+
+
+@pytest.mark.parametrize("name,words", [("qwen3_vl_moe", "mixture-of-experts"), ("deepseek_v3", "mixture-of-experts"),
+                                        ("florence2", "encoder-decoder")])
+def test_unsupported_families_are_refused_at_load(name, words, tmp_path):
+    model, processor = BUILDERS[name]()
+    with pytest.raises(MMNError, match=words):
+        mmn_fast.load(save(tmp_path / "ckpt", model, processor), processor=processor, device="cpu")
