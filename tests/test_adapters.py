@@ -55,7 +55,7 @@ def test_image_processor_found_by_name_when_the_auto_class_needs_torchvision(mpl
         raise ImportError("AutoImageProcessor requires the Torchvision library")
 
     monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", needs_torchvision)
-    _, _, image_processor = _load_processor(mplug_path)
+    _, _, image_processor, _ = _load_processor(mplug_path)
     assert type(image_processor).__name__.startswith("CLIPImageProcessor")
     assert image_processor.crop_size["height"] == 32  # read from the checkpoint, not a default
     path = shutil.copytree(mplug_path, tmp_path / "ckpt")

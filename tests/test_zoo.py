@@ -2,6 +2,8 @@
 find (its top neuron's score equal to an independent fp64 recomputation with plain forward hooks),
 teacher-forced find, positions='image' (where defined), method='grad', a heatmap, a patch applied and reverted
 bit for bit, and bake then reload. Families mmn_fast does not take are refused at load with a clear error."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -122,3 +124,13 @@ def test_unsupported_families_are_refused_at_load(name, words, tmp_path):
     model, processor = BUILDERS[name]()
     with pytest.raises(MMNError, match=words):
         mmn_fast.load(save(tmp_path / "ckpt", model, processor), processor=processor, device="cpu")
+
+
+def test_a_processor_that_cannot_load_is_one_clear_error_at_load(tmp_path):
+    """Qwen2.5-VL's saved processor needs torchvision to reload (its video processor); where it is missing,
+    load says so instead of failing later at the first find (the prompt would hold no image tokens)."""
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: the processor reloads")
+    model, processor = BUILDERS["qwen2_5_vl"]()
+    with pytest.raises(MMNError, match="processor could not be loaded .*pass processor="):
+        mmn_fast.load(save(tmp_path / "ckpt", model, processor), device="cpu")

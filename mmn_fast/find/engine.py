@@ -98,19 +98,21 @@ def _load_model(path: Path, dtype: torch.dtype | None, device_map=None) -> nn.Mo
 
 
 def _load_processor(path: Path):
-    """(processor or None, tokenizer, image_processor or None) from a local checkpoint."""
+    """(processor or None, tokenizer, image_processor or None, why AutoProcessor failed or None) from a
+    local checkpoint."""
+    why = None
     try:
         proc = AutoProcessor.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, TypeError, KeyError, ImportError):  # ImportError: a class needing torchvision
-        proc = None
+    except (OSError, ValueError, TypeError, KeyError, ImportError) as e:  # ImportError: a class needing torchvision
+        proc, why = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
     if proc is not None and not isinstance(proc, PreTrainedTokenizerBase) and hasattr(proc, "tokenizer"):
-        return proc, proc.tokenizer, getattr(proc, "image_processor", None)
+        return proc, proc.tokenizer, getattr(proc, "image_processor", None), None
     try:
         tokenizer = proc if isinstance(proc, PreTrainedTokenizerBase) else AutoTokenizer.from_pretrained(
             str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise MMNError(f"no tokenizer in '{path}': {str(e).splitlines()[0]}; save one beside the weights") from None
-    return None, tokenizer, _checkpoint_image_processor(path)
+    return None, tokenizer, _checkpoint_image_processor(path), why
 
 
 def _checkpoint_image_processor(path: Path):
@@ -169,7 +171,7 @@ def load(path_or_model, processor=None, device=None, dtype=None, n_image_tokens:
     dtype = _resolve_dtype(dtype)
     _check_device(device)
     image_processor = spec_overrides.pop("image_processor", None)
-    source = None
+    source, processor_problem = None, None
     if isinstance(path_or_model, (str, Path)):
         path = Path(path_or_model)
         if not path.is_dir() or not (path / "config.json").is_file():
@@ -178,7 +180,7 @@ def load(path_or_model, processor=None, device=None, dtype=None, n_image_tokens:
         model = _load_model(path, dtype, device_map)
         source = str(path)
         if processor is None:
-            processor, tokenizer, image_processor = _load_processor(path)
+            processor, tokenizer, image_processor, processor_problem = _load_processor(path)
         else:
             tokenizer = getattr(processor, "tokenizer", processor)
             if tokenizer is processor and image_processor is None:  # a tokenizer: images need the checkpoint's
@@ -199,8 +201,13 @@ def load(path_or_model, processor=None, device=None, dtype=None, n_image_tokens:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model = model.to(device)
     model = model.eval()
-    return Engine(model, tokenizer, processor, image_processor, source=source,
-                  n_image_tokens=n_image_tokens, spec_overrides=spec_overrides, backend=backend)
+    engine = Engine(model, tokenizer, processor, image_processor, source=source,
+                    n_image_tokens=n_image_tokens, spec_overrides=spec_overrides, backend=backend)
+    if processor_problem and not engine.prompter.can_place_images():
+        raise MMNError(f"the checkpoint's processor could not be loaded ({processor_problem}), and without it the "
+                       "number of image tokens per image is unknown: install what it needs (many VLM processors "
+                       "need torchvision), or pass processor=... (or n_image_tokens=...) to mmn_fast.load()")
+    return engine
 
 
 class Engine:

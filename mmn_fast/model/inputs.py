@@ -170,6 +170,11 @@ class Prompter:
         self.image_processor = image_processor
         self.template, self.image_token, self.n_image_tokens = template, image_token, n_image_tokens
 
+    def can_place_images(self) -> bool:
+        """Whether prompts can carry an image: a processor expands its image tokens, or the template
+        writes `n_image_tokens` of them (or the model takes no image token in its text)."""
+        return self.processor is not None or not self.image_token or bool(self.n_image_tokens)
+
     @property
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id
