@@ -10,6 +10,8 @@ import torch
 import mmn_fast
 from mmn_fast import MMNError
 from mmn_fast.edit.bake import bake
+from mmn_fast.find.capture import gather_positions
+from mmn_fast.find.moe_scoring import concept_parts, moe_capture
 from mmn_fast.find.heatmap import maps
 from mmn_fast.model.patch_file import make_patch
 from mmn_fast.testing import random_images
@@ -118,8 +120,7 @@ def test_family_end_to_end(name, images, tmp_path):
     assert torch.equal(baked.out_weight(0), before[0])
 
 
-@pytest.mark.parametrize("name,words", [("qwen3_vl_moe", "mixture-of-experts"), ("deepseek_v3", "mixture-of-experts"),
-                                        ("florence2", "encoder-decoder")])
+@pytest.mark.parametrize("name,words", [("florence2", "encoder-decoder")])
 def test_unsupported_families_are_refused_at_load(name, words, tmp_path):
     model, processor = BUILDERS[name]()
     with pytest.raises(MMNError, match=words):
@@ -134,3 +135,91 @@ def test_a_processor_that_cannot_load_is_one_clear_error_at_load(tmp_path):
     model, processor = BUILDERS["qwen2_5_vl"]()
     with pytest.raises(MMNError, match="processor could not be loaded .*pass processor="):
         mmn_fast.load(save(tmp_path / "ckpt", model, processor), device="cpu")
+
+
+def moe_hooked_score(engine, image, caption, step, layer, expert, index, outputs):
+    """The score of neuron (layer, expert, index), from plain forward hooks on a teacher-forced pass: the
+    experts module's call (rows, routing), the shared expert's and dense layers' down_proj inputs."""
+    inputs = engine.encode([image], "Describe the image.")
+    full, where = engine.teacher_forced(inputs, [caption])
+    pos = int(where[0, step])
+    ad = engine.adapter
+    block = ad.experts[layer]
+    seen = {}
+    if block is None:
+        target, key = ad.out_projs[layer], "h"
+    elif expert == block.n_experts:
+        target, key = block.shared.down_proj, "h"
+    else:
+        target, key = block.experts, "route"
+    handle = target.register_forward_pre_hook(lambda _m, args: seen.setdefault(key, args))
+    block_out = ad.mlps[layer].register_forward_hook(lambda _m, _a, y: outputs.append(y.detach()))
+    try:
+        with torch.no_grad():
+            engine.model(**full, use_cache=False)
+    finally:
+        handle.remove()
+        block_out.remove()
+    u = ad.unembed_weight()[caption[step]].detach()
+    if key == "h":
+        h = seen["h"][0].reshape(-1, seen["h"][0].shape[-1])[pos]
+        w = target.weight[:, index].detach()
+        return float(h[index] * (w @ u)), pos
+    x, idx, gates = seen["route"]
+    slot = idx[pos].tolist().index(expert)  # the expert was chosen at this position
+    with torch.no_grad():
+        gate, up = torch.nn.functional.linear(x[pos], block.experts.gate_up_proj[expert]).chunk(2)
+        h = block.experts.act_fn(gate) * up
+        return float(gates[pos, slot] * h[index] * (block.experts.down_proj[expert][:, index] @ u)), pos
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl_moe", "llava_deepseek_moe"])
+def test_moe_family_scores_expert_neurons_exactly(name, images, tmp_path):
+    model, processor = BUILDERS[name]()
+    path = save(tmp_path / "ckpt", model, processor)
+    engine = mmn_fast.load(path, processor=processor, device="cpu", dtype="float64")
+    assert engine.adapter.is_moe
+    kw = dict(concepts="all", top_k=6, max_new_tokens=5, batch_size=2)
+    found = engine.find(images, **kw)
+    concepts = [c for c in found[0].concepts if c.neurons]
+    assert concepts and all(len(n) == 4 for c in concepts for n in c.neurons)
+    experts_seen = {n[1] for c in found[0].concepts + found[1].concepts for n in c.neurons}
+    assert experts_seen - {-1}, "no expert neuron ranks in any top-k"
+    for c in concepts[:2]:
+        for layer, expert, index, score in c.neurons[:3]:
+            want, _ = moe_hooked_score(engine, images[0], found[0].output_ids, c.step, layer, expert, index, [])
+            assert score == pytest.approx(want, rel=1e-7, abs=1e-12), (name, c.word, layer, expert, index)
+
+    # every neuron of an MoE layer together writes exactly the block's output: their scores sum to its logit
+    c = concepts[0]
+    inputs = engine.encode([images[0]], "Describe the image.")
+    full, where = engine.teacher_forced(inputs, [found[0].output_ids])
+    with torch.no_grad(), moe_capture(engine.adapter, gather_positions(where)) as store:
+        outputs = {}
+        hooks = [engine.adapter.mlps[l].register_forward_hook(
+            lambda _m, _a, y, l=l: outputs.setdefault(l, y.detach())) for l in range(engine.adapter.n_layers)]
+        try:
+            engine.model(**full, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+    parts = concept_parts(engine.adapter, store, 0, c.step, c.token_id)
+    u = engine.adapter.unembed_weight()[c.token_id].detach()
+    for layer, block in enumerate(engine.adapter.experts):
+        if block is None:
+            continue
+        total = sum(float(p[3].sum()) for p in parts if p[0] == layer)
+        y = outputs[layer].reshape(1, -1, u.numel())[0, int(where[0, c.step])]
+        assert total == pytest.approx(float(y @ u), rel=1e-9, abs=1e-12), layer
+
+    forced = engine.find(images, captions=[r.output_ids for r in found], **kw)
+    for got, want in zip(forced, found):
+        for cg, cw in zip(got.concepts, want.concepts):
+            assert [n[:3] for n in cg.neurons] == [n[:3] for n in cw.neurons]
+    for options, what in ((dict(positions="image"), "positions"), (dict(method="grad"), "grad")):
+        with pytest.raises(MMNError, match="mixture-of-experts"):
+            engine.find(images, **options, **kw)
+    with pytest.raises(MMNError, match="mixture-of-experts"):
+        engine.find(images, patches=[None, None], **kw)
+    with pytest.raises(MMNError, match="mixture-of-experts"):
+        engine.find(images, keep_scores=True, **kw)

@@ -24,6 +24,7 @@ from .capture import capture, gather_positions, last_position
 from .concepts import NounTagger, check_word_list, resolve_mode, select_concepts, split_words
 from .fused import fused_capture, fused_problem
 from .generation import Generated, RowStreamer, Sampling
+from .moe_scoring import concept_parts, moe_capture, top_neurons
 from .grad import grad_scores
 from .results import ConceptResult, ImageResult
 from .scoring import Scorer
@@ -222,6 +223,9 @@ class Engine:
                            "output through cross-attention): mmn_fast scores the MLP neurons of decoder-only language "
                            "models, as the method defines them; this architecture is not supported")
         self.adapter = Adapter(model, spec_for(model, spec_overrides))
+        if self.adapter.is_moe and next(model.parameters()).dtype == torch.float64 and hasattr(
+                model, "set_experts_implementation"):
+            model.set_experts_implementation("eager")  # transformers' default grouped_mm takes no float64
         self.backend = resolve_backend(backend, self.device, fused_problem(self.adapter))
         # Triton backend: also run the fused kernel at one-position decode steps, which otherwise take
         # the model's own ops (`bench/run_bench.py --gpu` times both; that should settle the default).
@@ -258,17 +262,13 @@ class Engine:
         """Hash of the scored weights (all W_out and W_U): keys caches and records runs. Computed
         afresh each time (a strided sample, cheap), so a patch, a cast or an edit
         through `.data` (which bypasses version counters) is always seen."""
-        return tensor_fingerprint(self._scored_weights())
+        return tensor_fingerprint(self.adapter.scored_weights())
 
     def fingerprints_of_this_model(self) -> set[str]:
         """The fingerprint and the one mmn_fast recorded before its sampling fix (io.tensor_fingerprint
         version 1): what a run of these weights may hold."""
-        ws = self._scored_weights()
+        ws = self.adapter.scored_weights()
         return {tensor_fingerprint(ws), tensor_fingerprint(ws, version=1)}
-
-    def _scored_weights(self) -> list[torch.Tensor]:
-        ad = self.adapter
-        return [ad.out_weight(l) for l in range(ad.n_layers)] + [ad.unembed_weight()]
 
     # ------------------------------------------------------------------ inputs
     def encode(self, images: list, prompt: str = DEFAULT_PROMPT, prefix: str | None = None) -> dict[str, torch.Tensor]:
@@ -328,6 +328,9 @@ class Engine:
                            f"{type(images).__name__}") from None
         if captions is not None and len(captions) != len(items):
             raise MMNError(f"{len(captions)} captions for {len(items)} images: give one caption per image")
+        if keep_scores or patches is not None:
+            self.adapter.require_dense("a corpus run (per-concept aggregates)" if keep_scores else
+                                       "find with per-request patches")
         stacks = self.patches.resolve(patches, len(items))  # names looked up once, when the call starts
         for start in range(0, len(items), opts.batch_size):
             batch = items[start : start + opts.batch_size]
@@ -344,6 +347,13 @@ class Engine:
         if opts.positions == "image" and self.adapter.cross_attention:
             raise MMNError(f"positions='image' is not defined for {type(self.model).__name__}: its text decoder sees the "
                            "image through cross-attention, not as image tokens in the sequence; use positions='last'")
+        if self.adapter.is_moe:
+            unsupported = [k for k, v in (("positions='image'", opts.positions == "image"),
+                                          ("method='grad'", opts.method == "grad"),
+                                          ("activation='act_fn'", opts.activation == "act_fn"),
+                                          ("fold_final_norm", opts.fold_final_norm)) if v]
+            if unsupported:
+                self.adapter.require_dense(f"find with {', '.join(unsupported)}")
         mode = resolve_mode(opts.concepts, self.tagger)
         if isinstance(mode, list):
             check_word_list(self.tokenizer, mode)
@@ -396,7 +406,10 @@ class Engine:
                               output_ids=outputs[b], caption=self.caption_text(outputs[b]), concepts=cons)
 
     def _capture(self, opts: FindOptions, select, image_mask):
-        """The fused MLP forward on the Triton backend; forward hooks on the torch backend."""
+        """The fused MLP forward on the Triton backend; forward hooks on the torch backend; for models with
+        mixture-of-experts layers, what their expert neurons' scores need (moe_scoring)."""
+        if self.adapter.is_moe:
+            return moe_capture(self.adapter, select)
         if self.backend == "triton":
             return fused_capture(self.adapter, "triton", opts.activation, select, image_mask, opts.reduce,
                                  opts.fold_final_norm, self.decode_with_kernel)
@@ -417,6 +430,9 @@ class Engine:
         b_idx = torch.tensor([b for b, _ in flat])
         s_idx = torch.tensor([w.step for _, w in flat])
         tokens = [outputs[b][w.step] for b, w in flat]
+        if self.adapter.is_moe:  # [[layer, expert, index, score], ...] per concept
+            return [top_neurons(concept_parts(self.adapter, store, b, w.step, t), opts.top_k)
+                    for (b, w), t in zip(flat, tokens)], None
         # per-request patches: each concept is scored with its row's output vectors
         edits = None if plan is None else [{l: (e.idx, e.new) for l, e in plan.row_edits(b).items()} for b, _ in flat]
         if opts.method == "grad":

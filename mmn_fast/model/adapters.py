@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import MMNError
+from .moe import ExpertBlock, expert_block, is_moe
 
 
 @dataclass(frozen=True)
@@ -98,14 +99,9 @@ def _mlp_style(mlp: nn.Module) -> tuple[str, str | None, bool] | None:
 _EXPERT_LISTS = ("experts", "shared_experts", "local_experts")  # lists of expert MLPs, never decoder layers
 
 
-def _is_moe(module: nn.Module) -> bool:
-    """A mixture-of-experts block: it holds experts (a list of MLPs, or fused expert weights)."""
-    return any(hasattr(module, a) for a in _EXPERT_LISTS[::2])
-
-
 def moe_message(model: nn.Module, where: list, block: str) -> str:
-    return (f"{type(model).__name__} has mixture-of-experts MLP blocks ({block}, at {where[:4]}): scoring expert "
-            "neurons (router weight x activation x output vector) is not implemented yet; dense decoders only")
+    return (f"layer(s) {where[:4]} of {type(model).__name__} are mixture-of-experts blocks ({block}): they have no "
+            "single output projection; this operation handles dense layers only (find scores expert neurons)")
 
 
 def _out_features(module: nn.Module) -> int | None:
@@ -131,6 +127,11 @@ def discover_spec(model: nn.Module) -> ModelSpec:
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0 or name.rsplit(".", 1)[-1] in _EXPERT_LISTS:
             continue
         for mlp_name, mlp in mod[0].named_modules():  # "" first: MLP weights on the layer itself (OPT)
+            if is_moe(mlp):  # every layer a mixture of experts (Qwen3-VL-MoE): dense layers, if any, use down_proj
+                expert_block(mlp, d_model)  # refuses expert layouts it cannot read
+                visionish = any(w in name.lower() for w in _VISION_WORDS)
+                candidates.append((visionish, -len(mod), name, mlp_name, "down_proj", None, True))
+                break
             style = _mlp_style(mlp)
             if style is None:
                 continue
@@ -141,7 +142,7 @@ def discover_spec(model: nn.Module) -> ModelSpec:
             candidates.append((visionish, -len(mod), name, mlp_name, out_proj, act, gated))
             break
     if not candidates:
-        moe = [n for n, m in model.named_modules() if _is_moe(m)]
+        moe = [n for n, m in model.named_modules() if is_moe(m)]
         if moe:
             raise MMNError(moe_message(model, moe[:1], type(model.get_submodule(moe[0])).__name__))
         raise MMNError(
@@ -276,10 +277,11 @@ class Adapter:
             raise MMNError(f"'{spec.layers}' in {type(model).__name__} is not a non-empty list of layers")
         self.layer_modules = list(layer_list)
         self.mlps = [get_module(layer, spec.mlp) for layer in layer_list]
-        moe = [i for i, m in enumerate(self.mlps) if _is_moe(m)]
-        if moe:
-            raise MMNError(moe_message(model, moe, type(self.mlps[moe[0]]).__name__))
-        self.out_projs = [get_module(m, spec.out_proj) for m in self.mlps]
+        d_model = get_module(model, spec.unembed).weight.shape[1]
+        # per layer: the MoE block's experts (None for a dense MLP), and the output projection (None for MoE)
+        self.experts: list[ExpertBlock | None] = [expert_block(m, d_model) if is_moe(m) else None for m in self.mlps]
+        self.is_moe = any(b is not None for b in self.experts)
+        self.out_projs = [None if b is not None else get_module(m, spec.out_proj) for m, b in zip(self.mlps, self.experts)]
         self.act_fns = None
         if spec.act_fn and all(hasattr(m, spec.act_fn) for m in self.mlps):
             acts = [getattr(m, spec.act_fn) for m in self.mlps]
@@ -289,7 +291,8 @@ class Adapter:
         self.unembed = get_module(model, spec.unembed)
         self.final_norm = get_module(model, spec.final_norm) if spec.final_norm else None
         self.n_layers = len(self.mlps)
-        self.d_mlp = self.out_weight(0).shape[1]
+        dense = [l for l, b in enumerate(self.experts) if b is None]
+        self.d_mlp = self.out_weight(dense[0]).shape[1] if dense else self.experts[0].d_expert
         cfg = getattr(model, "config", None)
         # The text decoder reads the image through cross-attention layers (Mllama), not image tokens
         # in its sequence: there are no image positions to average over.
@@ -301,7 +304,27 @@ class Adapter:
 
     def out_weight(self, layer: int) -> torch.Tensor:
         """W_out of `layer` as [d_model, F] (column i is neuron i's output vector)."""
+        if self.out_projs[layer] is None:
+            raise MMNError(moe_message(self.model, [layer], type(self.mlps[layer]).__name__))
         return output_matrix(self.out_projs[layer])
+
+    def scored_weights(self) -> list[torch.Tensor]:
+        """Every output-vector matrix (dense W_out, expert and shared-expert down projections) and W_U:
+        what a find result depends on (the engine's fingerprint)."""
+        ws = []
+        for l, block in enumerate(self.experts):
+            if block is None:
+                ws.append(self.out_weight(l))
+            else:
+                ws += [block.experts.down_proj] + ([block.shared_out()] if block.shared is not None else [])
+        return ws + [self.unembed_weight()]
+
+    def require_dense(self, what: str) -> None:
+        """MMNError when the model has MoE layers and `what` does not handle expert neurons yet."""
+        if self.is_moe:
+            moe = [l for l, b in enumerate(self.experts) if b is not None]
+            raise MMNError(f"{type(self.model).__name__} has mixture-of-experts layers ({moe[:4]}): {what} does not "
+                           "handle expert neurons yet; engine.find (positions='last', method='act') scores them")
 
     def unembed_weight(self) -> torch.Tensor:
         """W_U as [V, d_model]."""
@@ -312,6 +335,8 @@ class Adapter:
         ("down_proj_input", exact) or the activation module's output ("act_fn", the paper's released code)."""
         check_activation(activation)
         if activation == "down_proj_input":
+            if self.out_projs[layer] is None:
+                raise MMNError(moe_message(self.model, [layer], type(self.mlps[layer]).__name__))
             return HookSite(self.out_projs[layer], pre=True, layer=self.layer_modules[layer])
         if self.act_fns is None:
             raise MMNError(

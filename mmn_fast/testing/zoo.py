@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from ..model.templates import LLAVA_CHAT_TEMPLATE
+from .llava import llava_model
 from .common import (BOS, EOS, IMAGE, PAD, UNK, as_dtype, generation_config,
                      image_processor, out_dir, quiet, tiny_tokenizer,
                      tokenizer_json)
@@ -429,19 +430,38 @@ def glm4v_model(seed: int = 0):
     return model, proc
 
 
-def deepseek_v3_model(seed: int = 0):
-    """DeepSeek-V3-style text-only MoE (no DeepSeek-V3 VLM in transformers): MLA attention, layer 0 dense,
-    layer 1 4 routed experts (top-2) + a shared expert. The "processor" is the tokenizer."""
-    tok = tiny_tokenizer(named_image_token=False)
-    config = transformers.DeepseekV3Config(
+def _deepseek_v3_text(tok):
+    """DeepSeek-V3-style MoE decoder config: MLA attention, layer 0 dense, layer 1 4 routed experts (top-2)
+    + a shared expert."""
+    return transformers.DeepseekV3Config(
         vocab_size=len(tok), hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2,
         n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=16,
         qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=1024, tie_word_embeddings=False,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = finish(config, tok, transformers.DeepseekV3ForCausalLM, seed)
+
+
+def deepseek_v3_model(seed: int = 0):
+    """DeepSeek-V3-style text-only MoE (`_deepseek_v3_text`). The "processor" is the tokenizer."""
+    tok = tiny_tokenizer(named_image_token=False)
+    model = finish(_deepseek_v3_text(tok), tok, transformers.DeepseekV3ForCausalLM, seed)
     tok.chat_template = chat_template("")
     return model, tok
+
+
+def llava_deepseek_moe_model(seed: int = 0):
+    """A DeepSeek-style MoE VLM (the shape of DeepSeek-VL2 or Kimi-VL, which transformers does not ship):
+    LLaVA's CLIP tower and projector over the `_deepseek_v3_text` decoder (dense layer 0, MoE layer 1)."""
+    base, processor = llava_model(seed=seed)
+    tok = processor.tokenizer
+    cfg = base.config
+    config = transformers.LlavaConfig(
+        vision_config=cfg.vision_config, text_config=_deepseek_v3_text(tok), image_token_id=cfg.image_token_id,
+        image_seq_length=cfg.image_seq_length, vision_feature_layer=-1, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu", tie_word_embeddings=False)
+    for name in ("bos", "eos", "pad"):
+        setattr(config, f"{name}_token_id", getattr(tok, f"{name}_token_id"))
+    return finish(config, tok, transformers.LlavaForConditionalGeneration, seed), processor
 
 
 def florence2_model(seed: int = 0):
@@ -471,6 +491,7 @@ ZOO_MODELS: dict[str, Callable[..., tuple]] = {
     "gemma3": gemma3_model, "smolvlm": smolvlm_model, "idefics3": idefics3_model, "paligemma": paligemma_model,
     "mllama": mllama_model, "internvl": internvl_model, "aya_vision": aya_vision_model, "mistral3": mistral3_model,
     "blip2": blip2_model, "glm4v": glm4v_model, "qwen3_vl_moe": qwen3_vl_moe_model, "deepseek_v3": deepseek_v3_model,
+    "llava_deepseek_moe": llava_deepseek_moe_model,
     "florence2": florence2_model,
 }
 
@@ -502,6 +523,7 @@ tiny_glm4v = _saver("glm4v")
 tiny_qwen3_vl_moe = _saver("qwen3_vl_moe")
 tiny_deepseek_v3 = _saver("deepseek_v3")
 tiny_florence2 = _saver("florence2")
+tiny_llava_deepseek_moe = _saver("llava_deepseek_moe")
 
 # family name -> function(path) that saves a tiny checkpoint (model + processor) there and returns the path
 ZOO: dict[str, Callable[..., Path]] = {name: globals()[f"tiny_{name}"] for name in ZOO_MODELS}
