@@ -66,6 +66,24 @@ register_adapter(
               gated=False, prompt_template="{prompt}"),
 )
 
+# The 2026 families (tested end to end in tests/test_zoo.py): the text decoder under model.language_model
+# (model.text_model for Idefics3 / SmolVLM), LLaMA-style gate/up/down MLPs unless said otherwise.
+_LANGUAGE_MODEL = dict(layers="model.language_model.layers", final_norm="model.language_model.norm")
+_TEXT_MODEL = dict(layers="model.text_model.layers", final_norm="model.text_model.norm")
+for _arch, _paths in {
+    "LlavaNextForConditionalGeneration": _LANGUAGE_MODEL, "LlavaOnevisionForConditionalGeneration": _LANGUAGE_MODEL,
+    "Qwen2VLForConditionalGeneration": _LANGUAGE_MODEL, "Qwen2_5_VLForConditionalGeneration": _LANGUAGE_MODEL,
+    "Qwen3VLForConditionalGeneration": _LANGUAGE_MODEL,
+    "Qwen3VLMoeForConditionalGeneration": dict(_LANGUAGE_MODEL, act_fn=None),  # every layer a mixture of experts
+    "Glm4vForConditionalGeneration": dict(_LANGUAGE_MODEL, act_fn="activation_fn"),  # fused gate_up_proj
+    "Gemma3ForConditionalGeneration": _LANGUAGE_MODEL, "PaliGemmaForConditionalGeneration": _LANGUAGE_MODEL,
+    "MllamaForConditionalGeneration": _LANGUAGE_MODEL,  # cross-attention layers read the image
+    "InternVLForConditionalGeneration": _LANGUAGE_MODEL, "AyaVisionForConditionalGeneration": _LANGUAGE_MODEL,
+    "Mistral3ForConditionalGeneration": _LANGUAGE_MODEL,
+    "Idefics3ForConditionalGeneration": _TEXT_MODEL, "SmolVLMForConditionalGeneration": _TEXT_MODEL,
+}.items():
+    register_adapter(_arch, ModelSpec(**_paths))
+
 _GATED = (("gate_proj", "up_proj", "down_proj", "act_fn"), ("w1", "w3", "w2", "act_fn"))
 _PLAIN = (("fc1", "fc2", ("activation_fn", "act_fn", "act")), ("c_fc", "c_proj", ("act",)),
           ("dense_h_to_4h", "dense_4h_to_h", ("activation_func", "act")))
