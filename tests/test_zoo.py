@@ -6,15 +6,17 @@ import importlib.util
 
 import pytest
 import torch
+import transformers
 
 import mmn_fast
 from mmn_fast import MMNError
 from mmn_fast.edit.bake import bake
-from mmn_fast.find.capture import gather_positions
+from mmn_fast.find.capture import capture, gather_positions, last_position
 from mmn_fast.find.moe_scoring import concept_parts, moe_capture
+from mmn_fast.find.scoring import Scorer
 from mmn_fast.find.heatmap import maps
 from mmn_fast.model.patch_file import make_patch
-from mmn_fast.testing import random_images
+from mmn_fast.testing import random_images, tiny_tokenizer
 from mmn_fast.testing.instructblip import tiny_instructblip
 from mmn_fast.testing.llava import llava_model
 from mmn_fast.testing.qwen2_vl import qwen2_vl_model
@@ -223,3 +225,40 @@ def test_moe_family_scores_expert_neurons_exactly(name, images, tmp_path):
         engine.find(images, patches=[None, None], **kw)
     with pytest.raises(MMNError, match="mixture-of-experts"):
         engine.find(images, keep_scores=True, **kw)
+
+
+def test_phi4_multimodal_model_side():
+    """Phi-4-multimodal (its processor needs torchvision and audio features): the model side. Discovery
+    finds its fused gate_up_proj MLPs; the capture and the scorer on a text forward equal a plain hook."""
+    tok = tiny_tokenizer()
+    vision = transformers.Phi4MultimodalVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                     num_attention_heads=2, image_size=32, patch_size=8)
+    audio = transformers.Phi4MultimodalAudioConfig(
+        hidden_size=32, intermediate_size=64, num_blocks=1, num_attention_heads=2, ext_pw_out_channel=32,
+        depthwise_separable_out_channel=32, nemo_conv_channels=32)
+    config = transformers.Phi4MultimodalConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vision_config=vision, audio_config=audio, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = transformers.Phi4MultimodalForCausalLM(config).double().eval()
+    engine = mmn_fast.load(model, processor=tok, device="cpu")
+    ad = engine.adapter
+    assert ad.spec.layers == "model.layers" and ad.spec.out_proj == "down_proj" and ad.act_fns is not None
+    ids = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    seen = []
+    plain = ad.out_projs[1].register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad(), capture(ad, select=last_position) as store:
+            model(input_ids=ids)
+    finally:
+        plain.remove()
+    tokens = [7, 11]
+    scores = Scorer(ad).score(store.acts()[:, 0], tokens)  # [2, L, F]
+    for b, t in enumerate(tokens):
+        want = seen[0][b, -1] * (ad.out_weight(1).t() @ ad.unembed_weight()[t])
+        assert torch.allclose(scores[b, 1], want, rtol=1e-10, atol=1e-14)
+    before = ad.out_weight(0).clone()
+    patch = make_patch(ad, {0: (torch.tensor([3]), torch.randn(1, 64, dtype=torch.float64))}, "test")
+    engine.apply(patch).revert()
+    assert torch.equal(ad.out_weight(0), before)
