@@ -10,6 +10,7 @@ import transformers
 
 import mmn_fast
 from mmn_fast import MMNError
+from mmn_fast.cli.main import main
 from mmn_fast.edit.bake import bake
 from mmn_fast.find.capture import capture, gather_positions, last_position
 from mmn_fast.find.moe_scoring import concept_parts, moe_capture
@@ -225,6 +226,11 @@ def test_moe_family_scores_expert_neurons_exactly(name, images, tmp_path):
         engine.find(images, patches=[None, None], **kw)
     with pytest.raises(MMNError, match="mixture-of-experts"):
         engine.find(images, keep_scores=True, **kw)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    images[0].save(folder / "a.png")
+    assert main(["find", "--model", str(path), "--images", str(folder), "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_phi4_multimodal_model_side():

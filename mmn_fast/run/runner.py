@@ -150,6 +150,7 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, settings
     """Score a corpus into `out_dir`, resuming a killed run with the same settings. Returns the run
     summary (images, skipped, concepts, neurons scored, seconds, and concepts.json's content on rank 0)."""
     engine.check_options(options)  # a bad option or word is one error now, not a skip per sample
+    engine.adapter.require_dense("a corpus run (mmn find: per-concept aggregates per [layer, index])")
     settings.validate()
     rank, world = _dist_info(settings.rank, settings.world)
     if world > 1:
