@@ -109,6 +109,13 @@ def _entries(meta, fn):
     meta["entries"] = json.dumps(entries)
 
 
+def _rename_unit(t, m, old, new):
+    """Entry `old` renamed `new` in the metadata and the tensor names (version left as it is)."""
+    _entries(m, lambda e: e.update({new: e.pop(old)}))
+    for part in ("indices", "vectors"):
+        t[f"{new}.{part}"] = t.pop(f"{old}.{part}")
+
+
 def _set_idx(t, k, v):
     t[k] = t[k].clone()
     t[k][0] = v
@@ -116,7 +123,10 @@ def _set_idx(t, k, v):
 
 CASES = {
     "no format": (lambda t, m: m.pop("format"), "'format'"),
-    "future version": (lambda t, m: m.update(format_version="2"), "unsupported format version '2'"),
+    "future version": (lambda t, m: m.update(format_version="3"), "unsupported format version '3'"),
+    "expert in version 1": (lambda t, m: _rename_unit(t, m, "1", "1.0"), "format version 1 does not have"),
+    "expert layout on a dense unit": (lambda t, m: _entries(m, lambda e: e["0"].update(layout="experts")),
+                                      "unknown layout"),
     "bad json": (lambda t, m: m.update(entries="{not json"), "not valid JSON"),
     "deep json": (lambda t, m: m.update(params="[" * 200000 + "]" * 200000), "not valid JSON"),
     "base shape": (lambda t, m: m.update(base=json.dumps({"n_layers": 2, "d_model": 64})), "'base' must record"),

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import MMNError
-from .moe import ExpertBlock, expert_block, is_moe
+from .moe import DENSE, ExpertBlock, expert_block, is_moe
 
 
 @dataclass(frozen=True)
@@ -285,6 +285,12 @@ def output_matrix(out_proj: nn.Module) -> torch.Tensor:
     return w.t() if type(out_proj).__name__ == "Conv1D" else w
 
 
+def unit_matrix(module: nn.Module, slot: int | None) -> torch.Tensor:
+    """The [d_model, F] output vectors of `Adapter.unit`'s (module, slot): the module's weight (GPT-2's
+    Conv1D transposed), or slot e of a fused experts module's down_proj [E, d, F]."""
+    return output_matrix(module) if slot is None else module.down_proj[slot]
+
+
 class Adapter:
     """A `ModelSpec` bound to a loaded model: modules and weights ready to use."""
 
@@ -325,6 +331,43 @@ class Adapter:
         if self.out_projs[layer] is None:
             raise MMNError(moe_message(self.model, [layer], type(self.mlps[layer]).__name__))
         return output_matrix(self.out_projs[layer])
+
+    def unit(self, layer: int, expert: int = DENSE) -> tuple[nn.Module, int | None]:
+        """Where the output vectors of the neurons (layer, expert, *) live: (module, slot). A dense layer's
+        output projection (expert -1), a routed expert e's fused experts module (slot e of its
+        down_proj [E, d, F]) or the shared expert's down projection (expert E); see `unit_matrix`."""
+        if not 0 <= layer < self.n_layers:
+            raise MMNError(f"layer {layer} out of range: the model has {self.n_layers} decoder layers")
+        block = self.experts[layer]
+        if expert == DENSE:
+            if block is not None:
+                raise MMNError(f"layer {layer} is a mixture-of-experts block: name its neurons as [layer, expert, "
+                               f"index] (experts 0..{block.n_experts - 1}"
+                               + (f", shared expert {block.n_experts})" if block.shared is not None else ")"))
+            return self.out_projs[layer], None
+        if block is None:
+            raise MMNError(f"layer {layer} is a dense MLP: its neurons have expert -1, not {expert}")
+        if 0 <= expert < block.n_experts:
+            return block.experts, expert
+        if expert == block.n_experts and block.shared is not None:
+            return block.shared.down_proj, None
+        raise MMNError(f"layer {layer} has experts 0..{block.n_experts - 1}"
+                       + (f" and shared expert {block.n_experts}" if block.shared is not None else "")
+                       + f", not {expert}")
+
+    def unit_weight(self, layer: int, expert: int = DENSE) -> torch.Tensor:
+        """The output vectors [d_model, F] of the neurons (layer, expert, *) (a view: writes reach the model)."""
+        return unit_matrix(*self.unit(layer, expert))
+
+    def units(self) -> list[tuple[int, int]]:
+        """Every (layer, expert) holding neurons: (l, -1) for dense layers, (l, e) for routed and shared experts."""
+        out = []
+        for l, block in enumerate(self.experts):
+            if block is None:
+                out.append((l, DENSE))
+            else:
+                out += [(l, e) for e in range(block.n_experts + (block.shared is not None))]
+        return out
 
     def scored_weights(self) -> list[torch.Tensor]:
         """Every output-vector matrix (dense W_out, expert and shared-expert down projections) and W_U:

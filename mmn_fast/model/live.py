@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import MMNError
-from .adapters import Adapter, output_matrix, spec_for
-from .patch_file import Entry, Patch, PatchError, as_patch, gather_rows, rows_sha256, write_rows
+from .adapters import Adapter, spec_for, unit_matrix
+from .patch_file import DENSE, Entry, Patch, PatchError, as_patch, gather_rows, rows_sha256, write_rows
 
 
 class _Guard:
@@ -115,10 +115,10 @@ def resolve_target(target, spec_overrides: dict | None = None) -> tuple[nn.Modul
 
 
 def _detached_layers(model: nn.Module, adapter: Adapter, present=None) -> list[int]:
-    """Layers whose output projection (as the adapter found it) is no longer part of the model.
-    present: ids of the model's modules, when the caller has walked them already."""
+    """Layers whose output projection, or experts (as the adapter found them), are no longer part of the
+    model. present: ids of the model's modules, when the caller has walked them already."""
     present = present if present is not None else {id(m) for m in model.modules()}
-    return [l for l, m in enumerate(adapter.out_projs) if id(m) not in present]
+    return sorted({l for l, e in adapter.units() if id(adapter.unit(l, e)[0]) not in present})
 
 
 def _check_attached(model: nn.Module, adapter: Adapter, present=None) -> None:
@@ -138,9 +138,9 @@ class PatchHandle:
     def __init__(self, patch: Patch, model: nn.Module, saved: list):
         self.patch = patch
         self._model = weakref.ref(model)
-        # [(layer, out_proj module (weakref), its qualified name, (weight shape, storage key), idx [n],
-        #   original rows [n, d], new rows [n, d])]: no reference to the weight itself, which a later
-        #   cast or move replaces
+        # [(unit label, module holding the vectors (weakref), its qualified name, slot (a fused experts
+        #   tensor's expert, else None), (weight shape, storage key), idx [n], original rows [n, d],
+        #   new rows [n, d])]: no reference to the weight itself, which a later cast or move replaces
         self._saved = saved
         self.neurons = frozenset(patch.neurons)
         self.active = True
@@ -150,10 +150,11 @@ class PatchHandle:
         return (f"<PatchHandle {self.patch.method} {self.patch.concepts} {len(self.neurons)} neurons, {state}>")
 
     @property
-    def saved_rows(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(layer, original rows [n, d], patched rows [n, d]) per patched layer: what the handle keeps
-        (in the weight's dtype and device at apply time) to revert and to check; empty once reverted."""
-        return [(layer, orig, new) for layer, *_, orig, new in self._saved]
+    def saved_rows(self) -> list[tuple]:
+        """(unit, original rows [n, d], patched rows [n, d]) per patched unit (a dense layer's number, or
+        (layer, expert)): what the handle keeps (in the weight's dtype and device at apply time) to revert
+        and to check; empty once reverted."""
+        return [(unit, orig, new) for unit, *_, orig, new in self._saved]
 
     def revert(self, force: bool = False) -> None:
         """Restore the original vectors exactly. Refused (nothing changes) when a patch applied later
@@ -187,7 +188,7 @@ class PatchHandle:
             changed = [l for l, w, idx, _, new, _ in now if not _same_bits(gather_rows(w, idx), new)]
             if changed and not force:
                 moved = any(item[5] for item in now if item[0] in changed)
-                raise PatchError(f"revert refused: the patched neurons of layer(s) {changed} were changed since "
+                raise PatchError(f"revert refused: the patched neurons of {_units(changed)} were changed since "
                                  "the patch was applied" + (" (the weights were also cast or moved since: a round "
                                  "trip through a lower precision changes them too)" if moved else "") +
                                  "; force=True overwrites them with the originals")
@@ -207,8 +208,8 @@ class PatchHandle:
             self.revert()
 
 
-def _current(model: nn.Module, layer: int, module_ref, name: str | None, where: tuple, idx, orig, new):
-    """(layer, weight, idx, original rows, new rows, moved) as the model holds them now.
+def _current(model: nn.Module, layer, module_ref, name: str | None, slot: int | None, where: tuple, idx, orig, new):
+    """(unit, weight, idx, original rows, new rows, moved) as the model holds them now.
     `model.half()` or `.to(device)` after the patch gives the weight new storage (GPT-2's Conv1D
     view then points at the old one): the weight is looked up again and the saved rows are cast
     and moved to match. A cast is elementwise, so the reverted weight is exactly the unpatched one,
@@ -222,7 +223,7 @@ def _current(model: nn.Module, layer: int, module_ref, name: str | None, where: 
     if mod is None or now is not mod:
         raise PatchError(f"layer {layer}: the output projection this patch was applied to "
                          f"({name or 'unnamed'}) was replaced or removed since")
-    cur = output_matrix(mod)
+    cur = unit_matrix(mod, slot)
     if tuple(cur.shape) != shape:
         raise PatchError(f"layer {layer}: the output projection is {tuple(cur.shape)} now, "
                          f"{shape} when the patch was applied; cannot revert")
@@ -233,6 +234,12 @@ def _current(model: nn.Module, layer: int, module_ref, name: str | None, where: 
         orig, new = orig.to(cur.device, cur.dtype), new.to(cur.device, cur.dtype)
         idx = idx.to(cur.device)
     return layer, cur, idx, orig, new, moved
+
+
+def _units(labels) -> str:
+    """'layer(s) [1, 3]', or with experts 'unit(s) [1, (2, 0)]' ((layer, expert))."""
+    labels = list(labels)
+    return f"{'layer' if all(isinstance(x, int) for x in labels) else 'unit'}(s) {labels[:8]}"
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -247,25 +254,44 @@ def check_layer(layer: int, n_layers: int) -> None:
         raise PatchError(f"patch edits layer {layer}, but the model has {n_layers} decoder layers")
 
 
+def unit_label(e: Entry):
+    """How handles and messages name an entry's unit: its layer (dense), or (layer, expert)."""
+    return e.layer if e.expert == DENSE else e.unit
+
+
+def entry_unit(adapter: Adapter, e: Entry) -> tuple[nn.Module, int | None]:
+    """The (module, slot) an entry writes into (Adapter.unit), as a PatchError when the model has no such unit
+    (a patch for experts on a dense layer, or the reverse: made for another model)."""
+    check_layer(e.layer, adapter.n_layers)
+    try:
+        return adapter.unit(e.layer, e.expert)
+    except PatchError:
+        raise
+    except MMNError as err:
+        raise PatchError(f"the patch edits {e.where()}, which this model does not have ({err}): it was made for "
+                         "another model") from None
+
+
 def fit_rows(layer: int, e: Entry, w: torch.Tensor) -> torch.Tensor:
     """Checks of an entry against the output matrix w [d, F] it goes into that never depend on the
     current values (force does not skip them): shapes, index range, device, dtype. Shared by apply
     and bake, so both refuse the same patches. Returns the new rows [n, d] cast and moved to w's."""
     d, f = w.shape
     n = e.indices.numel()
+    where = e.where()
     if tuple(e.vectors.shape) != (n, d):
-        raise PatchError(f"layer {layer}: patch vectors are {tuple(e.vectors.shape)}, the model's output vectors "
+        raise PatchError(f"{where}: patch vectors are {tuple(e.vectors.shape)}, the model's output vectors "
                          f"have d_model={d}: this patch was made for another model shape")
     if int(e.indices.max()) >= f or int(e.indices.min()) < 0:
-        raise PatchError(f"layer {layer}: neuron index {int(e.indices.max())} out of range (the layer has {f})")
+        raise PatchError(f"{where}: neuron index {int(e.indices.max())} out of range (the unit has {f})")
     if w.device.type == "meta":
-        raise PatchError(f"layer {layer}: weights are offloaded (meta device); load the model onto devices to "
+        raise PatchError(f"{where}: weights are offloaded (meta device); load the model onto devices to "
                          "patch it live, or bake the patch into a checkpoint")
     if not w.is_floating_point() or _dtype_name(w.dtype) not in ("float16", "bfloat16", "float32", "float64"):
-        raise PatchError(f"layer {layer}: cannot patch weights of dtype {w.dtype} (quantized?)")
+        raise PatchError(f"{where}: cannot patch weights of dtype {w.dtype} (quantized?)")
     new = e.vectors.to(device=w.device, dtype=w.dtype)  # [n, d]
     if not bool(torch.isfinite(new).all()):  # a file's are checked on load; a Patch built in memory may not be
-        raise PatchError(f"layer {layer}: the patch vectors " + ("contain NaN or infinity" if not bool(
+        raise PatchError(f"{where}: the patch vectors " + ("contain NaN or infinity" if not bool(
             torch.isfinite(e.vectors).all()) else f"overflow {w.dtype}"))
     return new
 
@@ -281,13 +307,13 @@ def base_matches(e: Entry, rows: torch.Tensor, force: bool = False) -> bool:
 
 
 def prepare_patch(adapter: Adapter, patch: Patch) -> list:
-    """apply's checks that never depend on the current values (check_layer, fit_rows).
-    Returns [(layer, weight, idx, new rows, entry)], cast and moved."""
+    """apply's checks that never depend on the current values (entry_unit, fit_rows).
+    Returns [(unit label, weight [d, F], idx, new rows, entry, module, slot)], cast and moved."""
     out = []
-    for l, e in sorted(patch.entries.items()):
-        check_layer(l, adapter.n_layers)
-        w = adapter.out_weight(l)  # [d, F]
-        out.append((l, w, e.indices.to(w.device), fit_rows(l, e, w), e))
+    for e in patch.units():
+        module, slot = entry_unit(adapter, e)
+        w = unit_matrix(module, slot)  # [d, F]
+        out.append((unit_label(e), w, e.indices.to(w.device), fit_rows(e.layer, e, w), e, module, slot))
     return out
 
 
@@ -309,18 +335,18 @@ def apply_patch(target, patch, force: bool = False, **spec_overrides) -> PatchHa
         names = {id(m): name for name, m in model.named_modules()}  # to find the module again at revert
         _check_attached(model, adapter, names)
         saved, problems = [], []
-        for l, w, idx, new, e in prepared:
+        for l, w, idx, new, e, module, slot in prepared:
             cur = gather_rows(w, idx)  # [n, d] in the model's dtype
             if not base_matches(e, cur, force):
-                overlap = [(l, i) for i in e.indices.tolist() if (l, i) in touched]
-                problems.append((l, overlap))
-            saved.append((l, weakref.ref(adapter.out_projs[l]), names.get(id(adapter.out_projs[l])), w, idx, cur, new))
+                mine = [n for n in patch.neurons if n[:-1] == ((e.layer,) if e.expert == DENSE else e.unit)]
+                problems.append((l, [n for n in mine if n in touched]))
+            saved.append((l, weakref.ref(module), names.get(id(module)), slot, w, idx, cur, new))
         if problems and not force:
             conflicts = [n for _, o in problems for n in o]
             if conflicts:
                 raise PatchError(f"conflict: neuron(s) {conflicts[:5]} are already changed by {touched[conflicts[0]]!r}; "
                                  "a patch touching the same neurons must be made on top of it (stacked in order)")
-            raise PatchError(f"wrong base model: the output vectors of layer(s) {[l for l, _ in problems][:8]} do not "
+            raise PatchError(f"wrong base model: the output vectors of {_units(l for l, _ in problems)} do not "
                              f"match the patch's recorded originals (patch made on {patch.base.get('architecture')} "
                              f"{patch.base.get('source') or ''}); pass force=True to apply it anyway")
         done = []
@@ -333,8 +359,8 @@ def apply_patch(target, patch, force: bool = False, **spec_overrides) -> PatchHa
             for *_, w, idx, cur, _ in done:
                 write_rows(w, idx, cur)
             raise
-        handle = PatchHandle(patch, model, [(l, ref, name, (tuple(w.shape), _key(w)), idx, cur, new)
-                                            for l, ref, name, w, idx, cur, new in saved])
+        handle = PatchHandle(patch, model, [(l, ref, name, slot, (tuple(w.shape), _key(w)), idx, cur, new)
+                                            for l, ref, name, slot, w, idx, cur, new in saved])
         st.handles.append(handle)
     return handle
 
@@ -347,11 +373,12 @@ def check_patch(target, patch, **spec_overrides) -> list[dict]:
     rows = []
     with _state(model, install=False).lock:
         _check_attached(model, adapter)
-        for l, w, idx, new, e in prepare_patch(adapter, patch):
+        for _, w, idx, new, e, *_ in prepare_patch(adapter, patch):
             cur = gather_rows(w, idx)
             status = ("base" if e.orig_sha256.get(_dtype_name(w.dtype)) == rows_sha256(cur)
                       else "applied" if _same_bits(cur, new) else "mismatch")
-            rows.append({"layer": l, "n": int(idx.numel()), "status": status})
+            rows.append({"layer": e.layer, **({} if e.expert == DENSE else {"expert": e.expert}),
+                         "n": int(idx.numel()), "status": status})
     return rows
 
 

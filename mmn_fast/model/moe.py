@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import MMNError
 
 SHARED_NAMES = ("shared_experts", "shared_expert")
+DENSE = -1  # the expert number of a dense layer's neurons: [layer, -1, index]
 
 
 @dataclass(frozen=True)

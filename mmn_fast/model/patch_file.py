@@ -1,12 +1,16 @@
 """Patch files: new output vectors for chosen MLP neurons, one safetensors file per edit.
 
-Format version "1" (described in full in docs/editing.md):
+Format version "2" (described in full in docs/editing.md):
 
-    tensors   "<layer>.indices"  int64 [n]     neuron indices i in that layer (unique)
-              "<layer>.vectors"  float [n, d]  the new output vectors W_out^l[:, i], one row per neuron
-    metadata  "format": "mmn-patch", "format_version": "1", and JSON-encoded strings:
-              "entries" {"<layer>": {"name", "checkpoint_name", "layout", "orig_sha256": {dtype: hex}}},
+    tensors   "<unit>.indices"  int64 [n]     neuron indices i in that unit (unique)
+              "<unit>.vectors"  float [n, d]  the new output vectors, one row per neuron
+    metadata  "format": "mmn-patch", "format_version": "1" or "2", and JSON-encoded strings:
+              "entries" {"<unit>": {"name", "checkpoint_name", "layout", "orig_sha256": {dtype: hex}}},
               "base", "method", "concepts", "params", "created", "tool_version"
+
+A unit is "<layer>" (a dense MLP's W_out^l, version 1) or "<layer>.<expert>" (version 2: routed expert e
+of a mixture-of-experts layer, e < E, or its shared expert, e = E). A file without expert units is
+written as version 1, so that older readers still take it; version 1 files load unchanged.
 
 `orig_sha256[dtype]` is the SHA-256 of the original vectors (the [n, d] rows, row-major, cast to
 dtype) in the model the patch was made on: it checks a patch against a model in any of the
@@ -33,13 +37,16 @@ from ..io import save_safetensors, tensor_fingerprint
 from .inputs import not_regular
 
 FORMAT = "mmn-patch"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READ_VERSIONS = ("1", "2")
 SUFFIX = ".mmnpatch.safetensors"
 HASH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                "float64": torch.float64}
 _JSON_KEYS = ("entries", "base", "method", "concepts", "params", "created", "tool_version")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_LAYOUTS = ("linear", "conv1d")  # weight [d, F] (neurons are columns) | GPT-2 Conv1D [F, d] (rows)
+_LAYOUTS = ("linear", "conv1d", "experts")  # [d, F] (neurons are columns) | GPT-2 Conv1D [F, d] | fused [E, d, F]
+_UNIT = re.compile(r"(0|[1-9][0-9]{0,5})(?:\.(0|[1-9][0-9]{0,5}))?")
+DENSE = -1  # the expert of a dense layer's neurons
 
 
 class PatchError(MMNError):
@@ -57,10 +64,26 @@ class Entry:
     checkpoint_name: str  # its key in a saved checkpoint (transformers may rename keys on load)
     layout: str = "linear"
     orig_sha256: dict[str, str] = field(default_factory=dict)  # dtype name -> hex of the original rows
+    expert: int = DENSE  # -1: a dense layer's W_out; e: routed expert e (shared expert: E) of an MoE layer
+
+    @property
+    def unit(self) -> tuple[int, int]:
+        return (self.layer, self.expert)
+
+    @property
+    def key(self) -> str:
+        """Its name in the file: "<layer>" or "<layer>.<expert>"."""
+        return str(self.layer) if self.expert == DENSE else f"{self.layer}.{self.expert}"
+
+    def where(self) -> str:
+        return f"layer {self.layer}" + ("" if self.expert == DENSE else f" expert {self.expert}")
 
 
 @dataclass
 class Patch:
+    """New output vectors for chosen neurons. `entries`: dense layers' (by layer, as in version 1);
+    `expert_entries`: experts' of mixture-of-experts layers (by (layer, expert), version 2)."""
+
     entries: dict[int, Entry]
     base: dict  # architecture, n_layers, d_model, d_mlp, dtype, touched_fingerprint, source
     method: str
@@ -69,28 +92,40 @@ class Patch:
     created: str = ""
     tool_version: str = ""
     extra: dict = field(default_factory=dict)  # unknown metadata keys, kept as read
+    expert_entries: dict[tuple[int, int], Entry] = field(default_factory=dict)
+
+    def units(self) -> list[Entry]:
+        """Every entry, dense and expert, by (layer, expert)."""
+        return sorted([*self.entries.values(), *self.expert_entries.values()], key=lambda e: e.unit)
 
     @property
-    def neurons(self) -> list[tuple[int, int]]:
-        return [(l, int(i)) for l, e in sorted(self.entries.items()) for i in e.indices.tolist()]
+    def neurons(self) -> list[tuple]:
+        """(layer, index) of dense neurons, (layer, expert, index) of expert neurons."""
+        return [(e.layer, int(i)) if e.expert == DENSE else (e.layer, e.expert, int(i))
+                for e in self.units() for i in e.indices.tolist()]
 
     @property
     def n_neurons(self) -> int:
-        return sum(int(e.indices.numel()) for e in self.entries.values())
+        return sum(int(e.indices.numel()) for e in self.units())
+
+    @property
+    def version(self) -> str:
+        """The format version the file needs: "2" only with expert entries."""
+        return FORMAT_VERSION if self.expert_entries else "1"
 
     def save(self, path: str | Path) -> Path:
         """Write atomically; returns the path."""
         tensors, entries = {}, {}
-        for l, e in sorted(self.entries.items()):
+        for e in self.units():
             if not bool(torch.isfinite(e.vectors).all()):  # load_patch would refuse the file
-                raise PatchError(f"layer {l}: the patch vectors contain NaN or infinity; nothing was written")
-            tensors[f"{l}.indices"] = e.indices.to(torch.int64)
-            tensors[f"{l}.vectors"] = e.vectors
-            entries[str(l)] = {"name": e.name, "checkpoint_name": e.checkpoint_name, "layout": e.layout,
-                               "orig_sha256": e.orig_sha256}
+                raise PatchError(f"{e.where()}: the patch vectors contain NaN or infinity; nothing was written")
+            tensors[f"{e.key}.indices"] = e.indices.to(torch.int64).contiguous()
+            tensors[f"{e.key}.vectors"] = e.vectors.contiguous()
+            entries[e.key] = {"name": e.name, "checkpoint_name": e.checkpoint_name, "layout": e.layout,
+                              "orig_sha256": e.orig_sha256}
         values = {"entries": entries, "base": self.base, "method": self.method, "concepts": self.concepts,
                   "params": self.params, "created": self.created, "tool_version": self.tool_version}
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION}
+        meta = {"format": FORMAT, "format_version": self.version}
         meta.update({k: json.dumps(v, sort_keys=True) for k, v in values.items()})
         meta.update(self.extra)
         save_safetensors(path, tensors, meta)
@@ -98,15 +133,16 @@ class Patch:
 
     def describe(self, max_indices: int = 12) -> str:
         """What `mmn patch inspect` prints: metadata, then the touched neurons per layer."""
-        lines = [f"mmn patch (format {FORMAT_VERSION}): method={self.method} concepts={json.dumps(self.concepts)}",
+        lines = [f"mmn patch (format {self.version}): method={self.method} concepts={json.dumps(self.concepts)}",
                  f"  created {self.created} by mmn_fast {self.tool_version}",
                  f"  params  {json.dumps(self.params, sort_keys=True)}",
                  f"  base    {json.dumps(self.base, sort_keys=True)}",
-                 f"  {self.n_neurons} neurons in {len(self.entries)} layer(s):"]
-        for l, e in sorted(self.entries.items()):
+                 f"  {self.n_neurons} neurons in {len(self.units())} unit(s):"]
+        for e in self.units():
             idx = e.indices.tolist()
             shown = ", ".join(map(str, idx[:max_indices])) + (f", ... ({len(idx)} in all)" if len(idx) > max_indices else "")
-            lines.append(f"  layer {l:>3}  {e.checkpoint_name}  [{tuple(e.vectors.shape)[1]} x {len(idx)}, "
+            expert = "" if e.expert == DENSE else f" expert {e.expert:>3}"
+            lines.append(f"  layer {e.layer:>3}{expert}  {e.checkpoint_name}  [{tuple(e.vectors.shape)[1]} x {len(idx)}, "
                          f"{str(e.vectors.dtype).replace('torch.', '')}]  neurons {shown}")
         for k in sorted(self.extra):
             lines.append(f"  extra metadata {k!r} (ignored)")
@@ -138,52 +174,66 @@ def hashes_by_dtype(rows: torch.Tensor) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------- creation
-def weight_names(adapter, layer: int) -> tuple[str, str, str]:
-    """(state_dict key, checkpoint key, layout) of `layer`'s output-projection weight."""
-    mod = adapter.out_projs[layer]
+def weight_names(adapter, layer: int, expert: int = DENSE) -> tuple[str, str, str]:
+    """(state_dict key, checkpoint key, layout) of the weight holding the output vectors of the neurons
+    (layer, expert, *). A routed expert's live weight is the fused [E, d, F] `experts.down_proj` (layout
+    "experts"); its checkpoint key is that tensor's, or expert e's own [d, F] tensor where the checkpoint
+    stores experts one by one (transformers fuses them on load)."""
+    mod, slot = adapter.unit(layer, expert)
     qual = next((n for n, m in adapter.model.named_modules() if m is mod), None)
     if qual is None:
         raise MMNError(f"the output projection of layer {layer} is not a submodule of the model")
-    name = f"{qual}.weight" if qual else "weight"
+    attr = "weight" if slot is None else "down_proj"
+    name = f"{qual}.{attr}" if qual else attr
     ckpt = name
     try:  # the key save_pretrained writes (it reverts the renamings transformers applies on load)
         if hasattr(adapter.model, "config"):
-            keys = list(core_model_loading.revert_weight_conversion(adapter.model, {name: mod.weight}))
-            ckpt = keys[0] if len(keys) == 1 else name
+            keys = list(core_model_loading.revert_weight_conversion(adapter.model, {name: getattr(mod, attr)}))
+            if len(keys) == 1:
+                ckpt = keys[0]
+            elif slot is not None and len(keys) == int(mod.down_proj.shape[0]):  # one tensor per expert
+                ckpt = keys[slot]
     except Exception:  # not a transformers model, or an API change: the live key is the best guess
         pass
-    return name, ckpt, "conv1d" if type(mod).__name__ == "Conv1D" else "linear"
+    layout = "experts" if slot is not None else "conv1d" if type(mod).__name__ == "Conv1D" else "linear"
+    return name, ckpt, layout
 
 
 def make_patch(adapter, new_vectors: dict[int, tuple[torch.Tensor, torch.Tensor]], method: str,
                concepts: dict | None = None, params: dict | None = None, source: str | None = None) -> Patch:
-    """A Patch giving neurons `idx` of each layer the rows `vectors` ([n, d]), against the model's
-    current weights (whose original vectors are hashed into the patch)."""
-    entries = {}
-    for layer, (idx, vectors) in sorted(new_vectors.items()):
+    """A Patch giving neurons `idx` of each unit the rows `vectors` ([n, d]), against the model's current
+    weights (whose original vectors are hashed into the patch). Keys of `new_vectors`: a layer (its dense
+    MLP) or (layer, expert) (expert -1: the dense MLP; e: an MoE layer's expert e, shared expert E)."""
+    made = []
+    for key, (idx, vectors) in new_vectors.items():
+        layer, expert = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), DENSE)
         idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1).cpu()
-        w = adapter.out_weight(layer)
+        w = adapter.unit_weight(layer, expert)  # [d, F]
         if idx.numel() == 0:
             continue
         with torch.no_grad():
             orig = gather_rows(w, idx)  # [n, d]
-        name, ckpt, layout = weight_names(adapter, layer)
+        name, ckpt, layout = weight_names(adapter, layer, expert)
         vectors = vectors.detach().to(w.dtype).cpu().contiguous()  # [n, d]
+        where = f"layer {layer}" + ("" if expert == DENSE else f" expert {expert}")
         if not bool(torch.isfinite(vectors).all()):
-            raise PatchError(f"layer {layer}: the edited vectors contain NaN or infinity in {w.dtype} (the edit "
+            raise PatchError(f"{where}: the edited vectors contain NaN or infinity in {w.dtype} (the edit "
                              "diverged, or its values overflow the model's dtype); no patch was made")
-        entries[layer] = Entry(layer, idx, vectors, name, ckpt, layout, hashes_by_dtype(orig))
-    if not entries:
+        made.append(Entry(layer, idx, vectors, name, ckpt, layout, hashes_by_dtype(orig), expert))
+    if not made:
         raise MMNError("an edit must change at least one neuron")
-    w0 = adapter.out_weight(0)
+    made.sort(key=lambda e: e.unit)
+    d_model = int(adapter.unembed_weight().shape[1])
     cfg = getattr(adapter.model, "config", None)
     archs = getattr(cfg, "architectures", None) or [type(adapter.model).__name__]
+    dtype = made[0].vectors.dtype
     base = {"architecture": archs[0], "model_type": getattr(cfg, "model_type", None), "n_layers": adapter.n_layers,
-            "d_model": int(w0.shape[0]), "d_mlp": int(w0.shape[1]), "dtype": str(w0.dtype).replace("torch.", ""),
-            "touched_fingerprint": tensor_fingerprint([adapter.out_weight(l) for l in sorted(entries)]),
-            "source": source}
+            "d_model": d_model, "d_mlp": int(adapter.d_mlp), "dtype": str(dtype).replace("torch.", ""),
+            "touched_fingerprint": tensor_fingerprint([adapter.unit_weight(*e.unit) for e in made]), "source": source}
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return Patch(entries, base, method, dict(concepts or {}), dict(params or {}), created, __version__)
+    return Patch({e.layer: e for e in made if e.expert == DENSE}, base, method, dict(concepts or {}),
+                 dict(params or {}), created, __version__,
+                 expert_entries={e.unit: e for e in made if e.expert != DENSE})
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -200,31 +250,34 @@ def _json_field(path, meta: dict, key: str):
         _fail(path, f"metadata key '{key}' is not valid JSON")
 
 
-def _check_entry(path, layer: int, info, base: dict, indices: torch.Tensor, vectors: torch.Tensor) -> Entry:
+def _check_entry(path, unit: tuple[int, int], info, base: dict, indices: torch.Tensor, vectors: torch.Tensor) -> Entry:
+    layer, expert = unit
+    key = str(layer) if expert == DENSE else f"{layer}.{expert}"
+    where = f"layer {layer}" + ("" if expert == DENSE else f" expert {expert}")
     if not isinstance(info, dict) or not all(isinstance(info.get(k), str) for k in ("name", "checkpoint_name", "layout")):
-        _fail(path, f"entry {layer} must be an object with string 'name', 'checkpoint_name' and 'layout'")
-    if info["layout"] not in _LAYOUTS:
-        _fail(path, f"entry {layer}: unknown layout {info['layout']!r} (known: {', '.join(_LAYOUTS)})")
+        _fail(path, f"entry {key} must be an object with string 'name', 'checkpoint_name' and 'layout'")
+    if info["layout"] not in _LAYOUTS or (info["layout"] == "experts" and expert == DENSE):
+        _fail(path, f"entry {key}: unknown layout {info['layout']!r} (known: {', '.join(_LAYOUTS)})")
     hashes = info.get("orig_sha256")
     if (not isinstance(hashes, dict) or not hashes or not set(hashes) <= set(HASH_DTYPES)
             or not all(isinstance(h, str) and _HEX64.fullmatch(h) for h in hashes.values())):
-        _fail(path, f"entry {layer}: 'orig_sha256' must map dtype names ({', '.join(HASH_DTYPES)}) to SHA-256 hex")
+        _fail(path, f"entry {key}: 'orig_sha256' must map dtype names ({', '.join(HASH_DTYPES)}) to SHA-256 hex")
     if indices.dtype != torch.int64 or indices.ndim != 1 or indices.numel() == 0:
-        _fail(path, f"layer {layer}: indices must be a non-empty 1-D int64 tensor, got {indices.dtype} "
+        _fail(path, f"{where}: indices must be a non-empty 1-D int64 tensor, got {indices.dtype} "
                     f"{tuple(indices.shape)}")
-    if int(indices.min()) < 0 or int(indices.max()) >= base["d_mlp"]:
-        _fail(path, f"layer {layer}: neuron indices must lie in [0, {base['d_mlp']}), got "
+    if int(indices.min()) < 0 or (expert == DENSE and int(indices.max()) >= base["d_mlp"]):
+        _fail(path, f"{where}: neuron indices must lie in [0, {base['d_mlp']}), got "
                     f"{int(indices.min())}..{int(indices.max())}")
     if indices.unique().numel() != indices.numel():
-        _fail(path, f"layer {layer}: neuron indices repeat")
+        _fail(path, f"{where}: neuron indices repeat")
     if vectors.dtype not in HASH_DTYPES.values():
-        _fail(path, f"layer {layer}: vectors must be float16, bfloat16, float32 or float64, got {vectors.dtype}")
+        _fail(path, f"{where}: vectors must be float16, bfloat16, float32 or float64, got {vectors.dtype}")
     if tuple(vectors.shape) != (indices.numel(), base["d_model"]):
-        _fail(path, f"layer {layer}: vectors have shape {tuple(vectors.shape)}, expected "
+        _fail(path, f"{where}: vectors have shape {tuple(vectors.shape)}, expected "
                     f"({indices.numel()}, {base['d_model']}) (neurons x d_model)")
     if not bool(torch.isfinite(vectors).all()):
-        _fail(path, f"layer {layer}: vectors contain NaN or infinity")
-    return Entry(layer, indices, vectors, info["name"], info["checkpoint_name"], info["layout"], dict(hashes))
+        _fail(path, f"{where}: vectors contain NaN or infinity")
+    return Entry(layer, indices, vectors, info["name"], info["checkpoint_name"], info["layout"], dict(hashes), expert)
 
 
 def load_patch(path: str | Path) -> Patch:
@@ -241,9 +294,10 @@ def load_patch(path: str | Path) -> Patch:
         _fail(path, f"not a safetensors file ({str(e).splitlines()[0]}); patches are never read with pickle")
     if meta.get("format") != FORMAT:
         _fail(path, f"metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        _fail(path, f"unsupported format version {meta.get('format_version')!r}; this mmn_fast reads "
-                    f"version {FORMAT_VERSION}")
+    version = meta.get("format_version")
+    if version not in READ_VERSIONS:
+        _fail(path, f"unsupported format version {version!r}; this mmn_fast reads versions "
+                    f"{', '.join(READ_VERSIONS)} (a newer mmn_fast wrote it: upgrade mmn_fast)")
     values = {k: _json_field(path, meta, k) for k in _JSON_KEYS}
     extra = {k: v for k, v in meta.items() if k not in _JSON_KEYS and k not in ("format", "format_version")}
     if extra:
@@ -260,26 +314,32 @@ def load_patch(path: str | Path) -> Patch:
     for k in ("concepts", "params"):
         if not isinstance(values[k], dict):
             _fail(path, f"'{k}' must be an object")
-    expected = set()
+    expected, units = set(), {}
     for key in entries_info:
-        if not re.fullmatch(r"0|[1-9][0-9]{0,5}", key) or int(key) >= base["n_layers"]:
-            _fail(path, f"entry key {key!r} is not a layer number below n_layers={base['n_layers']}")
+        m = _UNIT.fullmatch(key)
+        if not m or int(m.group(1)) >= base["n_layers"]:
+            _fail(path, f"entry key {key!r} is not a layer number below n_layers={base['n_layers']}"
+                        + (", optionally followed by '.<expert>'" if version != "1" else ""))
+        if m.group(2) is not None and version == "1":
+            _fail(path, f"entry key {key!r} names an expert, which format version 1 does not have (version 2 does)")
+        units[key] = (int(m.group(1)), DENSE if m.group(2) is None else int(m.group(2)))
         expected |= {f"{key}.indices", f"{key}.vectors"}
         if f"{key}.indices" not in keys or f"{key}.vectors" not in keys:
             _fail(path, f"tensors '{key}.indices' and '{key}.vectors' are missing")
     if keys - expected:
         _fail(path, f"unexpected tensors {sorted(keys - expected)[:5]}")
-    entries = {}
+    entries = []
     with safe_open(str(path), framework="pt") as f:  # shapes first: never allocate a tensor of the wrong size
         for key, info in entries_info.items():
             n = f.get_slice(f"{key}.indices").get_shape()
             if len(n) != 1 or f.get_slice(f"{key}.vectors").get_shape() != [n[0], base["d_model"]]:
-                _fail(path, f"layer {key}: tensor shapes {n} and {f.get_slice(f'{key}.vectors').get_shape()}, "
+                _fail(path, f"unit {key}: tensor shapes {n} and {f.get_slice(f'{key}.vectors').get_shape()}, "
                             f"expected indices [n] and vectors [n, {base['d_model']}] (neurons x d_model)")
-            entries[int(key)] = _check_entry(path, int(key), info, base, f.get_tensor(f"{key}.indices"),
-                                             f.get_tensor(f"{key}.vectors"))
-    return Patch(entries, base, values["method"], values["concepts"], values["params"], values["created"],
-                 values["tool_version"], extra)
+            entries.append(_check_entry(path, units[key], info, base, f.get_tensor(f"{key}.indices"),
+                                        f.get_tensor(f"{key}.vectors")))
+    return Patch({e.layer: e for e in entries if e.expert == DENSE}, base, values["method"], values["concepts"],
+                 values["params"], values["created"], values["tool_version"], extra,
+                 expert_entries={e.unit: e for e in entries if e.expert != DENSE})
 
 
 def as_patch(patch) -> Patch:
