@@ -31,9 +31,9 @@ from safetensors.torch import save_file
 
 from ..errors import MMNError
 from ..io import fsync_dir, fsync_path, umask
-from ..model.adapters import Adapter, spec_for
-from ..model.live import base_matches, check_layer, fit_rows
-from ..model.patch_file import Entry, Patch, PatchError, as_patch, gather_rows, weight_names, write_rows
+from ..model.adapters import Adapter, spec_for, unit_matrix
+from ..model.live import base_matches, entry_unit, fit_rows
+from ..model.patch_file import DENSE, Entry, Patch, PatchError, as_patch, gather_rows, weight_names, write_rows
 
 try:  # POSIX: a running bake locks its temporary folder, so that only dead bakes' folders are removed
     import fcntl
@@ -49,11 +49,12 @@ AUTO_CLASSES = ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoMo
 
 @dataclasses.dataclass
 class _Target:
-    """Where one patch entry goes: checkpoint tensor `key`, layer `layer`'s MLP output projection."""
+    """Where one patch entry goes: checkpoint tensor `key`, the unit's output vectors (a layer's MLP output
+    projection, or an expert's down projection)."""
 
     key: str
     layer: int
-    layout: str  # of the model's weight: "linear" [d, F] or "conv1d" [F, d]
+    layout: str  # of the model's weight: "linear" [d, F], "conv1d" [F, d] or "experts" (slot of [E, d, F])
     shape: tuple  # (d, F) of the model's output matrix, as config.json makes it
     entry: Entry
     patch: Patch
@@ -131,9 +132,9 @@ def checkpoint_key(entry: Entry, keys) -> str:
         if len(hits) == 1:
             return hits[0]
         if hits:
-            raise MMNError(f"layer {entry.layer}: the checkpoint has several tensors ending in '{suffix}' "
+            raise MMNError(f"{entry.where()}: the checkpoint has several tensors ending in '{suffix}' "
                            f"({', '.join(hits[:3])}); cannot tell which one the patch edits")
-    raise MMNError(f"layer {entry.layer}: the checkpoint has no tensor '{entry.checkpoint_name}' (live name "
+    raise MMNError(f"{entry.where()}: the checkpoint has no tensor '{entry.checkpoint_name}' (live name "
                    f"'{entry.name}'): it was saved with other key names than the patched model uses")
 
 
@@ -166,12 +167,11 @@ def _targets(patches: list[Patch], adapter: Adapter, weight_map: dict) -> dict[s
     the patch names: its layer's MLP output projection, under the name this model gives it."""
     todo: dict[str, list[_Target]] = {}
     for p in patches:
-        for l, e in sorted(p.entries.items()):
-            check_layer(l, adapter.n_layers)
-            name, ckpt, layout = weight_names(adapter, l)
-            key = checkpoint_key(Entry(l, e.indices, e.vectors, name, ckpt), weight_map)
-            shape = tuple(adapter.out_weight(l).shape)  # [d, F] on the meta device
-            todo.setdefault(weight_map[key], []).append(_Target(key, l, layout, shape, e, p))
+        for e in p.units():
+            shape = tuple(unit_matrix(*entry_unit(adapter, e)).shape)  # [d, F] on the meta device
+            name, ckpt, layout = weight_names(adapter, e.layer, e.expert)
+            key = checkpoint_key(Entry(e.layer, e.indices, e.vectors, name, ckpt, expert=e.expert), weight_map)
+            todo.setdefault(weight_map[key], []).append(_Target(key, e.layer, layout, shape, e, p))
     return todo
 
 
@@ -180,16 +180,18 @@ def _patch_tensor(t: torch.Tensor, target: _Target, force: bool) -> torch.Tensor
     rows), after apply's checks (fit_rows, base_matches) and a check of the patch's model shape."""
     l, e, key, base = target.layer, target.entry, target.key, target.patch.base
     w = t.t() if target.layout == "conv1d" else t  # [d, F] view
+    if target.layout == "experts" and t.dim() == 3:  # the checkpoint stores the experts fused too: [E, d, F]
+        w = t[e.expert] if e.expert < t.shape[0] else t
     if tuple(w.shape) != target.shape:
         raise MMNError(f"checkpoint tensor '{key}' is {tuple(t.shape)}, but the model of its config.json has a "
                        f"[d, F] = {list(target.shape)} output projection there: weights and config do not match")
-    if (base["d_model"], base["d_mlp"]) != target.shape:
-        raise PatchError(f"layer {l}: the patch was made for another model shape (d_model {base['d_model']}, d_mlp "
+    if base["d_model"] != target.shape[0] or (e.expert == DENSE and base["d_mlp"] != target.shape[1]):
+        raise PatchError(f"{e.where()}: the patch was made for another model shape (d_model {base['d_model']}, d_mlp "
                          f"{base['d_mlp']}); this checkpoint has d_model {target.shape[0]}, d_mlp {target.shape[1]}")
     new = fit_rows(l, e, w)  # [n, d] in t's dtype
     if not base_matches(e, gather_rows(w, e.indices), force) and not force:
         named = f"; the patch names '{e.checkpoint_name}'" if e.checkpoint_name != key else ""
-        raise PatchError(f"checkpoint tensor '{key}' (layer {l}'s MLP output projection) does not hold the vectors "
+        raise PatchError(f"checkpoint tensor '{key}' ({e.where()}'s output vectors) does not hold the vectors "
                          f"the patch was made on (wrong base checkpoint, or patches baked out of order{named}); "
                          "force=True bakes anyway")
     write_rows(w, e.indices, new)

@@ -52,6 +52,11 @@ def lora_tensors(target, patch: Patch, force: bool = False, **spec_overrides) ->
     """({key: tensor} of adapter_model.safetensors, adapter_config.json's fields) for `patch` on the
     target's model (an Engine, an nn.Module with adapter overrides, or an Adapter, as for `apply`).
     Checked exactly as `apply` checks (base hashes, shapes, finiteness)."""
+    patch = as_patch(patch)
+    if patch.expert_entries:
+        raise MMNError(f"PEFT's LoRA cannot express this patch: it edits expert neurons of mixture-of-experts layers "
+                       f"({sorted(patch.expert_entries)[:3]} as (layer, expert)), whose output vectors live in fused "
+                       "expert tensors, not in linear layers a LoRA adapter targets; bake it instead (mmn patch bake)")
     model, adapter = resolve_target(target, spec_overrides)
     registry = PatchRegistry(model, adapter)
     registry.load("export", patch, force=force)

@@ -22,17 +22,31 @@ import torch
 
 from ..errors import MMNError
 from ..find.engine import DEFAULT_PROMPT
-from ..model.patch_file import Patch, gather_rows, make_patch
+from ..model.patch_file import DENSE, Patch, gather_rows, make_patch
 from ..run.aggregate import ConceptAggregator, open_results
 from ..run.runinfo import check_run_model
 
-Neuron = tuple[int, int]  # (layer, index)
+Neuron = tuple  # (layer, index); in models with mixture-of-experts layers (layer, expert, index), expert -1 dense
 
 
 # -------------------------------------------------------------------------------------- selection
+def _unit_size(ad, layer: int, expert: int) -> int:
+    """Neurons of the unit (layer, expert); 0 when the model has no such unit."""
+    try:
+        return int(ad.unit_weight(layer, expert).shape[1])
+    except MMNError:
+        return 0
+
+
 def _usable(engine, neurons, exclude_layers) -> list[Neuron]:
     ad, skip = engine.adapter, set(exclude_layers or ())
-    return [(int(l), int(i)) for l, i in neurons if int(l) not in skip and 0 <= int(l) < ad.n_layers and 0 <= int(i) < ad.d_mlp]
+    out = []
+    for n in neurons:
+        n = tuple(int(x) for x in n)
+        layer, expert, index = (n[0], DENSE, n[1]) if len(n) == 2 else n
+        if layer not in skip and 0 <= index < _unit_size(ad, layer, expert):
+            out.append(n)
+    return out
 
 
 def concept_neurons(engine, source: str, n: int, results=None, images=None, exclude_layers=(),
@@ -50,7 +64,7 @@ def concept_neurons(engine, source: str, n: int, results=None, images=None, excl
             raise MMNError(f"cannot read '{path}' ({e}); give the output directory of `mmn find`") from None
         if word not in concepts:
             raise MMNError(f"concept '{source}' is not in {path}; it names {', '.join(list(concepts)[:10])}")
-        ranked = [(c["layer"], c["index"]) for c in concepts[word]["neurons"]]
+        ranked = [_ranked(c) for c in concepts[word]["neurons"]]
     else:
         if results is None:
             if images is None:
@@ -63,7 +77,7 @@ def concept_neurons(engine, source: str, n: int, results=None, images=None, excl
         summary = agg.summary(top_n=10 ** 9)
         if word not in summary:
             raise MMNError(f"no caption names '{source}': the model does not say it on these images")
-        ranked = [(c["layer"], c["index"]) for c in summary[word]["neurons"]]
+        ranked = [_ranked(c) for c in summary[word]["neurons"]]
     picked = _usable(engine, ranked, exclude_layers)[:n]
     if len(picked) < n:
         raise MMNError(f"only {len(picked)} neurons of '{source}' are ranked (after layer exclusions), {n} asked; "
@@ -71,28 +85,50 @@ def concept_neurons(engine, source: str, n: int, results=None, images=None, excl
     return picked
 
 
+def _ranked(c: dict) -> Neuron:
+    """A concepts.json / summary neuron as a tuple: (layer, index), or (layer, expert, index)."""
+    return (c["layer"], c["expert"], c["index"]) if "expert" in c else (c["layer"], c["index"])
+
+
 def random_neurons(engine, n: int, exclude_layers=(), seed: int = 0) -> list[Neuron]:
-    """n neurons drawn uniformly without replacement (the control of the causal-effect test)."""
+    """n neurons drawn uniformly without replacement (the control of the causal-effect test); in a model
+    with mixture-of-experts layers, from every expert's neurons too, as (layer, expert, index)."""
     ad, skip = engine.adapter, set(exclude_layers or ())
-    layers = [l for l in range(ad.n_layers) if l not in skip]
-    total = len(layers) * ad.d_mlp
+    if not ad.is_moe:
+        layers = [l for l in range(ad.n_layers) if l not in skip]
+        total = len(layers) * ad.d_mlp
+        if n > total:
+            raise MMNError(f"{n} random neurons asked, {total} available")
+        flat = random.Random(seed).sample(range(total), n)
+        return sorted((layers[k // ad.d_mlp], k % ad.d_mlp) for k in flat)
+    units = [(l, e, _unit_size(ad, l, e)) for l, e in ad.units() if l not in skip]
+    total = sum(size for *_, size in units)
     if n > total:
         raise MMNError(f"{n} random neurons asked, {total} available")
-    flat = random.Random(seed).sample(range(total), n)
-    return sorted((layers[k // ad.d_mlp], k % ad.d_mlp) for k in flat)
+    picked = []
+    for k in sorted(random.Random(seed).sample(range(total), n)):
+        for l, e, size in units:
+            if k < size:
+                picked.append((l, e, k))
+                break
+            k -= size
+    return sorted(picked)
 
 
-def _by_layer(neurons) -> dict[int, torch.Tensor]:
-    out: dict[int, list[int]] = {}
-    for l, i in sorted(set(neurons)):
-        out.setdefault(l, []).append(i)
-    return {l: torch.tensor(ix, dtype=torch.int64) for l, ix in out.items()}
+def _by_unit(neurons) -> dict:
+    """{layer (dense) or (layer, expert): neuron indices [n]}: make_patch's keys."""
+    out: dict = {}
+    for n in sorted({tuple(int(x) for x in n) for n in neurons}):
+        key = n[0] if len(n) == 2 or n[1] == DENSE else (n[0], n[1])
+        out.setdefault(key, []).append(n[-1])
+    return {k: torch.tensor(ix, dtype=torch.int64) for k, ix in out.items()}
 
 
-def _rows(engine, neurons) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """{layer: (idx [n], current output vectors [n, d] on CPU)}."""
+def _rows(engine, neurons) -> dict:
+    """{layer or (layer, expert): (idx [n], current output vectors [n, d] on CPU)}."""
     ad = engine.adapter
-    return {l: (idx, gather_rows(ad.out_weight(l), idx).cpu()) for l, idx in _by_layer(neurons).items()}
+    return {k: (idx, gather_rows(ad.unit_weight(*(k if isinstance(k, tuple) else (k,))), idx).cpu())
+            for k, idx in _by_unit(neurons).items()}
 
 
 def word_token(tokenizer, word: str) -> int:
@@ -229,6 +265,11 @@ def optimize(engine, neurons, source: str, target: str, images, *, captions: lis
     the NLL term, all give the KL term.
     """
     opts = replace(options or OptimizeOptions(), **settings)
+    experts = [k for k in _by_unit(neurons) if isinstance(k, tuple)]
+    if experts:
+        raise MMNError(f"method 'optimize' learns edits of dense layers' neurons only; {len(experts)} unit(s) of the "
+                       f"selection are experts of mixture-of-experts layers ({experts[:3]} as (layer, expert)): use "
+                       "method 'swap' or 'suppress' for them, or leave those neurons out")
     images = list(images)
     captions = captions if captions is not None else engine.caption(images, opts.prompt,
                                                                     max_new_tokens=opts.max_new_tokens)

@@ -57,7 +57,11 @@ def _effective(adapter: Adapter, stack: Stack, in_place: dict, names: dict[int, 
     owner: dict[tuple[int, int], Patch] = {}
     base: dict[int, torch.Tensor] = {}  # layer -> weight [d, F] as it is
     for patch in stack:
-        for l, w, idx, new, e in prepare_patch(adapter, patch):
+        if patch.expert_entries:
+            raise PatchError(f"patch {_label(patch, names)} edits expert neurons of mixture-of-experts layers "
+                             f"({sorted(patch.expert_entries)[:3]} as (layer, expert)): per-request patches take dense "
+                             "layers' neurons only; apply it in place (engine.apply) or bake it (mmn patch bake)")
+        for l, w, idx, new, e, *_ in prepare_patch(adapter, patch):
             base[l] = w
             neurons = e.indices.tolist()
             clash = [(l, i) for i in neurons if (l, i) in in_place]

@@ -74,10 +74,11 @@ class NeuronStats:
                 d["topk_sum"][layer, index] += s[layer, index]
             return
         table = self.sparse[word]
-        for layer, index, score in top:
-            cell = table.get((layer, index))
+        for *neuron, score in top:  # [layer, index, score], or [layer, expert, index, score] (MoE models)
+            key = tuple(neuron)
+            cell = table.get(key)
             if cell is None:
-                table[(layer, index)] = [1, score, score * score]
+                table[key] = [1, score, score * score]
             else:
                 cell[0] += 1
                 cell[1] += score
@@ -119,7 +120,10 @@ class NeuronStats:
             for flat, c, s in zip(hit.tolist(), count[hit].tolist(), d["topk_sum"].flatten()[hit].tolist()):
                 rows.append((flat // self.d_mlp, flat % self.d_mlp, c, s / c))
         else:
-            rows = [(l, i, c, s / c) for (l, i), (c, s, _) in self.sparse.get(word, {}).items()]
+            rows = [(key, c, s / c) for key, (c, s, _) in self.sparse.get(word, {}).items()]
+            rows.sort(key=lambda r: (-r[1], -r[2], r[0]))
+            return [{"layer": key[0], **({"expert": key[1]} if len(key) == 3 else {}), "index": key[-1], "count": c,
+                     "mean_score": m} for key, c, m in rows[:n]]
         rows.sort(key=lambda r: (-r[2], -r[3], r[0], r[1]))
         return [{"layer": l, "index": i, "count": c, "mean_score": m} for l, i, c, m in rows[:n]]
 
@@ -139,6 +143,9 @@ class NeuronStats:
             index["dense_rows"] = dense_words
             return {f"{row}/{k}": self.dense[w][k] for row, w in enumerate(dense_words)
                     for k in ("sum", "sumsq", "topk_sum", "topk")}, index
+        if any(len(key) != 2 for table in self.sparse.values() for key in table):
+            raise MMNError("aggregates of expert neurons ([layer, expert, index]) are kept in memory only: corpus runs "
+                           "on mixture-of-experts models are not supported yet")
         cells = [(c, l, i, *v) for c, w in enumerate(words) for (l, i), v in self.sparse.get(w, {}).items()]
         if not cells:
             return {}, index

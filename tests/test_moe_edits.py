@@ -1,0 +1,160 @@
+"""Edits of expert neurons in mixture-of-experts models: patch format version 2 ([layer, expert] units), applied
+and reverted bit for bit, stacked, baked into a checkpoint (experts stored fused [E, d, F] as Qwen3-VL-MoE saves
+them, or one tensor per expert as DeepSeek-style checkpoints do) and reloaded; the methods pick expert neurons
+from find's records; what cannot take expert neurons refuses them by name."""
+import pytest
+import torch
+from safetensors import safe_open
+
+import mmn_fast
+from mmn_fast import MMNError
+from mmn_fast.cli.main import main
+from mmn_fast.edit import concept_neurons, random_neurons, suppress, swap
+from mmn_fast.edit.bake import bake
+from mmn_fast.edit.export import export_peft
+from mmn_fast.edit.methods import optimize
+from mmn_fast.model.live import apply_patch
+from mmn_fast.model.patch_file import PatchError, gather_rows, hashes_by_dtype, load_patch, make_patch
+from mmn_fast.testing import random_images
+from mmn_fast.testing.llava import llava_model
+from mmn_fast.testing.zoo import ZOO_MODELS, save
+
+FAMILIES = ["qwen3_vl_moe", "llava_deepseek_moe"]
+
+
+@pytest.fixture(scope="module")
+def images():
+    return random_images(2, size=32, seed=3)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def moe(request, tmp_path_factory):
+    model, processor = ZOO_MODELS[request.param]()
+    path = save(tmp_path_factory.mktemp(request.param) / "ckpt", model, processor)
+    return request.param, path, processor, mmn_fast.load(path, processor=processor, device="cpu")
+
+
+def _expert_units(ad):
+    """(routed unit, shared unit or None, a dense layer or None) of the model."""
+    moe_layer = next(l for l, b in enumerate(ad.experts) if b is not None)
+    block = ad.experts[moe_layer]
+    shared = (moe_layer, block.n_experts) if block.shared is not None else None
+    dense = next((l for l, b in enumerate(ad.experts) if b is None), None)
+    return (moe_layer, 1), shared, dense
+
+
+def test_expert_patch_round_trip_apply_revert_stack_and_bake(moe, tmp_path):
+    name, path, processor, engine = moe
+    ad = engine.adapter
+    routed, shared, dense = _expert_units(ad)
+    before = {u: ad.unit_weight(*u).clone() for u in ad.units()}
+    g = torch.Generator().manual_seed(0)
+    d = ad.unembed_weight().shape[1]
+    vectors = {routed: (torch.tensor([0, 7]), torch.randn(2, d, generator=g))}
+    if shared is not None:
+        vectors[shared] = (torch.tensor([3]), torch.randn(1, d, generator=g))
+    if dense is not None:
+        vectors[dense] = (torch.tensor([2]), torch.randn(1, d, generator=g))
+    patch = make_patch(ad, vectors, "test")
+    assert patch.version == "2" and set(patch.expert_entries) == {u for u in vectors if isinstance(u, tuple)}
+    assert (routed[0], routed[1], 7) in patch.neurons
+
+    file = patch.save(tmp_path / "p.mmnpatch.safetensors")
+    with safe_open(str(file), framework="pt") as f:
+        assert f.metadata()["format_version"] == "2"
+        assert f"{routed[0]}.{routed[1]}.vectors" in f.keys()
+    loaded = load_patch(file)
+    assert loaded.neurons == patch.neurons
+    assert "expert" in loaded.describe()
+
+    handle = engine.apply(file)
+    w = ad.unit_weight(*routed)  # a view into the fused [E, d, F] experts tensor
+    assert torch.equal(w[:, 7], loaded.expert_entries[routed].vectors[1])
+    other = ad.unit_weight(routed[0], 0)
+    assert torch.equal(other, before[(routed[0], 0)])  # expert 0 of the same tensor untouched
+    with pytest.raises(PatchError, match="conflict"):  # the same neurons again, not made on top of it
+        engine.apply(make_patch_like(ad, patch, before))
+    on_top = make_patch(ad, {routed: (torch.tensor([7]), torch.zeros(1, d))}, "on top")
+    top = engine.apply(on_top)
+    with pytest.raises(PatchError, match="revert it first"):
+        handle.revert()
+    top.revert()
+    handle.revert()
+    assert all(torch.equal(ad.unit_weight(*u), w0) for u, w0 in before.items())
+
+    bake(path, [file, on_top.save(tmp_path / "top.mmnpatch.safetensors")], tmp_path / "baked")
+    baked = mmn_fast.load(tmp_path / "baked", processor=processor, device="cpu").adapter
+    assert torch.equal(baked.unit_weight(*routed)[:, 0], loaded.expert_entries[routed].vectors[0])
+    assert torch.equal(baked.unit_weight(*routed)[:, 7], torch.zeros(d))
+    for u, w0 in before.items():
+        if u not in vectors and u[0] not in vectors:
+            assert torch.equal(baked.unit_weight(*u), w0), u
+
+
+def make_patch_like(ad, patch, before):
+    """A patch of the same neurons made on the unpatched weights (so not on top of `patch`)."""
+    entry = next(iter(patch.expert_entries.values()))
+    p = make_patch(ad, {entry.unit: (entry.indices, entry.vectors + 1)}, "again")
+    live = ad.unit_weight(*entry.unit)
+    p.expert_entries[entry.unit].orig_sha256 = hashes_by_dtype(gather_rows(before[entry.unit], entry.indices))
+    assert not torch.equal(gather_rows(live, entry.indices), gather_rows(before[entry.unit], entry.indices))
+    return p
+
+
+def test_methods_take_expert_neurons_from_find(moe, images):
+    name, path, processor, engine = moe
+    ad = engine.adapter
+    found = engine.find(images, concepts="all", top_k=20, max_new_tokens=5, batch_size=2)
+    word = next(c.word for r in found for c in r.concepts if any(n[1] >= 0 for n in c.neurons))
+    neurons = concept_neurons(engine, word, 4, results=found)
+    assert all(len(n) == 3 for n in neurons)
+    patch = suppress(engine, neurons, source=word)
+    assert patch.n_neurons == 4
+    with engine.patched(patch):
+        for layer, expert, index in neurons:
+            assert torch.count_nonzero(ad.unit_weight(layer, expert)[:, index]) == 0
+    other = next(c.word for r in found for c in r.concepts if c.token_id != next(
+        x.token_id for r2 in found for x in r2.concepts if x.word == word))
+    moved = swap(engine, neurons, word, other)
+    assert moved.n_neurons == 4 and moved.expert_entries
+    rand = random_neurons(engine, 50, seed=1)
+    assert len(set(rand)) == 50 and any(n[1] >= 0 for n in rand)
+    assert rand == random_neurons(engine, 50, seed=1)
+    with pytest.raises(MMNError, match="optimize.*dense layers' neurons only"):
+        optimize(engine, [n for n in neurons if n[1] >= 0], word, "blue", images)
+
+
+def test_expert_patches_are_refused_where_they_cannot_go(moe, tmp_path):
+    name, path, processor, engine = moe
+    ad = engine.adapter
+    routed, *_ = _expert_units(ad)
+    d = ad.unembed_weight().shape[1]
+    patch = make_patch(ad, {routed: (torch.tensor([1]), torch.randn(1, d))}, "test")
+    file = patch.save(tmp_path / "e.mmnpatch.safetensors")
+    with pytest.raises(PatchError, match="per-request patches take dense"):
+        engine.patches.load("e", file)
+    with pytest.raises(MMNError, match="PEFT's LoRA cannot express this patch: it edits expert neurons"):
+        export_peft(file, engine, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+    rc = main(["patch", "export", "--patch", str(file), "--format", "peft", "--model", str(path),
+               "--out", str(tmp_path / "lora2")])
+    assert rc == 2 and not (tmp_path / "lora2").exists()
+
+
+def test_expert_patches_fit_only_models_with_those_experts_and_dense_patches_stay_version_1(moe, tmp_path):
+    name, path, processor, engine = moe
+    ad = engine.adapter
+    routed, *_ = _expert_units(ad)
+    patch = make_patch(ad, {routed: (torch.tensor([1]), torch.randn(1, ad.unembed_weight().shape[1]))}, "t")
+    assert patch.base["d_model"] == ad.unembed_weight().shape[1]
+    dense_model, _ = llava_model()
+    with pytest.raises(PatchError, match="which this model does not have"):
+        apply_patch(dense_model, patch, force=True)
+    _, _, dense = _expert_units(ad)
+    if dense is not None:  # a patch of dense neurons only is written as version 1, which older readers take
+        plain = make_patch(ad, {dense: (torch.tensor([1]), torch.randn(1, ad.unembed_weight().shape[1]))}, "t")
+        file = plain.save(tmp_path / "dense.mmnpatch.safetensors")
+        with safe_open(str(file), framework="pt") as f:
+            assert f.metadata()["format_version"] == "1" and set(f.keys()) == {f"{dense}.indices", f"{dense}.vectors"}
+    with pytest.raises(MMNError, match="mixture-of-experts block: name its neurons as"):
+        make_patch(ad, {_expert_units(ad)[0][0]: (torch.tensor([1]), torch.randn(1, ad.unembed_weight().shape[1]))}, "t")
