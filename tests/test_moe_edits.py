@@ -158,3 +158,29 @@ def test_expert_patches_fit_only_models_with_those_experts_and_dense_patches_sta
             assert f.metadata()["format_version"] == "1" and set(f.keys()) == {f"{dense}.indices", f"{dense}.vectors"}
     with pytest.raises(MMNError, match="mixture-of-experts block: name its neurons as"):
         make_patch(ad, {_expert_units(ad)[0][0]: (torch.tensor([1]), torch.randn(1, ad.unembed_weight().shape[1]))}, "t")
+
+
+def test_mmn_edit_and_bake_on_an_moe_model(moe, images, tmp_path, capsys):
+    """The CLI end to end: neurons picked by find on the edit images (expert neurons among them), a swap
+    patch evaluated and written as version 2, baked into a checkpoint that loads with the edit in it."""
+    name, path, processor, engine = moe
+    if processor is not None and name == "qwen3_vl_moe":
+        pytest.skip("the saved Qwen3-VL-MoE processor needs torchvision to reload (the CLI loads it from disk)")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k, im in enumerate(images * 2):
+        im.save(folder / f"{k}.png")
+    found = engine.find(images, concepts="all", top_k=20, max_new_tokens=8)
+    words = list(dict.fromkeys(c.word for r in found for c in r.concepts))
+    assert len(words) >= 2
+    out = tmp_path / "e.mmnpatch.safetensors"
+    rc = main(["edit", "--model", str(path), "--images", str(folder), "--source", words[0], "--target", words[1],
+               "--method", "swap", "--neurons", "3", "--max-new-tokens", "8", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    patch = load_patch(out)
+    assert patch.n_neurons == 3
+    rc = main(["patch", "bake", "--model", str(path), "--patch", str(out), "--out", str(tmp_path / "baked")])
+    assert rc == 0, capsys.readouterr().err
+    baked = mmn_fast.load(tmp_path / "baked", processor=processor, device="cpu").adapter
+    for e in patch.units():
+        assert torch.equal(baked.unit_weight(e.layer, e.expert)[:, e.indices].t(), e.vectors)

@@ -52,7 +52,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         patch.params["evaluation"] = [{k: v for k, v in r.items() if k != "examples"} for r in rows]
         print(report_table(rows))
     out = patch.save(args.out)
-    print(f"patch written to {out.resolve()}: {patch.n_neurons} neurons in {len(patch.entries)} layer(s), "
+    units = f"{len(patch.units())} unit(s) (layers and experts)" if patch.expert_entries else f"{len(patch.entries)} layer(s)"
+    print(f"patch written to {out.resolve()}: {patch.n_neurons} neurons in {units}, "
           f"method {patch.method}")
     return 0
 
