@@ -9,7 +9,7 @@ import torch
 
 import mmn_fast
 from mmn_fast import MMNError
-from mmn_fast.find.heatmap import concept_signs, maps, trace
+from mmn_fast.find.heatmap import concept_signs, maps, trace, write_heatmaps
 from mmn_fast.testing import random_images
 from mmn_fast.testing.zoo import ZOO_MODELS, save
 
@@ -207,6 +207,14 @@ def test_heatmap_of_an_expert_neuron(engine, images, found):
     assert hm.overlay().size[0] > 0 and hm.mask.any()
     occl = maps(engine, [images[0]], [(0, [unit], c.token_id, found[0].output_ids, c.step)], method="occlusion")[0]
     assert occl.grid.size == int(image.sum()) and np.isfinite(occl.heat).all()
+
+
+def test_write_heatmaps_of_moe_records(engine, images, found, tmp_path):
+    recs = write_heatmaps(engine, images, found, tmp_path, n=3)
+    assert recs and all(len(n) == 3 for r in recs for n in r["neurons"])
+    want = {(r.id, c.word.lower()): [n[:3] for n in c.neurons[:3]] for r in found for c in r.concepts if c.neurons}
+    assert all(r["neurons"] == want[(r["id"], r["concept"])] for r in recs)
+    assert all((tmp_path / r["id"] / r["heatmap"]).is_file() for r in recs)
 
 
 def test_moe_heatmap_neurons_must_name_their_expert(engine, images):
