@@ -57,6 +57,9 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
                       max_new_tokens=args.max_new_tokens)[0]
     con = next((c for c in res.concepts if c.word.lower() == word), None)
     if picked:
+        if ad.is_moe:
+            raise MMNError("--neuron names a dense model's neuron (layer, index); this model has mixture-of-experts "
+                           "layers: leave --neuron out to map the concept's top (layer, expert, index) neurons")
         neurons = [picked]
         l, i = picked
         if not (0 <= l < ad.n_layers and 0 <= i < ad.d_mlp):
@@ -69,7 +72,7 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
         raise MMNError(f"the model's caption {res.caption!r} does not name '{word}': give --neuron L<layer>.<index>, or "
                        "--results DIR to use a run's top neurons for it")
     else:
-        neurons = [tuple(x[:2]) for x in con.neurons[:n]]
+        neurons = [tuple(x[:3 if ad.is_moe else 2]) for x in con.neurons[:n]]  # MoE: (layer, expert, index)
     if args.method == "occlusion" and con is None:
         raise MMNError(f"--method occlusion needs the caption to name '{word}' (it reads the neurons at that word); "
                        f"the caption is {res.caption!r}")
@@ -83,7 +86,7 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
             "percentile": args.percentile}
     info = save_heatmap(hm, stem, meta, args.cmap, display_min=DISPLAY_MIN)
     print(f"caption: {res.caption}")
-    print(f"{len(neurons)} neuron(s) {', '.join(f'{l}.{i}' for l, i in neurons[:10])}{' ...' if len(neurons) > 10 else ''}; "
+    print(f"{len(neurons)} neuron(s) {', '.join('.'.join(map(str, x)) for x in neurons[:10])}{' ...' if len(neurons) > 10 else ''}; "
           f"mask keeps {100 * info['mask_fraction']:.1f}% of pixels")
     print(f"written {stem}.heatmap.png, {stem}.mask.png, {stem}.json")
     return 0

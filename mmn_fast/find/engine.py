@@ -24,8 +24,8 @@ from .capture import capture, gather_positions, last_position
 from .concepts import NounTagger, check_word_list, resolve_mode, select_concepts, split_words
 from .fused import fused_capture, fused_problem
 from .generation import Generated, RowStreamer, Sampling
-from .moe_scoring import concept_parts, moe_capture, top_neurons
-from .grad import grad_scores
+from .grad import grad_scores, moe_grad_parts
+from .moe_scoring import concept_parts, image_parts, moe_capture, top_neurons
 from .results import ConceptResult, ImageResult
 from .scoring import Scorer
 
@@ -348,9 +348,7 @@ class Engine:
             raise MMNError(f"positions='image' is not defined for {type(self.model).__name__}: its text decoder sees the "
                            "image through cross-attention, not as image tokens in the sequence; use positions='last'")
         if self.adapter.is_moe:
-            unsupported = [k for k, v in (("positions='image'", opts.positions == "image"),
-                                          ("method='grad'", opts.method == "grad"),
-                                          ("activation='act_fn'", opts.activation == "act_fn"),
+            unsupported = [k for k, v in (("activation='act_fn'", opts.activation == "act_fn"),
                                           ("fold_final_norm", opts.fold_final_norm)) if v]
             if unsupported:
                 self.adapter.require_dense(f"find with {', '.join(unsupported)}")
@@ -409,7 +407,7 @@ class Engine:
         """The fused MLP forward on the Triton backend; forward hooks on the torch backend; for models with
         mixture-of-experts layers, what their expert neurons' scores need (moe_scoring)."""
         if self.adapter.is_moe:
-            return moe_capture(self.adapter, select)
+            return moe_capture(self.adapter, select, image_mask)
         if self.backend == "triton":
             return fused_capture(self.adapter, "triton", opts.activation, select, image_mask, opts.reduce,
                                  opts.fold_final_norm, self.decode_with_kernel)
@@ -431,8 +429,13 @@ class Engine:
         s_idx = torch.tensor([w.step for _, w in flat])
         tokens = [outputs[b][w.step] for b, w in flat]
         if self.adapter.is_moe:  # [[layer, expert, index, score], ...] per concept
-            return [top_neurons(concept_parts(self.adapter, store, b, w.step, t), opts.top_k)
-                    for (b, w), t in zip(flat, tokens)], None
+            if opts.method == "grad":
+                parts = moe_grad_parts(self, inputs, outputs, flat)
+            elif opts.positions == "image":
+                parts = [image_parts(self.adapter, store, b, t, opts.reduce) for (b, _w), t in zip(flat, tokens)]
+            else:
+                parts = [concept_parts(self.adapter, store, b, w.step, t) for (b, w), t in zip(flat, tokens)]
+            return [top_neurons(p, opts.top_k) for p in parts], None
         # per-request patches: each concept is scored with its row's output vectors
         edits = None if plan is None else [{l: (e.idx, e.new) for l, e in plan.row_edits(b).items()} for b, _ in flat]
         if opts.method == "grad":

@@ -8,6 +8,7 @@ import torch
 
 from ..kernels import contribution_scores
 from .capture import capture
+from .moe_scoring import moe_graph
 
 
 def grad_scores(engine, inputs: dict, outputs: list[list[int]], flat: list, opts) -> torch.Tensor:
@@ -25,3 +26,21 @@ def grad_scores(engine, inputs: dict, outputs: list[list[int]], flat: list, opts
             rows.append(torch.stack([contribution_scores(hs[l][b, pos].detach(), grads[l][b, pos])
                                      for l in range(ad.n_layers)]))  # [L, F]
     return torch.stack(rows)
+
+
+def moe_grad_parts(engine, inputs: dict, outputs: list[list[int]], flat: list) -> list[list[tuple]]:
+    """Models with mixture-of-experts layers: per concept of `flat`, [(layer, expert, indices [n], scores [n])]
+    with score = activation x d logit(t) / d activation (an expert neuron's activation g_e h_{e,i}, see
+    moe_scoring), the gradient taken through the model's own forward (`moe_graph`)."""
+    full, index = engine.teacher_forced(inputs, outputs)
+    ad = engine.adapter
+    out = []
+    with torch.enable_grad(), moe_graph(ad) as graph:
+        logits = engine.model(**full, use_cache=False).logits  # [B, T, V]
+        nodes = graph.nodes()
+        for b, word in flat:
+            pos = int(index[b, word.step])
+            logit = logits[b, pos, outputs[b][word.step]]
+            grads = torch.autograd.grad(logit, nodes, retain_graph=True, allow_unused=True)
+            out.append(graph.parts(ad, {id(h): g for h, g in zip(nodes, grads)}, b, pos))
+    return out

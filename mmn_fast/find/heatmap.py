@@ -32,6 +32,7 @@ from ..io import atomic_open, write_json
 from ..model.adapters import check_activation
 from ..model.inputs import as_image
 from .engine import DEFAULT_PROMPT
+from .moe_scoring import check_units, moe_recording, unit_out_vectors
 
 # Colour maps: (position, r, g, b) stops, linearly interpolated.
 COLORMAPS = {
@@ -197,17 +198,36 @@ def _pil(images) -> list:
 def _by_layer(neurons) -> dict[int, list[int]]:
     """layer -> list of column positions in `neurons` order (duplicates allowed)."""
     out: dict[int, list[int]] = {}
-    for k, (l, _i) in enumerate(neurons):
-        out.setdefault(int(l), []).append(k)
+    for k, n in enumerate(neurons):
+        out.setdefault(int(n[0]), []).append(k)
     return out
+
+
+def units(ad, neurons) -> list[tuple]:
+    """`neurons` checked against the model: (layer, index) pairs of a dense model, (layer, expert, index) of
+    one with mixture-of-experts layers (find's records without their score)."""
+    if ad.is_moe:
+        return check_units(ad, neurons)
+    neurons = [(int(n[0]), int(n[1])) for n in neurons]
+    for l, i in neurons:
+        if not (0 <= l < ad.n_layers and 0 <= i < ad.d_mlp):
+            raise MMNError(f"neuron ({l}, {i}) out of range: layers 0..{ad.n_layers - 1}, neurons 0..{ad.d_mlp - 1}")
+    return neurons
 
 
 @contextlib.contextmanager
 def _recording(engine, neurons, activation: str, select=None):
-    """Hooks on the layers of `neurons` [(l, i)]: cols[l] = select(h)[..., their indices] (fp32, CPU) at each
-    call; yields (groups: layer -> column positions in `neurons`, cols). Removed on exit."""
+    """Hooks on the layers of `neurons` [(l, i)], or [(l, e, i)] on an MoE model (moe_recording): cols[l] =
+    select(h)[..., their indices] (fp32, CPU) at each call; yields (groups: layer -> column positions in
+    `neurons`, cols). Removed on exit."""
     ad = engine.adapter
     check_activation(activation)
+    if ad.is_moe:
+        if activation != "down_proj_input":
+            ad.require_dense(f"a heatmap with activation={activation!r}")
+        with moe_recording(ad, neurons, select) as recorded:
+            yield recorded
+        return
     groups, cols = _by_layer(neurons), {}
 
     def keep(layer, h):
@@ -224,14 +244,12 @@ def _recording(engine, neurons, activation: str, select=None):
 def trace(engine, images, neurons, captions=None, prompt: str = DEFAULT_PROMPT, prefix: str | None = None,
           activation: str = "down_proj_input", probs: bool = False) -> Trace:
     """Run the prompts (plus `captions`, token id lists, teacher-forced) once; record `neurons` [(l, i)]
-    at every position, and with `probs` each caption token's probability."""
+    ([(l, e, i)] on an MoE model: an expert neuron's activation is g_e h_{e,i}, 0 where e is not routed) at
+    every position, and with `probs` each caption token's probability."""
     ad = engine.adapter
     if ad.image_token_id is None:
         raise MMNError("the model config names no image token (image_token_id): cannot find image positions")
-    neurons = [(int(l), int(i)) for l, i in neurons]
-    for l, i in neurons:
-        if not (0 <= l < ad.n_layers and 0 <= i < ad.d_mlp):
-            raise MMNError(f"neuron ({l}, {i}) out of range: layers 0..{ad.n_layers - 1}, neurons 0..{ad.d_mlp - 1}")
+    neurons = units(ad, neurons)
     inputs = engine.encode(_pil(images), prompt, prefix)
     run, index = inputs, None
     if captions is not None:
@@ -275,6 +293,7 @@ def occlusion_values(engine, image, caption, step: int, neurons, signs=None, pro
     token's embedding is replaced by the mean image-token embedding, the prompt inputs). Runs the
     teacher-forced prompt + caption 1 + n_img times, `chunk` copies per forward pass."""
     ad = engine.adapter
+    neurons = units(ad, neurons)
     inputs = engine.encode(_pil([image]), prompt, prefix)
     run, index = engine.teacher_forced(inputs, [[int(t) for t in caption]])
     img_pos = (run["input_ids"][0] == ad.image_token_id).nonzero()[:, 0]
@@ -377,18 +396,22 @@ def render(engine, image, values: np.ndarray, inputs: dict | None = None, row: i
 
 
 def concept_signs(engine, token_id: int | None, neurons) -> list[float]:
-    """sign(<W_out^l[:, i], W_U[t]>) per neuron (all +1 without a token)."""
+    """sign(<W_out^l[:, i], W_U[t]>) per neuron (all +1 without a token); on an MoE model, neurons (l, e, i)
+    and the unit's own output vector (expert e's down_proj[e][:, i], the shared expert's, a dense W_out's)."""
     if token_id is None:
         return [1.0] * len(neurons)
     ad = engine.adapter
     with torch.no_grad():
         u = ad.unembed_weight()[int(token_id)].float()
-        return [1.0 if float(ad.out_weight(int(l))[:, int(i)].float() @ u) >= 0 else -1.0 for l, i in neurons]
+        outs = ([unit_out_vectors(ad, l, e)[:, i] for l, e, i in units(ad, neurons)] if ad.is_moe else
+                [ad.out_weight(int(l))[:, int(i)] for l, i in neurons])
+        return [1.0 if float(w.float() @ u.to(w.device)) >= 0 else -1.0 for w in outs]
 
 
 def maps(engine, images, items, method: str = "activation", orient: bool = True, prompt: str = DEFAULT_PROMPT,
          prefix: str | None = None, activation: str = "down_proj_input", percentile: float = 95.0) -> list:
-    """Heatmaps of one batch. items[k] = (image row b, neurons [(l, i)], token_id or None, caption ids or
+    """Heatmaps of one batch. items[k] = (image row b, neurons [(l, i)] ([(l, e, i)] on an MoE model), token_id
+    or None, caption ids or
     None, step or None); returns one Heatmap per item. One forward pass for the batch (activation), or
     1 + n_img teacher-forced passes per item (occlusion, which needs caption and step)."""
     if method not in METHODS:
@@ -397,12 +420,12 @@ def maps(engine, images, items, method: str = "activation", orient: bool = True,
     signs = [concept_signs(engine, tok if orient else None, ns) for _b, ns, tok, _c, _s in items]
     out: list = [None] * len(items)
     if method == "activation":
-        union = list(dict.fromkeys((int(l), int(i)) for _b, ns, *_ in items for l, i in ns))
+        union = list(dict.fromkeys(tuple(int(v) for v in n) for _b, ns, *_ in items for n in ns))
         col = {n: k for k, n in enumerate(union)}
         t = trace(engine, images, union, prompt=prompt, prefix=prefix, activation=activation)
         for k, (b, ns, *_rest) in enumerate(items):
             img_acts = t.image_rows(b)  # [n_img, N]
-            sel = torch.stack([img_acts[:, col[(int(l), int(i))]] * s for (l, i), s in zip(ns, signs[k])], -1)
+            sel = torch.stack([img_acts[:, col[tuple(int(v) for v in n)]] * s for n, s in zip(ns, signs[k])], -1)
             out[k] = render(engine, images[b], sel.mean(-1).numpy(), t.inputs, b, percentile)
         return out
     for k, (b, ns, _tok, caption, step) in enumerate(items):
@@ -463,6 +486,7 @@ def write_heatmaps(engine, images, results, out_dir, n: int = 10, percentile: fl
     if len(recs) != len(images):
         raise MMNError(f"{len(images)} images for {len(recs)} results")
     items, keys = [], []
+    width = 3 if engine.adapter.is_moe else 2  # a record's (layer, index) or (layer, expert, index)
     for b, rec in enumerate(recs):
         seen = set()
         for c in rec["concepts"]:
@@ -470,7 +494,7 @@ def write_heatmaps(engine, images, results, out_dir, n: int = 10, percentile: fl
             if word in seen or not c["neurons"]:
                 continue
             seen.add(word)
-            ns = [(int(x[0]), int(x[1])) for x in c["neurons"][:n]]
+            ns = [tuple(int(v) for v in x[:width]) for x in c["neurons"][:n]]
             items.append((b, ns, c["token_id"], rec["output_ids"], c["step"]))
             keys.append((b, word, ns))
     if not items:

@@ -9,16 +9,25 @@ The capture keeps, at the scored positions only, what each layer needs: a dense 
 its output projection), an MoE layer's input rows and routing (read off the experts module's call,
 whatever kernel runs the experts), a shared expert's h. Scoring recomputes the chosen experts' h from
 those rows with the experts' own weights and activation.
+
+The *activation* of a neuron at a position: a dense or shared-expert neuron's h_i; a routed expert
+neuron's `g_e * h_{e,i}` (0 where e was not routed), so that score = activation x projection throughout.
+positions='image' reduces it over the image positions as it passes (sum, max, min per expert neuron);
+method='grad' (`moe_graph`) differentiates the logit through the real forward, in which each expert's h is
+recomputed by a hook as a node of the graph; heatmaps (`moe_recording`) record it at every position.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import torch
 
+from ..errors import MMNError
 from ..model.adapters import Adapter, HookSite
-from .capture import Selector
+from ..model.moe import ExpertBlock
+from .capture import Selector, image_reduce
 
 DENSE = -1  # the expert number of a dense layer's neurons
 
@@ -31,6 +40,10 @@ class MoECaptureStore:
         self.inputs: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]  # [B, S, d] MoE block rows
         self.routes: list[list[tuple]] = [[] for _ in range(n_layers)]  # ([B, S, k] expert ids, [B, S, k] weights)
         self.shared: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]  # [B, S, F_s]
+        # positions='image': per layer the prefill call's stats over the image positions (image_reduce's for
+        # a dense layer's h, expert_image_stats' for an MoE layer's experts) and its shared expert's
+        self.image: list[dict | None] = [None] * n_layers
+        self.shared_image: list[dict | None] = [None] * n_layers
 
     @staticmethod
     def cat(parts: list) -> torch.Tensor:
@@ -38,14 +51,27 @@ class MoECaptureStore:
 
 
 @contextlib.contextmanager
-def moe_capture(adapter: Adapter, select: Selector) -> Iterator[MoECaptureStore]:
-    """Hooks on every layer (removed on exit, also on error) filling a MoECaptureStore."""
+def moe_capture(adapter: Adapter, select: Selector, image_mask: torch.Tensor | None = None) -> Iterator[MoECaptureStore]:
+    """Hooks on every layer (removed on exit, also on error) filling a MoECaptureStore.
+    image_mask: [B, T] bool of image positions in the first (prefill) call: activations reduced there."""
     store = MoECaptureStore(adapter.n_layers)
+
+    def at_image(stats: list, layer: int, h: torch.Tensor) -> None:  # h [B, T, F]
+        if image_mask is not None and stats[layer] is None and h.shape[1] == image_mask.shape[1]:
+            stats[layer] = image_reduce(h.detach(), image_mask.to(h.device))
+
+    def dense(layer: int, h: torch.Tensor) -> None:
+        store.dense[layer].append(select(h).detach())
+        at_image(store.image, layer, h)
+
+    def shared(layer: int, h: torch.Tensor) -> None:
+        store.shared[layer].append(select(h).detach())
+        at_image(store.shared_image, layer, h)
+
     with contextlib.ExitStack() as hooks:
         for layer, block in enumerate(adapter.experts):
             if block is None:
-                hooks.enter_context(adapter.hook_site(layer).hooked(
-                    lambda h, layer=layer: store.dense[layer].append(select(h).detach())))
+                hooks.enter_context(adapter.hook_site(layer).hooked(functools.partial(dense, layer)))
                 continue
             shape: list = []
 
@@ -59,12 +85,16 @@ def moe_capture(adapter: Adapter, select: Selector) -> Iterator[MoECaptureStore]
                 b, t = shape[0]
                 store.inputs[layer].append(select(x.reshape(b, t, -1)).detach())
                 store.routes[layer].append((select(idx.reshape(b, t, -1)), select(w.reshape(b, t, -1)).detach()))
+                if image_mask is not None and store.image[layer] is None and t == image_mask.shape[1]:
+                    store.image[layer] = expert_image_stats(adapter.experts[layer], x.reshape(b, t, -1),
+                                                            idx.reshape(b, t, -1), w.reshape(b, t, -1),
+                                                            image_mask.to(x.device))
 
             hooks.enter_context(_removing(adapter.mlps[layer].register_forward_pre_hook(record, with_kwargs=True)))
             hooks.enter_context(_removing(block.experts.register_forward_pre_hook(routed, with_kwargs=True)))
             if block.shared is not None:
                 site = HookSite(block.shared.down_proj, pre=True, layer=adapter.layer_modules[layer])
-                hooks.enter_context(site.hooked(lambda h, layer=layer: store.shared[layer].append(select(h).detach())))
+                hooks.enter_context(site.hooked(functools.partial(shared, layer)))
         yield store
 
 
@@ -115,3 +145,265 @@ def top_neurons(parts: list[tuple], k: int) -> list[list]:
         best += [(v, layer, expert, int(index[j])) for v, j in zip(values.tolist(), order.tolist())]
     best.sort(key=lambda r: -r[0])
     return [[layer, expert, i, v] for v, layer, expert, i in best[:k]]
+
+
+# ----------------------------------------------------------------------------------- positions='image'
+def expert_image_stats(block: ExpertBlock, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                       mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """x [B, T, d] block rows, idx / w [B, T, k] routing, mask [B, T] image positions -> over the image
+    positions of each sample, the activation a = g_e * h_{e,i} (0 where e is not routed) reduced:
+    {'sum','max','min': [B, E, F], 'routed': [B, E] how many image positions chose e, 'count': [B]}, fp32
+    (fp64 kept). Only routed rows are computed (a row per chosen expert, as the model's own forward)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n_b, n_e, n_f = x.shape[0], block.n_experts, block.d_expert
+    sample = torch.arange(n_b, device=x.device)[:, None].expand(mask.shape)[mask]  # [M]
+    xs, ids, ws = x[mask], idx[mask], w[mask]  # [M, d], [M, k], [M, k]
+    out = {"sum": x.new_zeros(n_b, n_e, n_f, dtype=acc), "max": x.new_full((n_b, n_e, n_f), float("-inf"), dtype=acc),
+           "min": x.new_full((n_b, n_e, n_f), float("inf"), dtype=acc), "routed": x.new_zeros(n_b, n_e, dtype=acc)}
+    with torch.no_grad():
+        for e in ids.unique().tolist():
+            if not 0 <= e < n_e:
+                continue  # a padding slot
+            rows, slot = torch.where(ids == e)  # [R], [R]
+            a = block.expert_h(xs[rows], e).to(acc) * ws[rows, slot].to(acc)[:, None]  # [R, F]
+            at = sample[rows]  # [R] the sample of each row
+            out["sum"][:, e].index_add_(0, at, a)
+            out["max"][:, e].scatter_reduce_(0, at[:, None].expand_as(a), a, "amax")
+            out["min"][:, e].scatter_reduce_(0, at[:, None].expand_as(a), a, "amin")
+            out["routed"][:, e].index_add_(0, at, torch.ones_like(a[:, 0]))
+    out["count"] = mask.sum(1)  # [B]
+    unrouted = (out["routed"] < out["count"][:, None])[..., None]  # [B, E, 1]: a = 0 at some image position
+    out["max"] = torch.where(unrouted, out["max"].clamp(min=0), out["max"])
+    out["min"] = torch.where(unrouted, out["min"].clamp(max=0), out["min"])
+    return out
+
+
+def reduced_score(stats: dict, proj: torch.Tensor, reduce: str, *at) -> torch.Tensor:
+    """Over image positions, score = reduce of activation x projection (as Scorer.score_image): mean: sum /
+    count x P; max: max(a) P where P >= 0, min(a) P where P < 0. stats[k][at] [F], proj [F] -> [F]."""
+    if reduce == "mean":
+        return stats["sum"][at].to(proj.dtype) / max(int(stats["count"][at[0]]), 1) * proj
+    return torch.where(proj >= 0, stats["max"][at].to(proj.dtype) * proj, stats["min"][at].to(proj.dtype) * proj)
+
+
+def image_parts(adapter: Adapter, store: MoECaptureStore, b: int, token: int, reduce: str) -> list[tuple]:
+    """[(layer, expert, neuron indices [n], scores [n])] of one concept of sample b, token t, over the sample's
+    image positions (positions='image'); routed experts no image position chose are not scored."""
+    if any(s is None for s in store.image) or int(store.image[0]["count"][b]) == 0:
+        raise MMNError("positions='image': a sample's prompt holds no image tokens (its processor or template "
+                       "left the image placeholder out); check the prompt, or use positions='last'")
+    w_u = adapter.unembed_weight()
+    acc = torch.float64 if w_u.dtype == torch.float64 else torch.float32
+    u = w_u[token].detach().to(acc)  # [d]
+    parts = []
+    with torch.no_grad():
+        for layer, block in enumerate(adapter.experts):
+            stats = store.image[layer]
+            if block is None:
+                w = adapter.out_weight(layer).detach()  # [d, F]
+                proj = w.to(acc).t() @ u.to(w.device)  # [F]
+                parts.append((layer, DENSE, torch.arange(proj.numel()), reduced_score(stats, proj, reduce, b)))
+                continue
+            for e in torch.nonzero(stats["routed"][b] > 0)[:, 0].tolist():
+                w = block.expert_out(e).detach()  # [d, F]
+                proj = w.to(acc).t() @ u.to(w.device)  # [F]
+                parts.append((layer, e, torch.arange(proj.numel()), reduced_score(stats, proj, reduce, b, e)))
+            if block.shared is not None:
+                w = block.shared_out().detach()  # [d, F_s]
+                proj = w.to(acc).t() @ u.to(w.device)  # [F_s]
+                parts.append((layer, block.n_experts, torch.arange(proj.numel()),
+                              reduced_score(store.shared_image[layer], proj, reduce, b)))
+    return parts
+
+
+# ----------------------------------------------------------------------------------- method='grad'
+def expert_forward(block: ExpertBlock, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
+    """The experts module's forward, eagerly: x [N, d], idx / w [N, k] -> (y [N, d], {e: (rows [R], h [R, F])})
+    with each routed expert's h a node of the graph (a leaf when nothing before it needs a gradient). Each
+    expert's rows as the eager forward computes them: act(gate) * up, down_proj, times the router weight."""
+    y = torch.zeros_like(x)  # [N, d]
+    nodes = {}
+    for e in idx.unique().tolist():
+        if not 0 <= e < block.n_experts:
+            continue
+        rows, slot = torch.where(idx == e)  # [R], [R]
+        h = block.expert_h(x[rows], e)  # [R, F]
+        if not h.requires_grad:
+            h = h.detach().requires_grad_(True)
+        out = torch.nn.functional.linear(h, block.experts.down_proj[e]) * w[rows, slot, None]  # [R, d]
+        y = y.index_add(0, rows, out.to(y.dtype))
+        nodes[e] = (rows, h)
+    return y, nodes
+
+
+GRAD_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}  # else 2e-2 (half precision kernels)
+
+
+class MoEGraph:
+    """What `moe_graph` keeps of one forward: per layer the nodes whose gradients score the neurons."""
+
+    def __init__(self, n_layers: int):
+        self.dense: list[torch.Tensor | None] = [None] * n_layers  # [B, T, F]
+        self.shared: list[torch.Tensor | None] = [None] * n_layers  # [B, T, F_s]
+        self.experts: list[dict | None] = [None] * n_layers  # {e: (rows [R] of the flat B*T, h [R, F])}
+        self.width: list[int] = [0] * n_layers  # T of the MoE block's call: row = b * T + position
+
+    def nodes(self) -> list[torch.Tensor]:
+        out = [t for t in self.dense + self.shared if t is not None]
+        return out + [h for ex in self.experts if ex for _rows, h in ex.values()]
+
+    def parts(self, adapter: Adapter, grads: dict, b: int, pos: int) -> list[tuple]:
+        """[(layer, expert, indices [n], h x d logit / d h [n])] at sample b, position pos; grads: id(node) ->
+        its gradient (None: unused). For an expert neuron h dL/dh = a dL/da, a = g h (h reaches the logit
+        only through a)."""
+        parts = []
+
+        def score(h, g, at):  # h, g [..., F] -> [F]
+            acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+            return h[at].detach().to(acc) * (0 if g is None else g[at].to(acc))
+
+        for layer in range(len(self.dense)):
+            if self.dense[layer] is not None:
+                h = self.dense[layer]
+                parts.append((layer, DENSE, torch.arange(h.shape[-1]), score(h, grads[id(h)], (b, pos))))
+            for e, (rows, h) in sorted((self.experts[layer] or {}).items()):
+                hit = torch.nonzero(rows == b * self.width[layer] + pos)[:, 0]
+                if len(hit):
+                    parts.append((layer, e, torch.arange(h.shape[-1]), score(h, grads[id(h)], int(hit[0]))))
+            if self.shared[layer] is not None:
+                h = self.shared[layer]
+                parts.append((layer, adapter.experts[layer].n_experts, torch.arange(h.shape[-1]),
+                              score(h, grads[id(h)], (b, pos))))
+        return parts
+
+
+@contextlib.contextmanager
+def moe_graph(adapter: Adapter) -> Iterator[MoEGraph]:
+    """Hooks (removed on exit, also on error) that keep, of a forward under torch.enable_grad, every
+    dense and shared-expert h with its graph, and replace each experts module's output with
+    `expert_forward`'s (after checking that it equals the module's own), so that d logit / d h exists for
+    every routed expert's h through the real model's forward."""
+    graph = MoEGraph(adapter.n_layers)
+
+    def node(where: list, layer: int, h: torch.Tensor) -> torch.Tensor:
+        if not h.requires_grad:  # nothing before it needs a gradient: a leaf, so later layers carry a graph
+            h = h.detach().requires_grad_(True)
+        where[layer] = h
+        return h
+
+    with contextlib.ExitStack() as hooks:
+        for layer, block in enumerate(adapter.experts):
+            if block is None:
+                hooks.enter_context(adapter.hook_site(layer).hooked(functools.partial(node, graph.dense, layer)))
+                continue
+
+            def width(_m, args, kwargs, layer=layer):
+                x = args[0] if args else kwargs.get("hidden_states")
+                graph.width[layer] = int(x.shape[1]) if x.dim() == 3 else int(x.shape[0])
+
+            def recompute(_m, args, kwargs, y, layer=layer, block=block):
+                names = ("hidden_states", "top_k_index", "top_k_weights")
+                x, idx, w = (args[k] if len(args) > k else kwargs[n] for k, n in enumerate(names))
+                new, graph.experts[layer] = expert_forward(block, x, idx, w)  # [N, d]
+                tol = GRAD_TOLERANCE.get(y.dtype, 2e-2) * max(float(y.detach().abs().max()), 1e-30)
+                if new.shape != y.shape or not torch.allclose(new.detach(), y.detach(), rtol=0, atol=tol):
+                    raise MMNError(f"layer {layer}: the experts recomputed eagerly differ from "
+                                   f"{type(block.experts).__name__}'s output; method='grad' cannot score them")
+                return new
+
+            hooks.enter_context(_removing(adapter.mlps[layer].register_forward_pre_hook(width, with_kwargs=True)))
+            hooks.enter_context(_removing(block.experts.register_forward_hook(recompute, with_kwargs=True)))
+            if block.shared is not None:
+                site = HookSite(block.shared.down_proj, pre=True, layer=adapter.layer_modules[layer])
+                hooks.enter_context(site.hooked(functools.partial(node, graph.shared, layer)))
+        yield graph
+
+
+# ----------------------------------------------------------------------------------- heatmaps
+def check_units(adapter: Adapter, neurons) -> list[tuple[int, int, int]]:
+    """The neurons of an MoE model as (layer, expert, index) (a find record's first three fields), checked
+    against the model: routed experts 0..E-1, the shared expert E, a dense layer's neurons expert -1."""
+    out = []
+    for n in neurons:
+        if len(n) < 3:
+            raise MMNError(f"neuron {tuple(n)}: {type(adapter.model).__name__} has mixture-of-experts layers; name "
+                           "each neuron (layer, expert, index) as find's records do (dense layers' expert: -1)")
+        layer, expert, index = (int(v) for v in n[:3])
+        if not 0 <= layer < adapter.n_layers:
+            raise MMNError(f"neuron ({layer}, {expert}, {index}): layers are 0..{adapter.n_layers - 1}")
+        width = unit_out_vectors(adapter, layer, expert).shape[1]
+        if not 0 <= index < width:
+            raise MMNError(f"neuron ({layer}, {expert}, {index}) out of range: that unit has neurons 0..{width - 1}")
+        out.append((layer, expert, index))
+    return out
+
+
+def unit_out_vectors(adapter: Adapter, layer: int, expert: int) -> torch.Tensor:
+    """[d, F] output vectors of one unit: a dense layer's W_out (expert -1), routed expert e's down_proj[e],
+    the shared expert's (expert E)."""
+    block = adapter.experts[layer]
+    if block is None:
+        if expert != DENSE:
+            raise MMNError(f"layer {layer} is dense: its neurons are expert {DENSE}, not {expert}")
+        return adapter.out_weight(layer)
+    if 0 <= expert < block.n_experts:
+        return block.expert_out(expert)
+    if expert == block.n_experts and block.shared is not None:
+        return block.shared_out()
+    raise MMNError(f"layer {layer} has experts 0..{block.n_experts - 1}"
+                   f"{f' and the shared expert {block.n_experts}' if block.shared is not None else ''}, not {expert}")
+
+
+@contextlib.contextmanager
+def moe_recording(adapter: Adapter, neurons: list, select: Selector | None = None):
+    """Hooks on the layers of `neurons` [(layer, expert, index)] (removed on exit): at each call, cols[layer] =
+    select(activations) [B, ..., n] fp32 on CPU, columns in the order of groups[layer], the positions in
+    `neurons` of that layer's neurons; activation as defined above (g_e h_{e,i}, 0 where e is not routed).
+    Yields (groups, cols)."""
+    groups: dict[int, list[int]] = {}
+    for k, n in enumerate(neurons):
+        groups.setdefault(int(n[0]), []).append(k)
+    cols: dict[int, torch.Tensor] = {}
+
+    def put(layer: int, ks: list[int], a: torch.Tensor) -> None:  # a [B, T, len(ks)]: those neurons' columns
+        a = (a if select is None else select(a)).float().cpu()  # [B, ..., len(ks)]
+        if layer not in cols:
+            cols[layer] = torch.zeros(*a.shape[:-1], len(groups[layer]))
+        cols[layer][..., [groups[layer].index(k) for k in ks]] = a
+
+    def units(layer: int, expert: int, h: torch.Tensor) -> None:  # h [B, T, F] of a dense layer or shared expert
+        ks = [k for k in groups[layer] if neurons[k][1] == expert]
+        if ks:
+            put(layer, ks, h.detach()[..., [int(neurons[k][2]) for k in ks]])
+
+    with contextlib.ExitStack() as hooks:
+        for layer, ks in groups.items():
+            block = adapter.experts[layer]
+            if block is None:
+                hooks.enter_context(adapter.hook_site(layer).hooked(functools.partial(units, layer, DENSE)))
+                continue
+            shape: list = []
+
+            def start(_m, args, kwargs, layer=layer, shape=shape):  # a new call: fresh columns
+                x = args[0] if args else kwargs.get("hidden_states")
+                shape[:] = [tuple(x.shape[:2])]
+                cols.pop(layer, None)
+
+            def routed(_m, args, kwargs, layer=layer, block=block, shape=shape):
+                names = ("hidden_states", "top_k_index", "top_k_weights")
+                x, idx, w = (args[k] if len(args) > k else kwargs[n] for k, n in enumerate(names))
+                for e in sorted({neurons[k][1] for k in groups[layer] if neurons[k][1] < block.n_experts}):
+                    ks = [k for k in groups[layer] if neurons[k][1] == e]
+                    a = x.new_zeros(x.shape[0], len(ks))  # [N, n]: 0 where e is not routed
+                    rows, slot = torch.where(idx == e)  # [R], [R]
+                    with torch.no_grad():
+                        h = block.expert_h(x[rows], e)[:, [int(neurons[k][2]) for k in ks]]  # [R, n]
+                        a[rows] = (h * w[rows, slot, None]).to(a.dtype)
+                    put(layer, ks, a.reshape(*shape[0], len(ks)))
+
+            hooks.enter_context(_removing(adapter.mlps[layer].register_forward_pre_hook(start, with_kwargs=True)))
+            hooks.enter_context(_removing(block.experts.register_forward_pre_hook(routed, with_kwargs=True)))
+            if block.shared is not None:
+                site = HookSite(block.shared.down_proj, pre=True, layer=adapter.layer_modules[layer])
+                hooks.enter_context(site.hooked(functools.partial(units, layer, block.n_experts)))
+        yield groups, cols

@@ -385,7 +385,7 @@ class Adapter:
         if self.is_moe:
             moe = [l for l, b in enumerate(self.experts) if b is not None]
             raise MMNError(f"{type(self.model).__name__} has mixture-of-experts layers ({moe[:4]}): {what} does not "
-                           "handle expert neurons yet; engine.find (positions='last', method='act') scores them")
+                           "handle expert neurons yet; engine.find and heatmaps score them")
 
     def unembed_weight(self) -> torch.Tensor:
         """W_U as [V, d_model]."""
