@@ -184,3 +184,25 @@ def test_mmn_edit_and_bake_on_an_moe_model(moe, images, tmp_path, capsys):
     baked = mmn_fast.load(tmp_path / "baked", processor=processor, device="cpu").adapter
     for e in patch.units():
         assert torch.equal(baked.unit_weight(e.layer, e.expert)[:, e.indices].t(), e.vectors)
+
+
+def test_per_request_patches_of_dense_layers_work_on_an_moe_model(moe, images):
+    """A patch of an MoE model's dense layer served per request: each row as with the patch in place."""
+    name, path, processor, engine = moe
+    ad = engine.adapter
+    _, _, dense = _expert_units(ad)
+    if dense is None:
+        pytest.skip("every layer of this model is a mixture of experts")
+    g = torch.Generator().manual_seed(2)
+    patch = make_patch(ad, {dense: (torch.arange(10), 5 * torch.randn(10, ad.unembed_weight().shape[1], generator=g))},
+                       "test")
+    engine.patches.load("dense", patch)
+    try:
+        mixed = engine.caption(images, patches=[None, "dense"], max_new_tokens=8)
+    finally:
+        engine.patches.unload("dense")
+    base = engine.caption(images, max_new_tokens=8)
+    with engine.patched(patch):
+        in_place = engine.caption(images, max_new_tokens=8)
+    assert in_place[1] != base[1], "the patch must change the caption for this test to mean anything"
+    assert mixed == [base[0], in_place[1]]

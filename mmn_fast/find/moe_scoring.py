@@ -26,10 +26,10 @@ import torch
 
 from ..errors import MMNError
 from ..model.adapters import Adapter, HookSite
-from ..model.moe import ExpertBlock
+from ..model.moe import DENSE, ExpertBlock
 from .capture import Selector, image_reduce
 
-DENSE = -1  # the expert number of a dense layer's neurons
+
 
 
 class MoECaptureStore:
