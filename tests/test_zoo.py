@@ -19,15 +19,16 @@ from mmn_fast.find.heatmap import maps
 from mmn_fast.model.patch_file import make_patch
 from mmn_fast.testing import random_images, tiny_tokenizer
 from mmn_fast.testing.instructblip import tiny_instructblip
-from mmn_fast.testing.llava import llava_model
+from mmn_fast.testing.llava import llava_model, tiny_llava_next
 from mmn_fast.testing.qwen2_vl import qwen2_vl_model
 from mmn_fast.testing.zoo import ZOO_MODELS, save
 
-DENSE = ["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "idefics3", "smolvlm",
+DENSE = ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "idefics3", "smolvlm",
          "paligemma", "gemma3", "mllama", "internvl", "aya_vision", "mistral3", "blip2", "instructblip"]
 # Heatmaps lay image tokens on the image's patch grid; these families' image tokens are not one grid.
-NO_PATCH_GRID = {"llava_onevision": "anyres", "blip2": "Q-Former", "instructblip": "Q-Former"}
+NO_PATCH_GRID = {"llava_next": "anyres", "llava_onevision": "anyres", "blip2": "Q-Former", "instructblip": "Q-Former"}
 BUILDERS = {**ZOO_MODELS, "llava": llava_model, "qwen2_vl": qwen2_vl_model}
+SAVERS = {"instructblip": tiny_instructblip, "llava_next": tiny_llava_next}
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +38,8 @@ def images():
 
 def checkpoint(name, path):
     """(saved checkpoint path, its processor in memory: some cannot be reloaded here without torchvision)."""
-    if name == "instructblip":
-        p = tiny_instructblip(path)
-        return p, None
+    if name in SAVERS:  # saved by the factory itself; the processor reloads from disk
+        return SAVERS[name](path), None
     model, processor = BUILDERS[name]()
     return save(path, model, processor), processor
 
