@@ -66,6 +66,36 @@ def plain_generate(eng, images, max_new_tokens, batch_size=8):
     return out
 
 
+def hooks_peer(eng, images, max_new_tokens, batch_size=8, top_k=50):
+    """The peer a careful user writes without mmn_fast: Hugging Face generate (its default cache) with a
+    forward pre-hook on every layer's down_proj keeping h at the last position of each step, then
+    a * <W_out[:, i], W_U[t]> for every generated token t, top-k over all neurons. Returns per image
+    the [S, k] top neuron indices (flat layer * F + i)."""
+    ad = eng.adapter
+    w_u = ad.unembed_weight().detach()
+    w_out = torch.stack([ad.out_weight(l).detach() for l in range(ad.n_layers)])  # [L, d, F]
+    out = []
+    for s in range(0, len(images), batch_size):
+        inputs = eng.encode(images[s : s + batch_size], DEFAULT_PROMPT, None)
+        seen = [[] for _ in range(ad.n_layers)]
+        hooks = [ad.out_projs[l].register_forward_pre_hook(lambda _m, a, l=l: seen[l].append(a[0][:, -1].detach()))
+                 for l in range(ad.n_layers)]
+        try:
+            with torch.no_grad():
+                seq = eng.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        finally:
+            for h in hooks:
+                h.remove()
+        new = seq[:, inputs["input_ids"].shape[1]:]  # [B, S]
+        with torch.no_grad():
+            acts = torch.stack([torch.stack(steps[: new.shape[1]], 1) for steps in seen], 2)  # [B, S, L, F]
+            u = w_u[new]  # [B, S, d]
+            proj = torch.einsum("bsd,ldf->bslf", u, w_out)  # [B, S, L, F]
+            scores = (acts * proj).flatten(2)  # [B, S, L*F]
+            out += list(scores.topk(top_k, dim=-1).indices)
+    return out
+
+
 def find(eng, images, max_new_tokens, batch_size=8, **kw):
     return eng.find(images, concepts="all", top_k=50, max_new_tokens=max_new_tokens, batch_size=batch_size, **kw)
 

@@ -17,20 +17,32 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import (HOST_BOUND, NEW_TOKENS, demo_engine, find, gpu_llava_engines, median_time, plain_generate,  # noqa: E402
-                    random_llava_engine, reference)
+from common import (HOST_BOUND, NEW_TOKENS, demo_engine, find, gpu_llava_engines, hooks_peer, median_time,  # noqa: E402
+                    plain_generate, random_llava_engine, reference)
 
 
 def measure(name, eng, images, max_new_tokens, repeats):
-    find(eng, images, max_new_tokens)  # warm-up
-    plain_generate(eng, images, max_new_tokens)
-    t_plain = median_time(lambda: plain_generate(eng, images, max_new_tokens), repeats)
-    t_find = median_time(lambda: find(eng, images, max_new_tokens), repeats)
+    """Per image: plain generate (transformers' default cache), the engine's caption (its KV cache), find,
+    the plain-hooks peer, the reference and the grad baseline. The first four are interleaved, once each per
+    repeat, so a machine that slows down or speeds up meanwhile hits them alike."""
+    runs = {"plain": lambda: plain_generate(eng, images, max_new_tokens),
+            "caption": lambda: eng.caption(images, max_new_tokens=max_new_tokens, batch_size=8),
+            "find": lambda: find(eng, images, max_new_tokens),
+            "peer": lambda: hooks_peer(eng, images, max_new_tokens)}
+    for fn in runs.values():  # warm-up
+        fn()
+    times = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, fn in runs.items():
+            times[k].append(median_time(fn, 1))
+    t = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    t_plain, t_find = t["plain"], t["find"]
     # The slow baselines run on fewer images; every figure is reported per image.
     n, n_slow = len(images), max(1, len(images) // 4)
     t_ref = median_time(lambda: reference(eng, images[:n_slow], max_new_tokens), repeats) / n_slow
     t_grad = median_time(lambda: find(eng, images[:n_slow], max_new_tokens, method="grad"), repeats) / n_slow
-    return dict(model=name, plain=t_plain / n, find=t_find / n, ref=t_ref, grad=t_grad)
+    return dict(model=name, plain=t_plain / n, caption=t["caption"] / n, find=t_find / n, peer=t["peer"] / n,
+                ref=t_ref, grad=t_grad)
 
 
 def measure_gpu(repeats):
@@ -87,11 +99,15 @@ def main():
         eng, imgs = demo_engine()
         rows.append(measure("demo model (4L/128d/16 img tok), 8 images, <=12 tok", eng, imgs, 12, args.repeats))
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("seconds per image (medians); find and generate batched by 8, reference batch 1 without KV cache")
-    print(f"| model | generate s | find s | find/generate | reference s | reference/find | grad s | grad/find |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("seconds per image (medians); generate = Hugging Face generate with its default (dynamic) cache; caption = "
+          "the engine's captioning (its KV cache, static by default); peer = generate + plain forward hooks + scoring "
+          "(bench/common.py hooks_peer); batches of 8; reference batch 1 without KV cache")
+    print("| model | generate s | caption s | find s | find/generate | find/caption | peer s | peer/find "
+          "| reference s | reference/find | grad s | grad/find |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['plain']:.3f} | {r['find']:.3f} | {r['find'] / r['plain']:.3f} | "
+        print(f"| {r['model']} | {r['plain']:.3f} | {r['caption']:.3f} | {r['find']:.3f} | {r['find'] / r['plain']:.3f} | "
+              f"{r['find'] / r['caption']:.3f} | {r['peer']:.3f} | {r['peer'] / r['find']:.2f} | "
               f"{r['ref']:.2f} | {r['ref'] / r['find']:.1f} | {r['grad']:.3f} | {r['grad'] / r['find']:.2f} |")
 
 

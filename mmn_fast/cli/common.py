@@ -15,7 +15,7 @@ CHECKPOINT_HELP = "local Hugging Face checkpoint directory"
 
 def add_model_options(parser: argparse.ArgumentParser, required: bool = True, model_help: str = CHECKPOINT_HELP,
                       ) -> None:
-    """--model, --device, --dtype, --backend, --device-map: read back by `load_engine`."""
+    """--model, --device, --dtype, --backend, --device-map, --kv-cache: read back by `load_engine`."""
     parser.add_argument("--model", required=required, help=model_help)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: checkpoint's)")
@@ -23,12 +23,14 @@ def add_model_options(parser: argparse.ArgumentParser, required: bool = True, mo
                         help="kernels (default: $MMN_BACKEND, else auto: Triton on CUDA)")
     parser.add_argument("--device-map", default=None,
                         help='"auto": spread one model over several GPUs (accelerate)')
+    parser.add_argument("--kv-cache", default="auto", choices=["auto", "static", "dynamic"],
+                        help="KV cache for decoding captions (default auto: static where the model supports it)")
 
 
 def load_engine(args: argparse.Namespace, model: str | None = None) -> Engine:
     """The engine of `args`' model options; `model` overrides --model (e.g. the run's own checkpoint)."""
     return load(model or args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                device_map=args.device_map)
+                device_map=args.device_map, kv_cache=getattr(args, "kv_cache", "auto"))
 
 
 

@@ -23,7 +23,7 @@ from ..model.request_patches import BatchPatches, PatchRegistry
 from .capture import capture, gather_positions, last_position
 from .concepts import NounTagger, check_word_list, resolve_mode, select_concepts, split_words
 from .fused import fused_capture, fused_problem
-from .generation import Generated, RowStreamer, Sampling
+from .generation import Generated, RowStreamer, Sampling, cache_kwargs
 from .grad import grad_scores, moe_grad_parts
 from .moe_scoring import concept_parts, image_parts, moe_capture, top_neurons
 from .results import ConceptResult, ImageResult
@@ -158,7 +158,7 @@ def _check_device(device) -> None:
 
 
 def load(path_or_model, processor=None, device=None, dtype=None, n_image_tokens: int | None = None,
-         backend: str | None = None, device_map=None, **spec_overrides) -> "Engine":
+         backend: str | None = None, device_map=None, kv_cache: str = "auto", **spec_overrides) -> "Engine":
     """Load a local Hugging Face checkpoint (never downloads), or wrap an already loaded model.
 
     processor: an HF processor, or a tokenizer (then image inputs are composed from `image_processor`
@@ -166,6 +166,8 @@ def load(path_or_model, processor=None, device=None, dtype=None, n_image_tokens:
     device_map: e.g. "auto" to spread one model over several GPUs (needs accelerate); then `device`
         is ignored.
     backend: "auto" | "triton" | "torch" kernels (default $MMN_BACKEND, else "auto": Triton on CUDA).
+    kv_cache: "auto" | "static" | "dynamic": the KV cache captions are decoded with (`Engine.kv_cache`;
+        "auto": static where the model supports it, the fastest, with the same tokens).
     spec_overrides: module paths overriding the adapter (layers, mlp, out_proj, act_fn, unembed,
         final_norm, prompt_template), for models the registry and discovery do not cover.
     """
@@ -203,7 +205,7 @@ def load(path_or_model, processor=None, device=None, dtype=None, n_image_tokens:
         model = model.to(device)
     model = model.eval()
     engine = Engine(model, tokenizer, processor, image_processor, source=source,
-                    n_image_tokens=n_image_tokens, spec_overrides=spec_overrides, backend=backend)
+                    n_image_tokens=n_image_tokens, spec_overrides=spec_overrides, backend=backend, kv_cache=kv_cache)
     if processor_problem and not engine.prompter.can_place_images():
         raise MMNError(f"the checkpoint's processor could not be loaded ({processor_problem}), and without it the "
                        "number of image tokens per image is unknown: install what it needs (many VLM processors "
@@ -215,7 +217,7 @@ class Engine:
     """A model with its adapter, prompter and scorer. `find()` is the main entry point."""
 
     def __init__(self, model, tokenizer, processor=None, image_processor=None, source=None,
-                 n_image_tokens=None, spec_overrides=None, backend: str | None = None):
+                 n_image_tokens=None, spec_overrides=None, backend: str | None = None, kv_cache: str = "auto"):
         self.model, self.tokenizer, self.processor, self.source = model, tokenizer, processor, source
         cfg = getattr(model, "config", None)
         if any(getattr(c, "is_encoder_decoder", False) for c in (cfg, getattr(cfg, "text_config", None))):
@@ -230,6 +232,8 @@ class Engine:
         # Triton backend: also run the fused kernel at one-position decode steps, which otherwise take
         # the model's own ops (`bench/run_bench.py --gpu` times both; that should settle the default).
         self.decode_with_kernel = False
+        cache_kwargs(model, kv_cache)  # validates the choice now
+        self.kv_cache = kv_cache  # "auto" | "static" | "dynamic" (find/generation.py, cache_kwargs)
         cfg = model.config
         n_img = n_image_tokens or getattr(cfg, "num_image_tokens", None)
         image_token = (tokenizer.convert_ids_to_tokens(self.adapter.image_token_id)
@@ -379,7 +383,7 @@ class Engine:
             with torch.no_grad(), self._capture(opts, select, image_mask) as store:
                 if caps is None:
                     seq = self.model.generate(**inputs, max_new_tokens=opts.max_new_tokens, do_sample=False,
-                                              num_beams=1, use_cache=True, **self.no_placeholder)
+                                              num_beams=1, use_cache=True, **self.generate_options())
                     outputs = [self._trim(row) for row in seq[:, prompt_len:].tolist()]
                 else:
                     self.model(**run_inputs, use_cache=False)
@@ -412,6 +416,10 @@ class Engine:
             return fused_capture(self.adapter, "triton", opts.activation, select, image_mask, opts.reduce,
                                  opts.fold_final_norm, self.decode_with_kernel)
         return capture(self.adapter, opts.activation, select, opts.fold_final_norm, image_mask)
+
+    def generate_options(self) -> dict:
+        """What every `generate` call of the engine adds: the KV cache, and no image placeholder tokens."""
+        return {**cache_kwargs(self.model, self.kv_cache), **self.no_placeholder}
 
     def caption_text(self, output_ids: list[int]) -> str:
         return self.tokenizer.decode(output_ids, skip_special_tokens=True).strip()
@@ -497,6 +505,6 @@ class Engine:
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             seq = self.model.generate(**inputs, max_new_tokens=max(limits), streamer=streamer, use_cache=True,
-                                      **sampling.generate_kwargs(), **self.no_placeholder)
+                                      **sampling.generate_kwargs(), **self.generate_options())
         rows = seq[:, inputs["input_ids"].shape[1]:].tolist()
         return Generated([self._trim(r)[:m] for r, m in zip(rows, limits)], inputs["attention_mask"].sum(1).tolist())

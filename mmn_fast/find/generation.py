@@ -1,4 +1,4 @@
-"""Generation settings and a batch streamer for `Engine.generate` (the server's path)."""
+"""Generation settings: the KV cache, sampling, and a batch streamer for `Engine.generate` (the server's path)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +8,22 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from ..errors import MMNError
+
+
+KV_CACHES = ("auto", "static", "dynamic")
+
+
+def cache_kwargs(model, kv_cache: str = "auto") -> dict:
+    """`generate` keywords for the KV cache. A static cache (allocated once for prompt + new tokens, written
+    in place) decodes far faster than transformers' default dynamic one, which concatenates every layer's
+    keys and values at every step (docs/benchmarks.md), and gives the same tokens (tests/test_kv_cache.py).
+    "auto" takes it where the model says it can (`_can_compile_fullgraph`, transformers' flag for static
+    caches). Never compiled on the way (`disable_compile`): a capture's hooks must run eagerly, and compiled
+    kernels could round differently from plain generate's."""
+    if kv_cache not in KV_CACHES:
+        raise MMNError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
+    static = kv_cache == "static" or (kv_cache == "auto" and bool(getattr(model, "_can_compile_fullgraph", False)))
+    return {"cache_implementation": "static", "disable_compile": True} if static else {}
 
 
 @dataclass(frozen=True)
