@@ -30,6 +30,8 @@ def _act(x, ACT: tl.constexpr):
         y = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
     elif ACT == "quick_gelu":
         y = x * tl.sigmoid(1.702 * x)
+    elif ACT == "identity":
+        y = x
     else:
         y = tl.maximum(x, 0.0)
     return y
@@ -81,7 +83,8 @@ def act_score_kernel(
         else:
             h = a
         h = round_to(h, h_ptr.dtype.element_ty, RNE_BF16)  # rounded once; the scores use this stored value
-        tl.store(h_ptr + offs, h, mask=mask)
+        if ACT != "identity":  # identity: h is the input itself, read only (exact: the round trip through fp32)
+            tl.store(h_ptr + offs, h, mask=mask)
 
         if HAS_CAPTURE:
             dst = tl.load(cap_dst_ptr + rows, mask=rmask, other=-1)  # [BLOCK_N]
@@ -183,7 +186,7 @@ def launch_act_score(
     # The kernel indexes [N, F] row-major: make the layout explicit.
     gate = gate.contiguous()
     up = up.contiguous() if up is not None else None
-    h = _buffer(out.h, (n, f), dtype, dev, "h")
+    h = gate if act == "identity" else _buffer(out.h, (n, f), dtype, dev, "h")  # identity: read only
 
     has_proj = proj is not None
     red = scores = None

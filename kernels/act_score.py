@@ -19,7 +19,9 @@ import torch.nn.functional as F_
 from ._act_score_common import ActScoreOut, ActScorePlans, planned
 from ._triton_util import require_triton
 
-ACTS = ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu")
+# "identity": gate already is h (the model computed it with its own ops): the call only reads it, to
+# capture rows and score, and returns it as out.h without a copy.
+ACTS = ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu", "identity")
 # Hugging Face `hidden_act` names that mean one of ours.
 ACT_ALIASES = {"swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 REDUCES = ("sum", "mean", "max")
@@ -37,6 +39,8 @@ def _act_fn(act: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda x: F_.gelu(x, approximate="tanh")
     if act == "quick_gelu":
         return lambda x: x * torch.sigmoid(1.702 * x)
+    if act == "identity":
+        return lambda x: x
     return F_.relu
 
 
@@ -156,7 +160,7 @@ def act_score_torch(
     act, row_group, n_groups = _check(
         gate, up, act, proj, row_group, n_groups, reduce, capture_rows, triton=False, plans=plans
     )
-    a = (act_module or _act_fn(act))(gate)  # [N, F]
+    a = gate if act == "identity" else (act_module or _act_fn(act))(gate)  # [N, F]
     h = a * up if up is not None else a  # [N, F]
     captured = captured_act = None
     if capture_rows is not None:
@@ -227,7 +231,8 @@ def act_score(
 
     gate:         [N, F] gate_proj output (fc1 output for a plain MLP), fp32/fp16/bf16 (fp64: torch only)
     up:           [N, F] up_proj output, or None for a plain MLP (h = act(gate))
-    act:          "silu" | "gelu" (erf) | "gelu_tanh" | "quick_gelu" | "relu" (HF aliases accepted)
+    act:          "silu" | "gelu" (erf) | "gelu_tanh" | "quick_gelu" | "relu" (HF aliases accepted), or
+                  "identity": gate is h as the model computed it; read only (captures, scores), out.h is gate
     proj:         [F, K] target columns P = W_out^T W_U[targets]^T, 1 <= K <= 64, or None (no scoring)
     row_group:    [N] int group id of each row in [0, n_groups), -1 = not scored; None = all rows in group 0
     reduce:       "sum" | "mean" | "max" over the rows of a group (empty groups: 0, 0, -inf)

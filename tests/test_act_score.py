@@ -26,6 +26,7 @@ ACT64 = {
     "gelu_tanh": lambda x: 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x**3))),
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
     "relu": lambda x: x.clamp_min(0),
+    "identity": lambda x: x,
 }
 
 
@@ -312,3 +313,26 @@ def test_plans_keep_one_entry_per_device():
     plans.clear()  # drops the tensors: the next lookup makes again
     plans.get("rows", rows_b, torch.device("cuda:1"), (7,), lambda: made.append("again"))
     assert made[-1] == "again"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_identity_reads_h_without_changing_or_copying_it(dtype, reduce):
+    """act="identity": the input is h as the model computed it; the kernel only reads it (captures are its
+    very rows, scores reduce it), and returns it as out.h, not a copy. Awkward sizes, unscored rows."""
+    gen = torch.Generator().manual_seed(17)
+    n, f, k = 29, 75, 3
+    h = torch.randn(n, f, generator=gen).to(dtype)
+    proj = torch.randn(f, k, generator=gen)
+    rg = row_groups("unscored", n, gen)
+    rows = capture_rows("dups", n, gen)
+    args = dict(proj=proj.to(DEVICE), row_group=rg.to(DEVICE), n_groups=N_GROUPS, reduce=reduce,
+                capture_rows=rows.to(DEVICE))
+    before = h.clone()
+    dh = h.to(DEVICE)
+    tri = act_score_triton(dh, None, "identity", block_n=4, block_f=32, chunk_rows=8, **args)
+    tor = act_score_torch(dh, None, "identity", **args)
+    assert tri.h is dh and tor.h is dh and torch.equal(dh.cpu(), before)
+    assert torch.equal(tri.captured.cpu(), before[rows]) and torch.equal(tor.captured.cpu(), before[rows])
+    _, _, s64 = reference(before, None, "identity", proj, rg, N_GROUPS, reduce)
+    assert_matches(tri.scores, tor.scores, s64, torch.float32)  # both reduce the same values in fp32

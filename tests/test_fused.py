@@ -201,3 +201,32 @@ def test_one_position_steps_with_a_gather_selector_match_hooks(llava):
             llava.adapter.mlps[1](x)
     assert fused.rows[1][0].shape == (3, 2, hooked.rows[1][0].shape[-1])
     assert torch.equal(fused.rows[1][0], hooked.rows[1][0])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_a_capture_never_changes_the_caption(llava_path, images, dtype):
+    """On every backend and dtype find's captions equal generate's without a capture, token for token (the
+    model's own ops compute h; the kernel only reads it), in every capture mode, with the kernel at decode
+    steps too; and the Triton backend's captures equal the torch backend's bit for bit."""
+    plain = None
+    for backend in ("torch", "triton"):
+        eng = mmn_fast.load(llava_path, device="cpu", dtype=dtype, backend=backend)
+        if plain is None:
+            inputs = eng.encode(images[:3], DEFAULT_PROMPT, None)
+            with torch.no_grad():
+                seq = eng.model.generate(**inputs, max_new_tokens=8, do_sample=False, num_beams=1,
+                                         **eng.generate_options())
+            plain = [eng.caption_text(r) for r in seq[:, inputs["input_ids"].shape[1]:].tolist()]
+        for kwargs in (dict(), dict(activation="act_fn"), dict(positions="image", reduce="max")):
+            for at_decode in (False, True):
+                eng.decode_with_kernel = at_decode
+                found = eng.find(images[:3], concepts="all", max_new_tokens=8, top_k=5, batch_size=3, **kwargs)
+                assert [r.caption for r in found] == plain, (backend, kwargs, at_decode)
+    inputs = eng.encode(images[:2], DEFAULT_PROMPT, None)
+    with torch.no_grad():
+        with fused_capture(eng.adapter, "triton") as fast:
+            eng.model(**inputs)
+        with capture(eng.adapter) as hooked:
+            eng.model(**inputs)
+    assert torch.equal(fast.acts(), hooked.acts())

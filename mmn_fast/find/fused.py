@@ -1,16 +1,20 @@
-"""Fused capture: while a capture is active, each MLP's forward runs `act_score`.
+"""Fused capture: while a capture is active, each MLP's forward runs `act_score` beside its own ops.
 
-The MLP's own input projections run as usual; `act_score` then computes `h` (what the output
-projection consumes), copies the rows the score needs into the capture store and, for
-`positions="image"`, reduces h over the image tokens, in one pass over the activations (one
-Triton kernel on the "triton" backend). One-position decode steps, which score nothing, run the
-model's own ops and index the captured rows instead (`Engine.decode_with_kernel` runs the kernel
-there too). The original forward is restored exactly on exit: nothing stays patched and there is
-no overhead outside a capture.
+The MLP computes `h` (what the output projection consumes) with its own modules, exactly as without a
+capture, so a capture never changes what the model says (on any backend or dtype). `act_score` then
+only reads h ("identity" mode): it copies the rows the score needs into the capture store and, for
+`positions="image"`, reduces h over the image tokens, in one pass (one Triton kernel on the "triton"
+backend). One-position decode steps, which score nothing, index the captured rows instead
+(`Engine.decode_with_kernel` runs the kernel there too). The original forward is restored exactly
+on exit: nothing stays patched and there is no overhead outside a capture.
+
+(Until 2026-12 the kernel computed h itself, rounding act(gate) * up once where the model rounds
+act(gate) first: captions could differ from plain generate's in low precision. That design saved one
+pass over h on the GPU; exactness comes first.)
 
 Only MLPs whose forward is known are fused: LLaMA-style `down_proj(act_fn(gate_proj(x)) * up_proj(x))`
-(LLaMA, Vicuna, Mistral, Qwen2, Gemma) and CLIP/Phi-style `fc2(activation_fn(fc1(x)))`, with
-one of the activations the kernel implements. `fused_problem` says why a model does not qualify.
+(LLaMA, Vicuna, Mistral, Qwen2, Gemma) and CLIP/Phi-style `fc2(activation_fn(fc1(x)))`, with any
+activation module (the forward runs it). `fused_problem` says why a model does not qualify.
 """
 from __future__ import annotations
 
@@ -24,23 +28,10 @@ from torch import nn
 from ..errors import MMNError
 from ..kernels import ActScorePlans, act_score
 from ..model.adapters import Adapter, check_activation
-from .capture import CaptureStore, Selector, image_reduce, last_position
+from .capture import CaptureStore, Selector, last_position
 
-# Activation module class -> the kernel's name for it (the same function, not an approximation).
-_ACT_CLASSES = {"SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh",
-                "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "QuickGELUActivation": "quick_gelu",
-                "ReLU": "relu"}
 _GATED = ("gate_proj", "up_proj", "down_proj", "act_fn")
 _PLAIN = (("fc1", "fc2", "activation_fn"), ("fc1", "fc2", "act_fn"))
-
-
-def activation_name(module: nn.Module) -> str | None:
-    """The kernel's name for an activation module, or None if the kernel does not implement it."""
-    if isinstance(module, nn.GELU):
-        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
-    if type(module).__name__ == "GELUActivation" and getattr(module, "act", None) is not nn.functional.gelu:
-        return None  # the pure-python erf variant: same function, but keep to what was verified
-    return _ACT_CLASSES.get(type(module).__name__)
 
 
 def _layout(mlp: nn.Module) -> tuple[str, str | None, str, str] | None:
@@ -64,8 +55,6 @@ def fused_problem(adapter: Adapter) -> str | None:
                     "or fc1/fc2 MLP the fused kernel knows")
         if adapter.out_projs[layer] is not getattr(mlp, layout[2]):
             return f"the adapter's output projection of layer {layer} is not the MLP's {layout[2]}"
-        if activation_name(getattr(mlp, layout[3])) is None:
-            return f"layer {layer}'s activation {type(getattr(mlp, layout[3])).__name__} is not implemented by the kernel"
     return None
 
 
@@ -93,11 +82,10 @@ class FusedCapture:
         self.select, self.image_mask, self.reduce = select, image_mask, reduce
         self.decode_with_kernel = decode_with_kernel
         self.store = CaptureStore(adapter.n_layers)
-        self.layers = []  # per layer: (in_proj name, up_proj name or None, out_proj name, act module, kernel act)
+        self.layers = []  # per layer: (in_proj name, up_proj name or None, out_proj name, act module)
         for mlp in adapter.mlps:
             in_name, up_name, out_name, act_name = _layout(mlp)
-            act_module = getattr(mlp, act_name)
-            self.layers.append((in_name, up_name, out_name, act_module, activation_name(act_module)))
+            self.layers.append((in_name, up_name, out_name, getattr(mlp, act_name)))
         self._row_cache: dict[torch.device, tuple] = {}  # device -> ((B, T), capture rows [B*S])
         self._signs: dict[tuple, torch.Tensor] = {}  # (F, device, dtype, reduce) -> [F, K] +-1 columns
         self._groups: dict[torch.device, torch.Tensor] = {}  # device -> [B*T] sample of each image row
@@ -148,57 +136,48 @@ class FusedCapture:
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Layer `layer`'s MLP on x [B, T, d] -> [B, T, d], capturing its rows (and image stats)."""
         mlp = self.adapter.mlps[layer]
-        in_name, up_name, out_name, act_module, act = self.layers[layer]
+        in_name, up_name, out_name, act_module = self.layers[layer]
         t = x.shape[1]
         gate = getattr(mlp, in_name)(x)  # [B, T, F]
         up = getattr(mlp, up_name)(x) if up_name else None
+        a = act_module(gate)  # [B, T, F]: the model's own ops, so the forward is the model's exactly
+        h = a * up if up is not None else a
+        kept = a if self.activation == "act_fn" else h  # what is captured
         image_call = self.image_mask is not None and self.store.image[layer] is None and t == self.image_mask.shape[1]
         if t == 1 and not image_call and not self.decode_with_kernel:
-            h = self.decode_step(layer, act_module, gate, up, x.device)
+            self.decode_step(layer, kept, x.device)
         else:
-            h = self.kernel_step(layer, act_module, act, gate, up, image_call, x.device)
+            self.kernel_step(layer, kept, image_call, x.device)
         return getattr(mlp, out_name)(h)
 
-    def decode_step(self, layer: int, act_module: nn.Module, gate: torch.Tensor, up: torch.Tensor | None,
-                    device: torch.device) -> torch.Tensor:
+    def decode_step(self, layer: int, kept: torch.Tensor, device: torch.device) -> None:
         """A decode step (one new position per sample, nothing scored) has B rows: the kernel saves no
         memory traffic worth a Triton launch and our argument checks there, and host time per layer
-        is what a decode step pays (bench/run_kernels.py, host table). The model's own ops, so
-        captures are bit-identical to plain hooks. gate, up: [B, 1, F] -> h [B, 1, F]."""
-        b, f = gate.shape[0], gate.shape[-1]
-        a = act_module(gate)  # [B, 1, F]
-        h = a * up if up is not None else a
-        kept = (a if self.activation == "act_fn" else h).detach()
+        is what a decode step pays (bench/run_kernels.py, host table). kept: [B, 1, F]."""
+        b, f = kept.shape[0], kept.shape[-1]
+        kept = kept.detach()
         if self.select is not last_position:  # the last position of a one-position step is all of it
             kept = kept.reshape(-1, f).index_select(0, self.capture_rows(b, 1, device)).view(b, -1, f)
         self.store.rows[layer].append(kept)
-        return h
 
-    def kernel_step(self, layer: int, act_module: nn.Module, act: str, gate: torch.Tensor,
-                    up: torch.Tensor | None, image_call: bool, device: torch.device) -> torch.Tensor:
-        """`act_score` on gate, up [B, T, F] -> h [B, T, F]; keeps the captured rows and, in the
-        prefill of an image capture, the image-position stats."""
-        b, t, f = gate.shape
+    def kernel_step(self, layer: int, kept: torch.Tensor, image_call: bool, device: torch.device) -> None:
+        """`act_score` reading kept [B, T, F] (h, or act(gate) for activation="act_fn"): keeps the captured
+        rows and, in the prefill of an image capture, the image-position stats."""
+        b, t, f = kept.shape
         kwargs = {}
-        if image_call and self.activation == "down_proj_input":
-            acc = torch.float64 if gate.dtype == torch.float64 else torch.float32
+        if image_call:
+            acc = torch.float64 if kept.dtype == torch.float64 else torch.float32
             kwargs = dict(proj=self.image_proj(f, device, acc), row_group=self.image_groups(device), n_groups=b,
                           reduce="sum" if self.reduce == "mean" else "max")
-        out = act_score(gate.reshape(-1, f), None if up is None else up.reshape(-1, f),
-                        act, capture_rows=self.capture_rows(b, t, device),
-                        capture_act=self.activation == "act_fn", backend=self.backend, act_module=act_module,
-                        plans=self.plans, **kwargs)
-        rows = out.captured_act if self.activation == "act_fn" else out.captured  # [B*S, F]
-        self.store.rows[layer].append(rows.view(b, -1, f))
+        out = act_score(kept.detach().reshape(-1, f), None, "identity", capture_rows=self.capture_rows(b, t, device),
+                        backend=self.backend, plans=self.plans, **kwargs)
+        self.store.rows[layer].append(out.captured.view(b, -1, f))
         if image_call:
             mask = self.image_mask.to(device)  # [B, T]
-            if self.activation == "act_fn":  # stats of act(gate) alone: rare path, plain torch
-                self.store.image[layer] = image_reduce(act_module(gate), mask)
-            elif self.reduce == "mean":
+            if self.reduce == "mean":
                 self.store.image[layer] = {"sum": out.scores[:, 0], "count": mask.sum(1)}
             else:
                 self.store.image[layer] = {"max": out.scores[:, 0], "min": -out.scores[:, 1], "count": mask.sum(1)}
-        return out.h.view(*gate.shape)
 
 
 @contextlib.contextmanager
