@@ -149,3 +149,16 @@ def test_defaults_follow_the_device():
     assert BenchSettings(batch_sizes=[4, 1, 4]).resolved("cpu").batch_sizes == [4, 1]
     imgs = noise_images(2, 20, seed=1)
     assert [im.size for im in imgs] == [(20, 20)] * 2 and imgs[0].mode == "RGB"
+
+
+def test_timing_helpers_on_cpu():
+    """The helpers the CUDA rows use (mmn_fast.kernels.timing), run on CPU with the torch op."""
+    from mmn_fast.kernels.timing import act_score_bandwidth, copy_bandwidth, median, wall_times
+
+    assert median([3.0, 1.0, 2.0]) == 2.0 and median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    calls = []
+    times, result = wall_times(lambda: calls.append(1) or len(calls), 3, "cpu", after_each=lambda: calls.append(0))
+    assert len(times) == 3 and all(t >= 0 for t in times) and result == 5
+    assert copy_bandwidth("cpu", 1 << 16, repeats=2) > 0
+    seconds, bps = act_score_bandwidth(12, 40, torch.float32, "cpu", "torch", repeats=2, captured=2)
+    assert seconds > 0 and bps > 0
