@@ -162,3 +162,17 @@ def test_timing_helpers_on_cpu():
     assert copy_bandwidth("cpu", 1 << 16, repeats=2) > 0
     seconds, bps = act_score_bandwidth(12, 40, torch.float32, "cpu", "torch", repeats=2, captured=2)
     assert seconds > 0 and bps > 0
+
+
+def test_moe_models_count_every_expert_neuron():
+    import mmn_fast
+    from mmn_fast.run.bench import scored_neurons
+    from mmn_fast.testing.zoo import ZOO_MODELS
+
+    model, processor = ZOO_MODELS["llava_deepseek_moe"]()
+    engine = mmn_fast.load(model, processor=processor, device="cpu")
+    ad = engine.adapter
+    assert ad.is_moe
+    expected = sum(ad.out_weight(l).shape[1] if b is None else (b.n_experts + (b.shared is not None)) * b.d_expert
+                   for l, b in enumerate(ad.experts))
+    assert scored_neurons(engine) == expected > ad.n_layers * ad.d_mlp
