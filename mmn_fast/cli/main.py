@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 
 from .. import __version__
 from ..errors import MMNError
-from . import edit, explain, find, serve
+from . import bench, edit, explain, find, serve
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.register(sub)  # edit, patch bake|inspect|verify
     explain.register(sub)  # heatmap, metrics, report
     serve.register(sub)  # serve
+    bench.register(sub)  # bench
     return p
 
 
