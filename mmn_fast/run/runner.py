@@ -38,6 +38,7 @@ from ..find.results import neuron_label
 from ..io import write_json
 from ..model.inputs import MAX_IMAGE_BYTES
 from .aggregate import NeuronStats, run_file
+from .captions import CAPTION_WINDOW, FILE_MODES, CaptionIndex, caption_ids, check_ids_in_corpus
 from .corpus import Corpus, Sample, ShardEnd, iter_samples, open_corpus
 from .corpus.base import FINGERPRINT_VERSION
 from .parts import RankState, join_parts, merge_ranks
@@ -72,7 +73,10 @@ class RunSettings:
     max_failed_batches: stop after this many batches in a row in which no image could be scored (a
     model-wide error; the rerun redoes them); 0: never stop, skip them all (images the model truly
     rejects, many in a row). max_image_bytes: the most bytes read for one image (a file, a tar
-    member, a parquet cell); a larger one is skipped."""
+    member, a parquet cell); a larger one is skipped. captions: a caption file (mmn_fast.run.captions)
+    whose captions are scored teacher-forced, joined to the corpus by id, in batches of similar caption
+    lengths (ids it lacks are skipped); two_phase: that file is the run's own caption phase
+    (DIR/captions.jsonl), recorded as such."""
     teacher_forced: bool = False
     progress: bool = True
     num_workers: int = 0
@@ -86,8 +90,20 @@ class RunSettings:
     heatmaps: str | None = None
     max_failed_batches: int = MAX_FAILED_BATCHES
     max_image_bytes: int = MAX_IMAGE_BYTES
+    captions: str | None = None
+    two_phase: bool = False
+
+    @property
+    def caption_mode(self) -> str:
+        """Where the scored captions come from: generated, manifest, file or two-phase."""
+        if self.captions is not None:
+            return "two-phase" if self.two_phase else "file"
+        return "manifest" if self.teacher_forced else "generated"
 
     def validate(self) -> None:
+        if self.captions is not None and self.teacher_forced:
+            raise MMNError("--teacher-forced scores the corpus' own captions and --captions a caption file's: "
+                           "give one of them")
         if self.aggregate not in ("dense", "sparse"):
             raise MMNError(f"--aggregate must be 'dense' or 'sparse', got {self.aggregate!r}")
         if self.max_failed_batches < 0:
@@ -131,14 +147,22 @@ def check_run(images: str | Path, out_dir: str | Path, settings: RunSettings, op
     settings.validate()
     out = _out_dir(out_dir, create=False)
     corpus = open_corpus(images, shard_size=settings.shard_size, max_image_bytes=settings.max_image_bytes)
+    index = None
+    if settings.captions is not None and not settings.two_phase:
+        index = CaptionIndex(settings.captions)
+        check_ids_in_corpus(index, corpus)
+    elif settings.two_phase and Path(settings.captions).is_file():  # made (or being made) by the caption phase
+        index = CaptionIndex(settings.captions, torn="ignore")
+    if index is not None:
+        index.close()
     if settings.overwrite:
         return
     cfg_path = out / "parts" / "config.json"
     _check_own_folders(out, settings.heatmaps)
     if cfg_path.is_file():
         world = 1 if settings.world is None else settings.world
-        config = _config(None, corpus, options, settings, world)
-        _compare(out, _read_config(out, cfg_path), config, ignore=("weight_fingerprint",))
+        config = _config(None, corpus, options, settings, world, index)
+        _compare(out, _read_config(out, cfg_path), config, ignore=("weight_fingerprint", "captions_digest"))
     else:
         why = _finished_without_parts(out)
         if why:
@@ -161,7 +185,10 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, settings
                            "--nproc N` or torchrun `-m mmn_fast find`, or call init_process_group() first")
     corpus = open_corpus(images, shard_size=settings.shard_size, max_image_bytes=settings.max_image_bytes)
     out = _out_dir(out_dir, create=rank == 0)
-    config = _config(engine.fingerprint, corpus, options, settings, world)
+    index = None if settings.captions is None else CaptionIndex(settings.captions)
+    if index is not None and not settings.two_phase:
+        check_ids_in_corpus(index, corpus)
+    config = _config(engine.fingerprint, corpus, options, settings, world, index)
     parts = _prepare(out, config, settings.overwrite, rank, world, settings.heatmaps)
     ad = engine.adapter
     state = RankState(parts, rank, world, NeuronStats(settings.aggregate, ad.n_layers, ad.d_mlp))
@@ -178,8 +205,10 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, settings
         total = corpus.size()
         log.info("resuming: %d of %s images done", done_before, total if total is not None else "?")
     bar = _progress_bar(corpus, world, done_before, settings.progress and rank == 0)
-    runner = _BatchRunner(engine, options, settings, state, bar, out / "heatmaps")
+    runner = _BatchRunner(engine, options, settings, state, bar, out / "heatmaps", index)
     last_ckpt, since_ckpt = time.monotonic(), 0
+    # a caption file's captions are batched by length within a window of a few batches (less padding)
+    window = options.batch_size * (CAPTION_WINDOW if index is not None else 1)
     pending: dict[int, list[Sample]] = {}
     try:
         for item in iter_samples(corpus, todo, starts, settings.num_workers, shard_ends=True):
@@ -189,7 +218,7 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, settings
             else:
                 batch = pending.setdefault(item.shard, [])
                 batch.append(item)
-                if sum(s.error is None for s in batch) >= options.batch_size:
+                if sum(s.error is None for s in batch) >= window:
                     since_ckpt += runner.flush(item.shard, pending.pop(item.shard))
             # No checkpoint inside a streak of batches the model failed on: if it turns out to be a
             # model-wide error (the run stops after max_failed_batches), the rerun must redo the whole
@@ -202,6 +231,8 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, settings
     finally:
         state.close()
         bar.close()
+        if index is not None:
+            index.close()
     _barrier(world)
     summary = dict(state.counts, seconds=round(time.perf_counter() - t0, 3))
     if rank == 0:
@@ -253,12 +284,14 @@ def _barrier(world: int) -> None:
             dist.barrier()
 
 
-def _config(fingerprint: str | None, corpus: Corpus, opts: FindOptions, settings: RunSettings, world: int) -> dict:
+def _config(fingerprint: str | None, corpus: Corpus, opts: FindOptions, settings: RunSettings, world: int,
+            index: CaptionIndex | None = None) -> dict:
     """What a resumed run must share with the run it resumes, as its JSON copy (tuples become lists).
     corpus: the absolute spec (Corpus.identity), so the same corpus typed another way, or from
     another working directory, is recognised, and another corpus under the same relative path is not;
     corpus_fingerprint: its files' names, sizes and mtimes (Corpus.fingerprint), so that a corpus
-    changed under the same path is too."""
+    changed under the same path is too. A caption file's run records where it is and what it holds
+    (captions, captions_digest); runs that generate their captions record nothing more, as before."""
     config = {"corpus": corpus.identity, "kind": corpus.kind, "n_shards": corpus.n_shards,
               "corpus_size": corpus.size(), "shard_size": settings.shard_size,
               "options": dataclasses.asdict(opts), "teacher_forced": settings.teacher_forced,
@@ -268,6 +301,12 @@ def _config(fingerprint: str | None, corpus: Corpus, opts: FindOptions, settings
         config["heatmaps"] = settings.heatmaps
     if settings.max_image_bytes != MAX_IMAGE_BYTES:  # recorded when not the default, as runs before it had none
         config["max_image_bytes"] = settings.max_image_bytes
+    if settings.captions is not None:
+        made = (index.settings or {}) if index is not None else {}
+        config["captions"] = {"mode": settings.caption_mode, "file": str(Path(settings.captions).resolve()),
+                              "source": made.get("source") if settings.two_phase else str(Path(settings.captions).resolve()),
+                              "model": made.get("model"), "prompt": made.get("prompt")}
+        config["captions_digest"] = index.digest if index is not None else None
     return json.loads(json.dumps(config))
 
 
@@ -312,6 +351,9 @@ def _compare(out: Path, old: dict, config: dict, ignore: tuple = ()) -> None:
         raise MMNError(f"'{out}' holds a run started by an older mmn_fast, which named samples another way: "
                        "finish it with that version, or add --overwrite to start again")
     diff = _check_corpus(out, old, config, diff)
+    if "captions_digest" in diff:
+        raise MMNError(f"the captions file '{config['captions']['file']}' changed since the run in '{out}' started: "
+                       "restore it to resume, or add --overwrite to start again")
     if diff:
         raise MMNError(f"'{out}' holds a run with different settings ({', '.join(diff)}); rerun with the same "
                        "command to resume, or add --overwrite to start again")
@@ -431,9 +473,10 @@ class _BatchRunner:
     """Runs one shard's batch through the engine and records lines, skips and aggregates."""
 
     def __init__(self, engine: Engine, opts: FindOptions, settings: RunSettings, state: RankState, bar: tqdm,
-                 heatmap_dir: Path):
+                 heatmap_dir: Path, captions: CaptionIndex | None = None):
         self.engine, self.opts, self.state, self.bar = engine, opts, state, bar
         self.teacher_forced = settings.teacher_forced
+        self.captions = captions  # a caption file's index, or None
         self.keep_scores = settings.aggregate == "dense"
         self.heatmaps, self.heatmap_dir = settings.heatmaps, heatmap_dir  # heatmaps: method or None
         self.max_failed_batches = settings.max_failed_batches  # 0: never stop
@@ -445,19 +488,26 @@ class _BatchRunner:
         """Process `samples` (one shard, in order); returns the number of samples consumed."""
         if not samples:
             return 0
-        skipped, good = [], []
+        skipped, good, caps, sources = [], [], [], []
         for s in samples:
-            reason = s.error or (None if not self.teacher_forced or s.caption else
-                                 "no caption (teacher-forced mode needs one)")
-            (skipped if reason else good).append((s, reason))
-        results = self._score([s for s, _ in good], top=True)
+            cap, reason = self._caption_of(s)
+            if s.error or reason:
+                skipped.append((s, s.error or reason))
+            else:
+                good.append(s)
+                caps.append(cap[0] if cap else None)
+                sources.append(cap[1] if cap else None)
+        results = self._score_bucketed(good, caps) if self.captions is not None else self._score(good, caps, top=True)
         lines, scored = [], []
-        for s, res in zip([s for s, _ in good], results):
+        for s, res, source in zip(good, results, sources):
             if isinstance(res, str):
                 skipped.append((s, res))
                 continue
             res.image = s.source
-            lines.append(json.dumps(res.to_dict()) + "\n")
+            rec = res.to_dict()
+            if source is not None:
+                rec["caption_source"] = source
+            lines.append(json.dumps(rec) + "\n")
             self._aggregate(res)
             scored.append((s.image, res))
         if self.heatmaps and scored:  # rewritten identically if a restart redoes this batch
@@ -479,12 +529,35 @@ class _BatchRunner:
         self.bar.set_postfix_str(f"neurons/s={st.counts['neurons_scored'] / elapsed:.3g}", refresh=False)
         return len(samples)
 
-    def _score(self, samples: list[Sample], top: bool = False) -> list:
+    def _caption_of(self, s: Sample) -> tuple[tuple | None, str | None]:
+        """((caption to score, where it came from) or None to generate one, why the sample is skipped or None)."""
+        if self.captions is not None:
+            rec = None if s.error else self.captions.entry(s.key)
+            if rec is None:
+                return None, f"no caption for this id in '{self.captions.path}'"
+            ids = caption_ids(rec, self.engine)
+            return ((ids, self.captions.source_of(rec)), None) if not isinstance(ids, str) else (None, ids)
+        if self.teacher_forced:
+            return ((s.caption, None), None) if s.caption else (None, "no caption (teacher-forced mode needs one)")
+        return None, None
+
+    def _score_bucketed(self, samples: list[Sample], caps: list) -> list:
+        """`_score` over batches of similar caption lengths (less padding), results in the samples' order."""
+        order = sorted(range(len(samples)), key=lambda i: len(caps[i]))
+        results: list = [None] * len(samples)
+        for start in range(0, len(order), self.kwargs["batch_size"]):
+            chunk = order[start : start + self.kwargs["batch_size"]]
+            for i, res in zip(chunk, self._score([samples[i] for i in chunk], [caps[i] for i in chunk], top=True)):
+                results[i] = res
+        return results
+
+    def _score(self, samples: list[Sample], caps: list | None, top: bool = False) -> list:
         """ImageResults in order; a sample the engine cannot take alone becomes its error string.
-        An error every sample of a batch hits alone is not the samples' fault: it is raised."""
+        An error every sample of a batch hits alone is not the samples' fault: it is raised.
+        caps: the captions to score (text or token ids), or Nones to generate them."""
         if not samples:
             return []
-        caps = [s.caption for s in samples] if self.teacher_forced else None
+        caps = None if caps is None or caps[0] is None else caps
         try:
             results = list(self.engine.iter_find([s.image for s in samples], captions=caps,
                                                  ids=[s.key for s in samples], keep_scores=self.keep_scores,
@@ -493,7 +566,8 @@ class _BatchRunner:
             if len(samples) == 1:
                 results = [f"the model could not take it: {type(e).__name__}: {e}"]
             else:
-                results = [r for s in samples for r in self._score([s])]  # find the bad ones, keep the rest
+                results = [r for s, c in zip(samples, caps or [None] * len(samples))  # find the bad ones
+                           for r in self._score([s], [c])]
         if top:
             self.failed_batches = self.failed_batches + 1 if all(isinstance(r, str) for r in results) else 0
             if self.max_failed_batches and self.failed_batches >= self.max_failed_batches:  # not the images'
@@ -528,6 +602,8 @@ def _merge(engine: Engine, out: Path, parts: Path, corpus: Corpus, config: dict,
         "model": engine.source or type(engine.model).__name__,
         "adapter": engine.adapter.describe(),
         **config,
+        "captions": config.get("captions") or {"mode": "manifest" if config["teacher_forced"] else "generated",
+                                               "source": "manifest" if config["teacher_forced"] else "engine"},
         "totals": totals,
         "seconds": round(seconds, 3),  # this (last) session's reading and scoring, model load excluded
         "device": str(engine.device),
