@@ -25,7 +25,6 @@ from .corpus import Corpus
 # What a caption line records of how it was made; a resumed `mmn caption` must match them all.
 SETTING_KEYS = ("source", "model", "prompt", "prefix", "max_new_tokens", "weights")
 CAPTION_WINDOW = 4  # find --captions sorts this many batches by caption length, then batches them
-FILE_MODES = ("file", "two-phase")
 
 
 class CaptionIndex:

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -38,23 +37,19 @@ from ..find.results import neuron_label
 from ..io import write_json
 from ..model.inputs import MAX_IMAGE_BYTES
 from .aggregate import NeuronStats, run_file
-from .captions import CAPTION_WINDOW, FILE_MODES, CaptionIndex, caption_ids, check_ids_in_corpus
+from .captions import CAPTION_WINDOW, CaptionIndex, caption_ids, check_ids_in_corpus
 from .corpus import Corpus, Sample, ShardEnd, iter_samples, open_corpus
 from .corpus.base import FINGERPRINT_VERSION
+from .folder import RUN_FORMAT_VERSION, check_own_folders, finished_without_parts, remove_run, run_dir
 from .parts import RankState, join_parts, merge_ranks
 from .runinfo import library_versions
 
 log = logging.getLogger(__name__)
 
 MAX_FAILED_BATCHES = 8  # this many batches in a row with no usable image: a model-wide error, not bad images
-RUN_FORMAT_VERSION = 2  # run.json's format_version
 # How sample keys are formed (2: tar keys prefixed by their shard, parquet fallbacks by the file's
 # relative path): a run started under another scheme is not resumed into mixed keys.
 KEY_FORMAT = 2
-# What a finished run leaves in DIR besides parts/: --overwrite removes these (and only these).
-RUN_FILES = ("results.jsonl", "skipped.jsonl", "concepts.json", "run.json", "aggregates.json",
-             "aggregates.safetensors", "metrics.json", "report.html")
-RUN_DIRS = ("heatmaps",)
 # What the config records of the corpus' content (Corpus.fingerprint) and the keys that follow from it.
 CORPUS_STATE = ("corpus_fingerprint", "n_shards", "corpus_size")
 
@@ -145,7 +140,7 @@ def check_run(images: str | Path, out_dir: str | Path, settings: RunSettings, op
     if isinstance(options.concepts, (list, tuple)):
         resolve_mode(options.concepts)  # an empty word list; the words themselves need the tokenizer
     settings.validate()
-    out = _out_dir(out_dir, create=False)
+    out = run_dir(out_dir, create=False)
     corpus = open_corpus(images, shard_size=settings.shard_size, max_image_bytes=settings.max_image_bytes)
     index = None
     if settings.captions is not None and not settings.two_phase:
@@ -158,13 +153,13 @@ def check_run(images: str | Path, out_dir: str | Path, settings: RunSettings, op
     if settings.overwrite:
         return
     cfg_path = out / "parts" / "config.json"
-    _check_own_folders(out, settings.heatmaps)
+    check_own_folders(out, settings.heatmaps)
     if cfg_path.is_file():
         world = 1 if settings.world is None else settings.world
         config = _config(None, corpus, options, settings, world, index)
         _compare(out, _read_config(out, cfg_path), config, ignore=("weight_fingerprint", "captions_digest"))
     else:
-        why = _finished_without_parts(out)
+        why = finished_without_parts(out)
         if why:
             raise MMNError(why)
 
@@ -184,7 +179,7 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, settings
             raise MMNError(f"rank {rank} of {world}: no torch.distributed process group; run through `mmn find "
                            "--nproc N` or torchrun `-m mmn_fast find`, or call init_process_group() first")
     corpus = open_corpus(images, shard_size=settings.shard_size, max_image_bytes=settings.max_image_bytes)
-    out = _out_dir(out_dir, create=rank == 0)
+    out = run_dir(out_dir, create=rank == 0)
     index = None if settings.captions is None else CaptionIndex(settings.captions)
     if index is not None and not settings.two_phase:
         check_ids_in_corpus(index, corpus)
@@ -310,41 +305,6 @@ def _config(fingerprint: str | None, corpus: Corpus, opts: FindOptions, settings
     return json.loads(json.dumps(config))
 
 
-def _out_dir(out_dir: str | os.PathLike, create: bool) -> Path:
-    """--out as a Path; an MMNError, not an OSError, when it (or a folder above it) is a file."""
-    out = Path(out_dir)
-    bad = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
-    if bad is not None:
-        where = "is a file" if bad == out else f"is under '{bad}', which is a file"
-        raise MMNError(f"--out must be a directory: '{out}' {where}")
-    if create:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):  # made a file meanwhile
-            raise MMNError(f"--out must be a directory: '{out}' is a file or is under one") from None
-    return out
-
-
-def _finished_without_parts(out: Path) -> str | None:
-    """Why a new run cannot start in `out` (no parts/config.json there): it holds a finished run, or
-    files of a run's names that no run here wrote; else None."""
-    if not (out / "run.json").is_file():
-        theirs = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
-        if theirs:
-            return (f"'{out}' is not a find run but holds {', '.join(theirs)}, which a run would replace: choose "
-                    "another --out, or add --overwrite to replace them")
-        return None
-    try:
-        version = json.loads((out / "run.json").read_text()).get("format_version")
-    except (OSError, ValueError, AttributeError):
-        version = None
-    if version == RUN_FORMAT_VERSION:
-        return (f"'{out}' holds a finished run without parts/ (nothing to resume); use --overwrite or "
-                "another --out")
-    return (f"'{out}' holds a finished run from an older layout (run.json format_version {version!r}); use "
-            "--overwrite or another --out")
-
-
 def _compare(out: Path, old: dict, config: dict, ignore: tuple = ()) -> None:
     diff = sorted(k for k in set(old) | set(config) if k not in ignore and old.get(k) != config.get(k))
     if "key_format" in diff and "key_format" not in old:
@@ -398,39 +358,6 @@ def _corpus_change(old: dict, config: dict, before: dict, now: dict) -> str:
     return "; ".join(what) or "files or records renamed, added, removed, resized or modified"
 
 
-def _remove_run(out: Path) -> None:
-    """--overwrite: the previous run's parts/ and the files it wrote (known names only), and only
-    when the folder holds a run: a heatmaps/ or report.html of the user's own stays."""
-    if not ((out / "parts" / "config.json").is_file() or (out / "run.json").is_file()):
-        return
-    if (out / "parts").is_symlink():  # rmtree refuses a link: remove the link, never its target
-        (out / "parts").unlink()
-    shutil.rmtree(out / "parts", ignore_errors=True)
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    for name in RUN_DIRS:
-        path = out / name
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        elif path.is_dir():
-            shutil.rmtree(path)
-
-
-def _check_own_folders(out: Path, heatmaps: str | None) -> None:
-    """DIR/parts (and, when maps are written, DIR/heatmaps and its per-image folders) must be folders
-    inside the run, not links to folders elsewhere: a run never writes outside its directory."""
-    folders = [out / "parts"]
-    if heatmaps and (out / "heatmaps").is_dir() and not (out / "heatmaps").is_symlink():
-        with os.scandir(out / "heatmaps") as entries:  # one per image: the links among them only
-            folders += [Path(e.path) for e in entries if e.is_symlink()]
-    for path in folders + ([out / "heatmaps"] if heatmaps else []):
-        if os.path.lexists(path) and (path.is_symlink() or not path.is_dir()):
-            real = os.path.realpath(path)
-            what = f"a link to '{real}'" if path.is_symlink() else "not a folder"
-            raise MMNError(f"'{path}' is {what}: a run writes only inside its directory; remove it, or rerun with "
-                           "--overwrite to start again")
-
-
 def _read_config(out: Path, cfg_path: Path) -> dict:
     try:
         config = json.loads(run_file(out, cfg_path).read_text())
@@ -447,16 +374,16 @@ def _prepare(out: Path, config: dict, overwrite: bool, rank: int, world: int, he
     cfg_path = parts / "config.json"
     if rank == 0:
         if overwrite:
-            _remove_run(out)
-        _check_own_folders(out, heatmaps)
+            remove_run(out)
+        check_own_folders(out, heatmaps)
         if not cfg_path.is_file():
-            why = None if overwrite else _finished_without_parts(out)  # --overwrite: replace what is there
+            why = None if overwrite else finished_without_parts(out)  # --overwrite: replace what is there
             if why:
                 raise MMNError(why)
             parts.mkdir(parents=True, exist_ok=True)
             write_json(cfg_path, config)
     _barrier(world)
-    _check_own_folders(out, heatmaps)
+    check_own_folders(out, heatmaps)
     _compare(out, _read_config(out, cfg_path), config)
     return parts
 
