@@ -99,6 +99,31 @@ def test_two_phase_and_caption_file_equal_one_phase(demo_path, corpus, tmp_path,
     assert again == two and _lines(tmp_path / "two" / "captions.jsonl") == lines
 
 
+def test_two_phase_resumes_after_a_kill(demo_path, corpus, tmp_path, capsys, monkeypatch):
+    """Stopped after its first scored shard, the same command again scores the rest: the run equals
+    an uninterrupted one."""
+    import mmn_fast.run.runner as runner_mod
+
+    shards = ("--shard-size", "3", "--checkpoint-every", "1")
+    whole = _find(capsys, demo_path, corpus, tmp_path / "whole", "--two-phase", *shards)
+    real = runner_mod._BatchRunner.flush
+
+    def flush_then_stop(self, shard, samples):
+        n = real(self, shard, samples)
+        self.state.checkpoint()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner_mod._BatchRunner, "flush", flush_then_stop)
+    rc, _, err = _run(capsys, "find", "--model", demo_path, "--images", corpus, "--out", tmp_path / "cut",
+                      "--concepts", "all", "--top-k", "10", "--batch-size", BATCH, "--num-workers", "0", "--quiet",
+                      "--two-phase", *shards)
+    assert rc == 130 and "resume" in err and not (tmp_path / "cut" / "run.json").exists()
+    assert len(_lines(tmp_path / "cut" / "captions.jsonl")) == 7
+    monkeypatch.setattr(runner_mod._BatchRunner, "flush", real)
+    resumed = _find(capsys, demo_path, corpus, tmp_path / "cut", "--two-phase", *shards)
+    assert resumed == whole
+
+
 def test_caption_resumes_after_a_kill_and_refuses_other_settings(demo_path, corpus, tmp_path, capsys):
     caps = tmp_path / "caps.jsonl"
     assert _caption(capsys, caps, "--model", demo_path, extra=[corpus])[0] == 0
@@ -156,6 +181,10 @@ def test_caption_server_equals_the_engine(demo_path, served, corpus, tmp_path, c
     for key, rec in given.items():
         assert rec["caption"] == one[key]["caption"] and rec["caption_source"] == served + "/v1"
         assert [c["word"] for c in rec["concepts"]] == [c["word"] for c in one[key]["concepts"]]
+    two = _find(capsys, demo_path, corpus, tmp_path / "two", "--two-phase", "--server", served)
+    assert [l["caption"] for l in _lines(tmp_path / "two" / "captions.jsonl")] == [l["caption"] for l in by_engine]
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["captions"]["source"] == served
+    assert {k: r["concepts"] for k, r in two.items()} == {k: r["concepts"] for k, r in given.items()}
     rc, _, err = _caption(capsys, tmp_path / "x.jsonl", "--server", served, "--served-model", "nope", extra=[corpus])
     _one_line_error(rc, err, served, "no model 'nope'", "demo")
 
