@@ -1,4 +1,5 @@
-"""Atomic writes (temp file, fsync, rename), JSON helpers and weight fingerprints."""
+"""Atomic writes (temp file, fsync, rename), fsynced appends to JSONL files, JSON helpers and weight
+fingerprints."""
 from __future__ import annotations
 
 import contextlib
@@ -74,6 +75,38 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def append_lines(path: str | os.PathLike, lines: list[str]) -> None:
+    """Append whole lines (each ending in a newline) to `path`, then fsync: a kill leaves every
+    earlier line intact and at most one torn last line (see `cut_torn_tail`)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def cut_torn_tail(path: str | os.PathLike) -> int:
+    """Cut `path` back to the end of its last complete line (a line torn by a kill mid-write is
+    dropped) and fsync; returns how many bytes were cut (0: the file ends with a newline, or is empty)."""
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        pos, chunk = size, 1 << 16
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            data = f.read(pos - start)
+            j = data.rfind(b"\n")
+            if j >= 0:
+                pos = start + j + 1
+                break
+            pos = start
+        if pos == size:
+            return 0
+        f.truncate(pos)
+        f.flush()
+        os.fsync(f.fileno())
+        return size - pos
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

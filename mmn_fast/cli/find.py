@@ -21,7 +21,9 @@ from ..find.results import neuron_label, parse_neuron
 from ..find.vocab import both_ends, vocab_table
 from ..io import user_cache_dir
 from ..model.inputs import MAX_IMAGE_BYTES
+from ..run.captioning import EngineCaptioner, caption_corpus
 from ..run.runner import RunSettings, check_run, run_corpus, summary_table
+from .caption import add_server_options, caption_run, check_caption_options, server_captioner
 from .common import add_model_options, check_words_before_loading, deprecated, load_engine
 
 DEVICE_MAP_WITH_PROCESSES = ("--device-map spreads one model over this machine's GPUs; do not combine it with "
@@ -40,6 +42,8 @@ def cmd_find(args: argparse.Namespace) -> int:
         check_words_before_loading(args, options.concepts)
     engine = load_engine(args)
     t0 = time.perf_counter()
+    if args.two_phase:
+        _caption_phase(args, engine, settings.captions)
     summary = run_corpus(engine, args.images, args.out, settings, options)
     if "concepts_json" not in summary:  # not rank 0
         return 0
@@ -53,6 +57,38 @@ def cmd_find(args: argparse.Namespace) -> int:
     print(f"results written to {Path(args.out).resolve()} (results.jsonl, skipped.jsonl, concepts.json, "
           "aggregates.*, run.json)")
     return 0
+
+
+def _check_caption_modes(args: argparse.Namespace, world: int) -> None:
+    """--captions, --two-phase, --teacher-forced and --server: which go together."""
+    if args.two_phase and args.captions is not None:
+        raise MMNError("--two-phase makes its own captions file (DIR/captions.jsonl); --captions scores a given one: "
+                       "give one of them")
+    if args.teacher_forced and (args.two_phase or args.captions is not None):
+        raise MMNError("--teacher-forced scores the corpus' own captions: leave out --captions / --two-phase")
+    if args.server is not None and not args.two_phase:
+        raise MMNError("--server captions with a server in the caption phase of --two-phase (or use `mmn caption "
+                       "--server URL`, then `mmn find --captions FILE`)")
+    if args.two_phase:
+        check_caption_options(args)
+        if world > 1:
+            raise MMNError("--two-phase runs on one process: caption first (`mmn caption`, or --two-phase alone), "
+                           "then score on many with `mmn find --captions FILE --nproc N`")
+
+
+def _caption_phase(args: argparse.Namespace, engine, path: str) -> None:
+    """--two-phase: every image captioned into DIR/captions.jsonl (resumed: only those not there yet)."""
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    captioner = (server_captioner(args) if args.server is not None else
+                 EngineCaptioner(engine, args.prompt, args.prefix, args.max_new_tokens))
+    try:
+        counts = caption_corpus(captioner, args.images, path, caption_run(args))
+    finally:
+        if hasattr(captioner, "close"):
+            captioner.close()
+    if not args.quiet:
+        print(f"caption phase: {counts['written']} captions written to {path} by {captioner.source} "
+              f"({counts['before']} were there already)")
 
 
 def _concepts_arg(value: str) -> str | list[str]:
@@ -69,12 +105,15 @@ def _find_options(args: argparse.Namespace) -> FindOptions:
 
 def _run_settings(args: argparse.Namespace, world: int | None = None) -> RunSettings:
     """world: None under torchrun or alone ($WORLD_SIZE), N when checking for a launch of N processes."""
+    _check_caption_modes(args, world or int(os.environ.get("WORLD_SIZE", "1")))
     return RunSettings(
         teacher_forced=args.teacher_forced, progress=not args.quiet, num_workers=args.num_workers,
         shard_size=args.shard_size, checkpoint_every=args.checkpoint_every,
         checkpoint_seconds=args.checkpoint_seconds, overwrite=args.overwrite, aggregate=args.aggregate,
         world=world, heatmaps=args.heatmaps, max_failed_batches=args.max_failed_batches,
         max_image_bytes=args.max_image_bytes,
+        captions=str(Path(args.out) / "captions.jsonl") if args.two_phase else args.captions,
+        two_phase=args.two_phase,
     )
 
 
@@ -272,6 +311,13 @@ def register(sub) -> None:
     f.add_argument("--reduce", default="mean", choices=["mean", "max"], help="over image positions")
     f.add_argument("--method", default="act", choices=["act", "grad"], help='activation x direct logit projection (the paper), or activation x gradient')
     f.add_argument("--teacher-forced", action="store_true", help="score the manifest's captions in one pass")
+    f.add_argument("--captions", default=None,
+                   help="score the captions of this JSONL file (as `mmn caption` writes it: id, caption or "
+                        "output_ids) teacher-forced, joined to the images by id")
+    f.add_argument("--two-phase", action="store_true",
+                   help="caption every image first (the model, or --server) into DIR/captions.jsonl, then score "
+                        "those captions teacher-forced")
+    add_server_options(f)
     f.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes (0: in-process)")
     f.add_argument("--shard-size", type=int, default=1000, help="images per shard for folders/manifests/parquet")
     f.add_argument("--checkpoint-every", type=int, default=256, help="checkpoint after this many images ...")

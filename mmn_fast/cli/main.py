@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 
 from .. import __version__
 from ..errors import MMNError
-from . import bench, edit, explain, find, serve
+from . import bench, caption, edit, explain, find, serve
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"mmn_fast {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     find.register(sub)  # find, top-tokens, demo: listed first
+    caption.register(sub)  # caption
     edit.register(sub)  # edit, patch bake|inspect|verify
     explain.register(sub)  # heatmap, metrics, report
     serve.register(sub)  # serve
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
               "mmn_fast or Hugging Face?", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        resume = " (run the same command again to resume where it stopped)" if args.func is find.cmd_find else ""
+        resume = " (run the same command again to resume where it stopped)" if args.func in (find.cmd_find, caption.cmd_caption) \
+            else ""
         print(f"mmn: interrupted{resume}", file=sys.stderr)
         return 130
 

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -38,22 +37,19 @@ from ..find.results import neuron_label
 from ..io import write_json
 from ..model.inputs import MAX_IMAGE_BYTES
 from .aggregate import NeuronStats, run_file
+from .captions import CAPTION_WINDOW, CaptionIndex, caption_ids, check_ids_in_corpus
 from .corpus import Corpus, Sample, ShardEnd, iter_samples, open_corpus
 from .corpus.base import FINGERPRINT_VERSION
+from .folder import RUN_FORMAT_VERSION, check_own_folders, finished_without_parts, remove_run, run_dir
 from .parts import RankState, join_parts, merge_ranks
 from .runinfo import library_versions
 
 log = logging.getLogger(__name__)
 
 MAX_FAILED_BATCHES = 8  # this many batches in a row with no usable image: a model-wide error, not bad images
-RUN_FORMAT_VERSION = 2  # run.json's format_version
 # How sample keys are formed (2: tar keys prefixed by their shard, parquet fallbacks by the file's
 # relative path): a run started under another scheme is not resumed into mixed keys.
 KEY_FORMAT = 2
-# What a finished run leaves in DIR besides parts/: --overwrite removes these (and only these).
-RUN_FILES = ("results.jsonl", "skipped.jsonl", "concepts.json", "run.json", "aggregates.json",
-             "aggregates.safetensors", "metrics.json", "report.html")
-RUN_DIRS = ("heatmaps",)
 # What the config records of the corpus' content (Corpus.fingerprint) and the keys that follow from it.
 CORPUS_STATE = ("corpus_fingerprint", "n_shards", "corpus_size")
 
@@ -72,7 +68,10 @@ class RunSettings:
     max_failed_batches: stop after this many batches in a row in which no image could be scored (a
     model-wide error; the rerun redoes them); 0: never stop, skip them all (images the model truly
     rejects, many in a row). max_image_bytes: the most bytes read for one image (a file, a tar
-    member, a parquet cell); a larger one is skipped."""
+    member, a parquet cell); a larger one is skipped. captions: a caption file (mmn_fast.run.captions)
+    whose captions are scored teacher-forced, joined to the corpus by id, in batches of similar caption
+    lengths (ids it lacks are skipped); two_phase: that file is the run's own caption phase
+    (DIR/captions.jsonl), recorded as such."""
     teacher_forced: bool = False
     progress: bool = True
     num_workers: int = 0
@@ -86,8 +85,20 @@ class RunSettings:
     heatmaps: str | None = None
     max_failed_batches: int = MAX_FAILED_BATCHES
     max_image_bytes: int = MAX_IMAGE_BYTES
+    captions: str | None = None
+    two_phase: bool = False
+
+    @property
+    def caption_mode(self) -> str:
+        """Where the scored captions come from: generated, manifest, file or two-phase."""
+        if self.captions is not None:
+            return "two-phase" if self.two_phase else "file"
+        return "manifest" if self.teacher_forced else "generated"
 
     def validate(self) -> None:
+        if self.captions is not None and self.teacher_forced:
+            raise MMNError("--teacher-forced scores the corpus' own captions and --captions a caption file's: "
+                           "give one of them")
         if self.aggregate not in ("dense", "sparse"):
             raise MMNError(f"--aggregate must be 'dense' or 'sparse', got {self.aggregate!r}")
         if self.max_failed_batches < 0:
@@ -129,18 +140,26 @@ def check_run(images: str | Path, out_dir: str | Path, settings: RunSettings, op
     if isinstance(options.concepts, (list, tuple)):
         resolve_mode(options.concepts)  # an empty word list; the words themselves need the tokenizer
     settings.validate()
-    out = _out_dir(out_dir, create=False)
+    out = run_dir(out_dir, create=False)
     corpus = open_corpus(images, shard_size=settings.shard_size, max_image_bytes=settings.max_image_bytes)
+    index = None
+    if settings.captions is not None and not settings.two_phase:
+        index = CaptionIndex(settings.captions)
+        check_ids_in_corpus(index, corpus)
+    elif settings.two_phase and Path(settings.captions).is_file():  # made (or being made) by the caption phase
+        index = CaptionIndex(settings.captions, torn="ignore")
+    if index is not None:
+        index.close()
     if settings.overwrite:
         return
     cfg_path = out / "parts" / "config.json"
-    _check_own_folders(out, settings.heatmaps)
+    check_own_folders(out, settings.heatmaps)
     if cfg_path.is_file():
         world = 1 if settings.world is None else settings.world
-        config = _config(None, corpus, options, settings, world)
-        _compare(out, _read_config(out, cfg_path), config, ignore=("weight_fingerprint",))
+        config = _config(None, corpus, options, settings, world, index)
+        _compare(out, _read_config(out, cfg_path), config, ignore=("weight_fingerprint", "captions_digest"))
     else:
-        why = _finished_without_parts(out)
+        why = finished_without_parts(out)
         if why:
             raise MMNError(why)
 
@@ -160,8 +179,11 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, settings
             raise MMNError(f"rank {rank} of {world}: no torch.distributed process group; run through `mmn find "
                            "--nproc N` or torchrun `-m mmn_fast find`, or call init_process_group() first")
     corpus = open_corpus(images, shard_size=settings.shard_size, max_image_bytes=settings.max_image_bytes)
-    out = _out_dir(out_dir, create=rank == 0)
-    config = _config(engine.fingerprint, corpus, options, settings, world)
+    out = run_dir(out_dir, create=rank == 0)
+    index = None if settings.captions is None else CaptionIndex(settings.captions)
+    if index is not None and not settings.two_phase:
+        check_ids_in_corpus(index, corpus)
+    config = _config(engine.fingerprint, corpus, options, settings, world, index)
     parts = _prepare(out, config, settings.overwrite, rank, world, settings.heatmaps)
     ad = engine.adapter
     state = RankState(parts, rank, world, NeuronStats(settings.aggregate, ad.n_layers, ad.d_mlp))
@@ -178,8 +200,10 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, settings
         total = corpus.size()
         log.info("resuming: %d of %s images done", done_before, total if total is not None else "?")
     bar = _progress_bar(corpus, world, done_before, settings.progress and rank == 0)
-    runner = _BatchRunner(engine, options, settings, state, bar, out / "heatmaps")
+    runner = _BatchRunner(engine, options, settings, state, bar, out / "heatmaps", index)
     last_ckpt, since_ckpt = time.monotonic(), 0
+    # a caption file's captions are batched by length within a window of a few batches (less padding)
+    window = options.batch_size * (CAPTION_WINDOW if index is not None else 1)
     pending: dict[int, list[Sample]] = {}
     try:
         for item in iter_samples(corpus, todo, starts, settings.num_workers, shard_ends=True):
@@ -189,7 +213,7 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, settings
             else:
                 batch = pending.setdefault(item.shard, [])
                 batch.append(item)
-                if sum(s.error is None for s in batch) >= options.batch_size:
+                if sum(s.error is None for s in batch) >= window:
                     since_ckpt += runner.flush(item.shard, pending.pop(item.shard))
             # No checkpoint inside a streak of batches the model failed on: if it turns out to be a
             # model-wide error (the run stops after max_failed_batches), the rerun must redo the whole
@@ -202,6 +226,8 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, settings
     finally:
         state.close()
         bar.close()
+        if index is not None:
+            index.close()
     _barrier(world)
     summary = dict(state.counts, seconds=round(time.perf_counter() - t0, 3))
     if rank == 0:
@@ -253,12 +279,14 @@ def _barrier(world: int) -> None:
             dist.barrier()
 
 
-def _config(fingerprint: str | None, corpus: Corpus, opts: FindOptions, settings: RunSettings, world: int) -> dict:
+def _config(fingerprint: str | None, corpus: Corpus, opts: FindOptions, settings: RunSettings, world: int,
+            index: CaptionIndex | None = None) -> dict:
     """What a resumed run must share with the run it resumes, as its JSON copy (tuples become lists).
     corpus: the absolute spec (Corpus.identity), so the same corpus typed another way, or from
     another working directory, is recognised, and another corpus under the same relative path is not;
     corpus_fingerprint: its files' names, sizes and mtimes (Corpus.fingerprint), so that a corpus
-    changed under the same path is too."""
+    changed under the same path is too. A caption file's run records where it is and what it holds
+    (captions, captions_digest); runs that generate their captions record nothing more, as before."""
     config = {"corpus": corpus.identity, "kind": corpus.kind, "n_shards": corpus.n_shards,
               "corpus_size": corpus.size(), "shard_size": settings.shard_size,
               "options": dataclasses.asdict(opts), "teacher_forced": settings.teacher_forced,
@@ -268,42 +296,13 @@ def _config(fingerprint: str | None, corpus: Corpus, opts: FindOptions, settings
         config["heatmaps"] = settings.heatmaps
     if settings.max_image_bytes != MAX_IMAGE_BYTES:  # recorded when not the default, as runs before it had none
         config["max_image_bytes"] = settings.max_image_bytes
+    if settings.captions is not None:
+        made = (index.settings or {}) if index is not None else {}
+        config["captions"] = {"mode": settings.caption_mode, "file": str(Path(settings.captions).resolve()),
+                              "source": made.get("source") if settings.two_phase else str(Path(settings.captions).resolve()),
+                              "model": made.get("model"), "prompt": made.get("prompt")}
+        config["captions_digest"] = index.digest if index is not None else None
     return json.loads(json.dumps(config))
-
-
-def _out_dir(out_dir: str | os.PathLike, create: bool) -> Path:
-    """--out as a Path; an MMNError, not an OSError, when it (or a folder above it) is a file."""
-    out = Path(out_dir)
-    bad = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
-    if bad is not None:
-        where = "is a file" if bad == out else f"is under '{bad}', which is a file"
-        raise MMNError(f"--out must be a directory: '{out}' {where}")
-    if create:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):  # made a file meanwhile
-            raise MMNError(f"--out must be a directory: '{out}' is a file or is under one") from None
-    return out
-
-
-def _finished_without_parts(out: Path) -> str | None:
-    """Why a new run cannot start in `out` (no parts/config.json there): it holds a finished run, or
-    files of a run's names that no run here wrote; else None."""
-    if not (out / "run.json").is_file():
-        theirs = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
-        if theirs:
-            return (f"'{out}' is not a find run but holds {', '.join(theirs)}, which a run would replace: choose "
-                    "another --out, or add --overwrite to replace them")
-        return None
-    try:
-        version = json.loads((out / "run.json").read_text()).get("format_version")
-    except (OSError, ValueError, AttributeError):
-        version = None
-    if version == RUN_FORMAT_VERSION:
-        return (f"'{out}' holds a finished run without parts/ (nothing to resume); use --overwrite or "
-                "another --out")
-    return (f"'{out}' holds a finished run from an older layout (run.json format_version {version!r}); use "
-            "--overwrite or another --out")
 
 
 def _compare(out: Path, old: dict, config: dict, ignore: tuple = ()) -> None:
@@ -312,6 +311,9 @@ def _compare(out: Path, old: dict, config: dict, ignore: tuple = ()) -> None:
         raise MMNError(f"'{out}' holds a run started by an older mmn_fast, which named samples another way: "
                        "finish it with that version, or add --overwrite to start again")
     diff = _check_corpus(out, old, config, diff)
+    if "captions_digest" in diff:
+        raise MMNError(f"the captions file '{config['captions']['file']}' changed since the run in '{out}' started: "
+                       "restore it to resume, or add --overwrite to start again")
     if diff:
         raise MMNError(f"'{out}' holds a run with different settings ({', '.join(diff)}); rerun with the same "
                        "command to resume, or add --overwrite to start again")
@@ -356,39 +358,6 @@ def _corpus_change(old: dict, config: dict, before: dict, now: dict) -> str:
     return "; ".join(what) or "files or records renamed, added, removed, resized or modified"
 
 
-def _remove_run(out: Path) -> None:
-    """--overwrite: the previous run's parts/ and the files it wrote (known names only), and only
-    when the folder holds a run: a heatmaps/ or report.html of the user's own stays."""
-    if not ((out / "parts" / "config.json").is_file() or (out / "run.json").is_file()):
-        return
-    if (out / "parts").is_symlink():  # rmtree refuses a link: remove the link, never its target
-        (out / "parts").unlink()
-    shutil.rmtree(out / "parts", ignore_errors=True)
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    for name in RUN_DIRS:
-        path = out / name
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        elif path.is_dir():
-            shutil.rmtree(path)
-
-
-def _check_own_folders(out: Path, heatmaps: str | None) -> None:
-    """DIR/parts (and, when maps are written, DIR/heatmaps and its per-image folders) must be folders
-    inside the run, not links to folders elsewhere: a run never writes outside its directory."""
-    folders = [out / "parts"]
-    if heatmaps and (out / "heatmaps").is_dir() and not (out / "heatmaps").is_symlink():
-        with os.scandir(out / "heatmaps") as entries:  # one per image: the links among them only
-            folders += [Path(e.path) for e in entries if e.is_symlink()]
-    for path in folders + ([out / "heatmaps"] if heatmaps else []):
-        if os.path.lexists(path) and (path.is_symlink() or not path.is_dir()):
-            real = os.path.realpath(path)
-            what = f"a link to '{real}'" if path.is_symlink() else "not a folder"
-            raise MMNError(f"'{path}' is {what}: a run writes only inside its directory; remove it, or rerun with "
-                           "--overwrite to start again")
-
-
 def _read_config(out: Path, cfg_path: Path) -> dict:
     try:
         config = json.loads(run_file(out, cfg_path).read_text())
@@ -405,16 +374,16 @@ def _prepare(out: Path, config: dict, overwrite: bool, rank: int, world: int, he
     cfg_path = parts / "config.json"
     if rank == 0:
         if overwrite:
-            _remove_run(out)
-        _check_own_folders(out, heatmaps)
+            remove_run(out)
+        check_own_folders(out, heatmaps)
         if not cfg_path.is_file():
-            why = None if overwrite else _finished_without_parts(out)  # --overwrite: replace what is there
+            why = None if overwrite else finished_without_parts(out)  # --overwrite: replace what is there
             if why:
                 raise MMNError(why)
             parts.mkdir(parents=True, exist_ok=True)
             write_json(cfg_path, config)
     _barrier(world)
-    _check_own_folders(out, heatmaps)
+    check_own_folders(out, heatmaps)
     _compare(out, _read_config(out, cfg_path), config)
     return parts
 
@@ -431,9 +400,10 @@ class _BatchRunner:
     """Runs one shard's batch through the engine and records lines, skips and aggregates."""
 
     def __init__(self, engine: Engine, opts: FindOptions, settings: RunSettings, state: RankState, bar: tqdm,
-                 heatmap_dir: Path):
+                 heatmap_dir: Path, captions: CaptionIndex | None = None):
         self.engine, self.opts, self.state, self.bar = engine, opts, state, bar
         self.teacher_forced = settings.teacher_forced
+        self.captions = captions  # a caption file's index, or None
         self.keep_scores = settings.aggregate == "dense"
         self.heatmaps, self.heatmap_dir = settings.heatmaps, heatmap_dir  # heatmaps: method or None
         self.max_failed_batches = settings.max_failed_batches  # 0: never stop
@@ -445,19 +415,26 @@ class _BatchRunner:
         """Process `samples` (one shard, in order); returns the number of samples consumed."""
         if not samples:
             return 0
-        skipped, good = [], []
+        skipped, good, caps, sources = [], [], [], []
         for s in samples:
-            reason = s.error or (None if not self.teacher_forced or s.caption else
-                                 "no caption (teacher-forced mode needs one)")
-            (skipped if reason else good).append((s, reason))
-        results = self._score([s for s, _ in good], top=True)
+            cap, reason = self._caption_of(s)
+            if s.error or reason:
+                skipped.append((s, s.error or reason))
+            else:
+                good.append(s)
+                caps.append(cap[0] if cap else None)
+                sources.append(cap[1] if cap else None)
+        results = self._score_bucketed(good, caps) if self.captions is not None else self._score(good, caps, top=True)
         lines, scored = [], []
-        for s, res in zip([s for s, _ in good], results):
+        for s, res, source in zip(good, results, sources):
             if isinstance(res, str):
                 skipped.append((s, res))
                 continue
             res.image = s.source
-            lines.append(json.dumps(res.to_dict()) + "\n")
+            rec = res.to_dict()
+            if source is not None:
+                rec["caption_source"] = source
+            lines.append(json.dumps(rec) + "\n")
             self._aggregate(res)
             scored.append((s.image, res))
         if self.heatmaps and scored:  # rewritten identically if a restart redoes this batch
@@ -479,12 +456,35 @@ class _BatchRunner:
         self.bar.set_postfix_str(f"neurons/s={st.counts['neurons_scored'] / elapsed:.3g}", refresh=False)
         return len(samples)
 
-    def _score(self, samples: list[Sample], top: bool = False) -> list:
+    def _caption_of(self, s: Sample) -> tuple[tuple | None, str | None]:
+        """((caption to score, where it came from) or None to generate one, why the sample is skipped or None)."""
+        if self.captions is not None:
+            rec = None if s.error else self.captions.entry(s.key)
+            if rec is None:
+                return None, f"no caption for this id in '{self.captions.path}'"
+            ids = caption_ids(rec, self.engine)
+            return ((ids, self.captions.source_of(rec)), None) if not isinstance(ids, str) else (None, ids)
+        if self.teacher_forced:
+            return ((s.caption, None), None) if s.caption else (None, "no caption (teacher-forced mode needs one)")
+        return None, None
+
+    def _score_bucketed(self, samples: list[Sample], caps: list) -> list:
+        """`_score` over batches of similar caption lengths (less padding), results in the samples' order."""
+        order = sorted(range(len(samples)), key=lambda i: len(caps[i]))
+        results: list = [None] * len(samples)
+        for start in range(0, len(order), self.kwargs["batch_size"]):
+            chunk = order[start : start + self.kwargs["batch_size"]]
+            for i, res in zip(chunk, self._score([samples[i] for i in chunk], [caps[i] for i in chunk], top=True)):
+                results[i] = res
+        return results
+
+    def _score(self, samples: list[Sample], caps: list | None, top: bool = False) -> list:
         """ImageResults in order; a sample the engine cannot take alone becomes its error string.
-        An error every sample of a batch hits alone is not the samples' fault: it is raised."""
+        An error every sample of a batch hits alone is not the samples' fault: it is raised.
+        caps: the captions to score (text or token ids), or Nones to generate them."""
         if not samples:
             return []
-        caps = [s.caption for s in samples] if self.teacher_forced else None
+        caps = None if caps is None or caps[0] is None else caps
         try:
             results = list(self.engine.iter_find([s.image for s in samples], captions=caps,
                                                  ids=[s.key for s in samples], keep_scores=self.keep_scores,
@@ -493,7 +493,8 @@ class _BatchRunner:
             if len(samples) == 1:
                 results = [f"the model could not take it: {type(e).__name__}: {e}"]
             else:
-                results = [r for s in samples for r in self._score([s])]  # find the bad ones, keep the rest
+                results = [r for s, c in zip(samples, caps or [None] * len(samples))  # find the bad ones
+                           for r in self._score([s], [c])]
         if top:
             self.failed_batches = self.failed_batches + 1 if all(isinstance(r, str) for r in results) else 0
             if self.max_failed_batches and self.failed_batches >= self.max_failed_batches:  # not the images'
@@ -528,6 +529,8 @@ def _merge(engine: Engine, out: Path, parts: Path, corpus: Corpus, config: dict,
         "model": engine.source or type(engine.model).__name__,
         "adapter": engine.adapter.describe(),
         **config,
+        "captions": config.get("captions") or {"mode": "manifest" if config["teacher_forced"] else "generated",
+                                               "source": "manifest" if config["teacher_forced"] else "engine"},
         "totals": totals,
         "seconds": round(seconds, 3),  # this (last) session's reading and scoring, model load excluded
         "device": str(engine.device),
