@@ -36,17 +36,19 @@ def random_llava_engine(workdir: str | None = None, shape: dict | None = None, d
     return eng, random_images(8, size=shape["image_size"], seed=1)
 
 
-def gpu_llava_engines(device: str = "cuda", dtype=torch.bfloat16, backends=("triton", "torch")):
-    """({backend: engine}, images): one random LLaMA-7B-layer LLaVA built on `device`, one engine per
-    backend over the same weights; EOS disabled so every run makes NEW_TOKENS tokens."""
-    model, processor = llava_model(seed=0, torch_dtype=dtype, device=device, **GPU_7B_LAYERS)
+def gpu_llava_engines(device: str = "cuda", dtype=torch.bfloat16, backends=("triton", "torch"), num_layers: int = 8,
+                      n_images: int = 8):
+    """({backend: engine}, images): one random LLaMA-7B-layer LLaVA (`num_layers` of them; 32 is the whole
+    7B shape) built on `device`, one engine per backend over the same weights; EOS disabled so every run
+    makes NEW_TOKENS tokens."""
+    model, processor = llava_model(seed=0, torch_dtype=dtype, device=device, **{**GPU_7B_LAYERS, "num_layers": num_layers})
     model.generation_config.eos_token_id = None
     engines = {}
     for backend in backends:
         eng = mmn_fast.load(model, processor=processor, device=device, backend=backend)
         eng.eos_ids = set()
         engines[backend] = eng
-    return engines, random_images(8, size=GPU_7B_LAYERS["image_size"], seed=1)
+    return engines, random_images(n_images, size=GPU_7B_LAYERS["image_size"], seed=1)
 
 
 def demo_engine(cache_dir=None):

@@ -2,8 +2,9 @@
 
     python bench/run_bench.py [--repeats 5] [--skip-demo]          # CPU: random LLaVA 8L/512d, a host-bound
                                                                     # 32L/64d one, and the demo model
-    python bench/run_bench.py --gpu [--repeats 5]                   # GPU: LLaMA-7B-shaped layers, bf16,
-                                                                    # find on the triton and torch backends
+    python bench/run_bench.py --gpu [--repeats 3] [--layers 32] [--batches 8 32 64]
+                                                                    # GPU: LLaMA-7B-shaped layers, bf16, images/s of
+                                                                    # generate, caption, find (triton, torch), two-phase
 
 Medians of `repeats` runs each, measured in one process, interleaved per model.
 """
@@ -15,6 +16,8 @@ import platform
 import sys
 
 import torch
+
+from mmn_fast import DEFAULT_PROMPT
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import (HOST_BOUND, NEW_TOKENS, demo_engine, find, gpu_llava_engines, hooks_peer, median_time,  # noqa: E402
@@ -45,39 +48,49 @@ def measure(name, eng, images, max_new_tokens, repeats):
                 ref=t_ref, grad=t_grad)
 
 
-def measure_gpu(repeats):
-    """find (triton and torch backends, and triton with the kernel at decode steps too) vs plain
-    generate, same weights, interleaved, per image."""
-    engines, images = gpu_llava_engines()
-    eng = engines["triton"]
-    n = len(images)
-    for e in engines.values():
-        find(e, images, NEW_TOKENS)  # warm-up (Triton compiles here)
-    plain_generate(eng, images, NEW_TOKENS)
-    t = {"generate": [], **{b: [] for b in engines}, "kernel_decode": []}
+def measure_gpu(repeats, layers=32, batches=(8, 32, 64), **engine_kw):
+    """Throughput on CUDA, per batch size (images = batch size, so every variant runs one batch): plain generate
+    (transformers' default cache), the engine's caption (static cache), find on the Triton and torch backends,
+    and two-phase (caption, then find teacher-forced on those captions; Triton). Interleaved per repeat."""
+    engines, images = gpu_llava_engines(num_layers=layers, n_images=max(batches), **engine_kw)
+    eng = engines.get("triton") or next(iter(engines.values()))
+    rows = []
+    for bs in batches:
+        imgs = images[:bs]
+        runs = {"generate": lambda: plain_generate(eng, imgs, NEW_TOKENS, batch_size=bs),
+                "caption": lambda: eng.caption(imgs, max_new_tokens=NEW_TOKENS, batch_size=bs),
+                **{f"find_{b}": (lambda e=e: find(e, imgs, NEW_TOKENS, batch_size=bs)) for b, e in engines.items()}}
+        def two_phase():
+            caps = eng.generate(imgs, [DEFAULT_PROMPT] * bs, NEW_TOKENS).ids
+            return find(eng, imgs, NEW_TOKENS, batch_size=bs, captions=caps)
 
-    def kernel_at_decode():
-        eng.decode_with_kernel = True
+        runs["two_phase"] = two_phase
         try:
-            return find(eng, images, NEW_TOKENS)
-        finally:
-            eng.decode_with_kernel = False
-
-    kernel_at_decode()  # warm-up of the decode-shaped kernel
-    for _ in range(repeats):  # interleaved, so drifting clocks hit every variant alike
-        t["generate"].append(median_time(lambda: plain_generate(eng, images, NEW_TOKENS), 1))
-        for b, e in engines.items():
-            t[b].append(median_time(lambda: find(e, images, NEW_TOKENS), 1))
-        t["kernel_decode"].append(median_time(kernel_at_decode, 1))
-    med = {k: sorted(v)[len(v) // 2] / n for k, v in t.items()}
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; random LLaVA, 8 LLaMA-7B-shaped layers "
-          f"(4096/11008), 576 image tokens, bf16, batch 8, {NEW_TOKENS} new tokens; seconds per image (medians of {repeats})")
-    print("| generate s | find (triton) s | find/generate | find (torch hooks) s | find/generate "
-          "| find (triton, kernel at decode steps too) s | find/generate |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| {med['generate']:.4f} | {med['triton']:.4f} | {med['triton'] / med['generate']:.3f} | "
-          f"{med['torch']:.4f} | {med['torch'] / med['generate']:.3f} | "
-          f"{med['kernel_decode']:.4f} | {med['kernel_decode'] / med['generate']:.3f} |")
+            for fn in runs.values():  # warm-up (Triton compiles here)
+                fn()
+            t = {k: [] for k in runs}
+            for _ in range(repeats):
+                for k, fn in runs.items():
+                    t[k].append(median_time(fn, 1))
+        except torch.OutOfMemoryError:
+            print(f"batch {bs}: out of memory")
+            torch.cuda.empty_cache()
+            continue
+        med = {k: sorted(v)[len(v) // 2] for k, v in t.items()}
+        rows.append((bs, {k: bs / v for k, v in med.items()}, med))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"# {device}, torch {torch.__version__}; random LLaVA, {layers} LLaMA-7B-shaped layers "
+          f"(4096/11008), 576 image tokens, bf16, {NEW_TOKENS} new tokens; images/s (medians of {repeats}); "
+          "generate = transformers' default (dynamic) cache, caption = the engine's (static cache)")
+    print("| batch | generate | caption | find (triton) | find/generate time | find (torch) | find/generate time "
+          "| two-phase (triton) | find (triton) / generate throughput |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for bs, ips, med in rows:
+        fast = "find_triton" if "find_triton" in med else next(k for k in med if k.startswith("find_"))
+        cols = [f"{ips[k]:.1f} | {med[k] / med['generate']:.3f}" if k in med else "- | -"
+                for k in ("find_triton", "find_torch")]
+        print(f"| {bs} | {ips['generate']:.1f} | {ips['caption']:.1f} | {cols[0]} | {cols[1]} | {ips['two_phase']:.1f} | "
+              f"{ips[fast] / ips['generate']:.2f}x |")
 
 
 def main():
@@ -85,9 +98,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-demo", action="store_true")
     ap.add_argument("--gpu", action="store_true", help="the GPU table instead (needs CUDA)")
+    ap.add_argument("--layers", type=int, default=32, help="GPU: LLaMA-7B-shaped decoder layers (32: the 7B shape)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[8, 32, 64], help="GPU: batch sizes")
     args = ap.parse_args()
     if args.gpu:
-        return measure_gpu(args.repeats)
+        return measure_gpu(args.repeats, args.layers, tuple(args.batches))
     rows = []
     eng, imgs = random_llava_engine()
     rows.append(measure(f"random LLaVA 8L/512d/256 img tok, {NEW_TOKENS} new tok, 8 images", eng, imgs,
