@@ -65,18 +65,15 @@ def test_json_report_has_every_field_with_sane_values(report, llava_path):
         assert row["images"] == 2
         for key in ("caption", "find", "scoring", "two_phase"):
             assert _positive(row[f"{key}_s"]) and _positive(row[f"{key}_images_per_s"])
-            assert math.isclose(row[f"{key}_images_per_s"] * row[f"{key}_s"], 2)
         assert math.isclose(row["two_phase_s"], row["caption_s"] + row["scoring_s"])
         assert _positive(row["find_overhead"]) and _positive(row["two_phase_overhead"])
         assert math.isclose(row["find_overhead"], row["find_s"] / row["caption_s"])
         assert 0 < row["caption_tokens_per_image"] <= 3
-        assert row["concepts"] >= 0 and row["concepts_two_phase"] >= 0
-        assert row["neurons_per_s"] >= 0 and row["neurons_per_s_two_phase"] >= 0
-        if row["concepts"]:
-            assert math.isclose(row["neurons_per_s"], row["concepts"] * r["model"]["neurons"] / row["find_s"])
+        assert row["concepts"] > 0 and row["concepts_two_phase"] == row["concepts"]  # the same captions
+        assert math.isclose(row["neurons_per_s"], row["concepts"] * r["model"]["neurons"] / row["find_s"])
         assert all(len(row["times_s"][p]) == 1 for p in PHASES)
         assert row["cuda_peak_mib"] is None and row["act_score"] is None  # CPU
-        assert all(row["rss_increase_mib"][p] >= 0 for p in PHASES)
+        assert set(row["rss_increase_mib"]) == set(PHASES)
     assert not list(path.parent.glob("*.tmp"))
 
 

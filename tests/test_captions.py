@@ -1,5 +1,6 @@
 """`mmn caption` and `mmn find --captions / --two-phase`: captions from the model or an OpenAI-compatible
 server, written resumably, scored teacher-forced; equal to one-phase `mmn find` on the fp32 demo model."""
+import io
 import json
 import socket
 import threading
@@ -292,3 +293,40 @@ def test_cut_torn_tail(tmp_path):
     assert cut_torn_tail(p) == 0
     p.write_bytes(b"no newline at all")
     assert cut_torn_tail(p) == 17 and p.read_bytes() == b""
+
+
+def test_a_last_line_without_its_newline_is_captioned_again_and_wrong_files_are_left_alone(demo_path, corpus,
+                                                                                          tmp_path, capsys):
+    """A kill between a line's JSON and its newline leaves a parseable last line: it counts as torn (cut and
+    its image captioned again), never as done. A file of other settings is refused before anything is cut."""
+    caps = tmp_path / "caps.jsonl"
+    assert _caption(capsys, caps, "--model", demo_path, extra=[corpus])[0] == 0
+    lines = caps.read_text().splitlines(keepends=True)
+    caps.write_text("".join(lines[:4]) + lines[4].rstrip("\n"))  # the fifth line whole, but no newline
+    rc, stdout, err = _caption(capsys, caps, "--model", demo_path, extra=[corpus])
+    assert rc == 0 and "3 captions written" in stdout and "4 were there already" in stdout, err
+    assert sorted(l["id"] for l in _lines(caps)) == sorted(json.loads(l)["id"] for l in lines)
+    other = tmp_path / "other.jsonl"
+    changed = {**json.loads(lines[0]), "prompt": "Another prompt."}
+    other.write_text(json.dumps(changed) + "\n" + lines[1].rstrip("\n"))
+    before = other.read_bytes()
+    rc, _, err = _caption(capsys, other, "--model", demo_path, extra=[corpus])
+    _one_line_error(rc, err, "other settings")
+    assert other.read_bytes() == before  # nothing cut from a file that is not this run's
+
+
+def test_a_corpus_with_a_repeated_id_is_refused_before_a_second_line(demo_path, tmp_path, capsys):
+    """A Parquet id column is taken as given: the caption phase refuses a repeated id instead of writing it
+    twice (which would make the file unreadable: one caption per id)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    raw = []
+    for img, _c in make_examples(2, seed=4):
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        raw.append(buf.getvalue())
+    pq.write_table(pa.table({"png": pa.array(raw, pa.binary()), "id": ["same", "same"]}), tmp_path / "a.parquet")
+    caps = tmp_path / "caps.jsonl"
+    rc, _, err = _caption(capsys, caps, "--model", demo_path, extra=[tmp_path / "a.parquet"])
+    _one_line_error(rc, err, "'same' twice")
+    assert len([l for l in caps.read_text().splitlines() if l.strip()]) <= 1

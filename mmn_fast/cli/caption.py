@@ -20,13 +20,13 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
                              "vLLM, SGLang, mmn serve) instead of the loaded model")
     parser.add_argument("--served-model", default=None,
                         help="the server's model name (default: the first one GET /v1/models lists)")
-    parser.add_argument("--api-key", default=None, help="the server's API key (default: $OPENAI_API_KEY, if set)")
+    parser.add_argument("--api-key", default=None, help="the server's API key (default: $MMN_SERVER_API_KEY, if set)")
     parser.add_argument("--retries", type=int, default=5,
                         help="tries again after a 429/5xx answer or a dropped connection, with exponential backoff")
 
 
 def server_captioner(args: argparse.Namespace) -> ServerCaptioner:
-    client = ChatClient(args.server, args.served_model, args.api_key or os.environ.get("OPENAI_API_KEY"),
+    client = ChatClient(args.server, args.served_model, args.api_key or os.environ.get("MMN_SERVER_API_KEY"),
                         retries=args.retries)
     return ServerCaptioner(client, args.prompt, args.prefix, args.max_new_tokens, concurrency=args.batch_size)
 

@@ -253,7 +253,7 @@ def run_bench(engine: Engine, settings: BenchSettings, progress: bool = True) ->
     find_opts = dict(prompt=s.prompt, concepts=s.concepts, top_k=s.top_k, max_new_tokens=s.max_new_tokens)
     engine.check_options(FindOptions(**find_opts))  # bad options (e.g. concept words): before any timing
     prompt_len = engine.encode(images[:1], s.prompt)["input_ids"].shape[1]
-    dtype = next(engine.model.parameters()).dtype
+    dtype = engine.adapter.unit_weight(*engine.adapter.units()[0]).dtype  # the decoder's (a vision tower may differ)
     copy_bps = None
     if cuda:
         free, _ = torch.cuda.mem_get_info(device)
@@ -268,7 +268,7 @@ def run_bench(engine: Engine, settings: BenchSettings, progress: bool = True) ->
             start = bar.n
             try:
                 rows.append(_row(engine, images, b, s, find_opts, neurons, prompt_len, dtype, copy_bps, bar))
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 rows.append({"batch_size": b, "error": "out of memory"})
                 bar.update(start + per_row - bar.n)
@@ -340,7 +340,7 @@ def _row(engine: Engine, images: list, b: int, s: BenchSettings, find_opts: dict
             t, bps = act_score_bandwidth(rows_n, engine.adapter.d_mlp, dtype, device, engine.backend, captured=b)
             row["act_score"] = {"rows": rows_n, "d_mlp": engine.adapter.d_mlp, "ms": 1e3 * t,
                                 "gb_per_s": bps / 1e9, "of_copy": bps / copy_bps}
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             row["act_score"] = {"error": "out of memory"}
         bar.update(1)

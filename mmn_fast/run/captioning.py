@@ -106,6 +106,7 @@ def caption_corpus(captioner, images: str | os.PathLike, out_file: str | os.Path
     bar = tqdm(total=corpus.size(), desc="caption", unit="img", disable=not run.progress, file=sys.stderr,
                dynamic_ncols=True, mininterval=0.5)
     pending: dict[int, list[Sample]] = {}
+    taken: set[str] = set()  # ids this run has queued or written: a second one is refused, not written twice
 
     def flush(batch: list[Sample]) -> None:
         if not batch:
@@ -126,9 +127,13 @@ def caption_corpus(captioner, images: str | os.PathLike, out_file: str | os.Path
         for item in iter_samples(corpus, list(range(corpus.n_shards)), None, run.num_workers, shard_ends=True):
             if isinstance(item, ShardEnd):
                 flush(pending.pop(item.shard, []))
-            elif item.key in done:
+            elif item.key in done:  # captioned by an earlier run
                 bar.update(1)
+            elif item.key in taken:
+                raise MMNError(f"the corpus '{images}' holds the id {item.key!r} twice: a caption file takes one "
+                               "caption per id; give the images distinct ids")
             else:
+                taken.add(item.key)
                 batch = pending.setdefault(item.shard, [])
                 batch.append(item)
                 if sum(s.error is None for s in batch) >= run.batch_size:

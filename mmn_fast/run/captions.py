@@ -88,7 +88,14 @@ class CaptionIndex:
         if self._f is None:
             self._f = open(self.path, "rb")
         self._f.seek(at)
-        return json.loads(self._f.readline())
+        try:
+            rec = json.loads(self._f.readline())
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict) or str(rec.get("id")) != key:  # the file was rewritten under the run
+            raise MMNError(f"'{self.path}' changed while it was read (the line of id {key!r} is not where it was): "
+                           "do not rewrite a caption file while `mmn find --captions` reads it; run find again")
+        return rec
 
     def source_of(self, rec: dict) -> str:
         """Where a line's caption came from: its `source` (engine, a server's URL), else this file."""
@@ -168,19 +175,28 @@ def open_for_append(path: str | os.PathLike, settings: dict, overwrite: bool) ->
         with open(path, "w", encoding="utf-8"):
             pass
         return set()
-    index = CaptionIndex(path, torn="ignore")
-    cut_torn_tail(path)
+    # Settings first (a wrong --out is refused before anything is cut), over complete lines only: a last
+    # line without its newline is torn, however it parses, and is cut, so its image is captioned again.
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):
+                break
             if not raw.strip():
                 continue
-            rec = json.loads(raw)
+            try:
+                rec = json.loads(raw)
+            except ValueError as e:
+                raise MMNError(f"{path}:{line_no}: not a JSON line ({e}): this is not a caption file of `mmn caption`; "
+                               "give another --out, or add --overwrite to start again") from None
+            if not isinstance(rec, dict):
+                raise MMNError(f"{path}:{line_no}: not a JSON object: this is not a caption file of `mmn caption`")
             diff = [k for k in SETTING_KEYS if rec.get(k) != settings.get(k)]
             if diff:
                 shown = ", ".join(f"{k}: {rec.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
                 raise MMNError(f"{path}:{line_no}: captions made with other settings ({shown}); rerun with the "
                                "same options to resume, give another --out, or add --overwrite to start again")
-    return set(index.offsets)
+    cut_torn_tail(path)
+    return set(CaptionIndex(path).offsets)
 
 
 def caption_line(key: str, image: str, settings: dict, caption: str | None = None,

@@ -6,6 +6,7 @@ the status."""
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import time
@@ -64,12 +65,13 @@ class ChatClient:
                     text = resp.read()
             except urllib.error.HTTPError as e:
                 message = _error_message(e)
+                e.close()
                 if e.code in RETRY_STATUS and not last:
                     self._wait(attempt, e.headers.get("Retry-After") if e.headers else None)
                     continue
                 tries = f" after {attempt + 1} tries" if attempt else ""
                 raise MMNError(f"the server at {self.url} answered {e.code} to {where}{tries}: {message}") from None
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, http.client.HTTPException) as e:
                 reason = getattr(e, "reason", e)
                 if first:
                     raise MMNError(f"no server answers at {self.url} ({reason}): start one (`mmn serve`, "
