@@ -167,7 +167,7 @@ def load(path_or_model, processor=None, device=None, dtype=None, n_image_tokens:
         is ignored.
     backend: "auto" | "triton" | "torch" kernels (default $MMN_BACKEND, else "auto": Triton on CUDA).
     kv_cache: "auto" | "static" | "dynamic": the KV cache captions are decoded with (`Engine.kv_cache`;
-        "auto": static where the model supports it, the fastest, with the same tokens).
+        "auto": static on CPU where the model supports it; the same tokens either way).
     spec_overrides: module paths overriding the adapter (layers, mlp, out_proj, act_fn, unembed,
         final_norm, prompt_template), for models the registry and discovery do not cover.
     """
