@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 
 import mmn_fast  # noqa: E402
 from mmn_fast.testing import random_images, tiny_instructblip, tiny_llava, tiny_mplug_owl2
+from mmn_fast.testing.zoo import ZOO_MODELS, save  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +60,11 @@ def demo_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo(demo_path):
     return mmn_fast.load(demo_path, device="cpu")
+
+
+@pytest.fixture(scope="module", params=["qwen3_vl_moe", "llava_deepseek_moe"])
+def moe_checkpoint(request, tmp_path_factory):
+    """(family, saved checkpoint, its processor in memory) of each tiny mixture-of-experts VLM: Qwen3-VL-MoE
+    (every layer MoE) and a DeepSeek-style one (a dense layer, then routed + shared experts)."""
+    model, processor = ZOO_MODELS[request.param]()
+    return request.param, save(tmp_path_factory.mktemp(request.param) / "ckpt", model, processor), processor

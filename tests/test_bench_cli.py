@@ -11,6 +11,7 @@ import torch
 from mmn_fast.cli.main import main
 from mmn_fast.run.bench import BenchSettings, noise_images
 from mmn_fast.testing import random_images
+from mmn_fast.testing.cli import one_line_error
 
 TINY = ("--n-images", "2", "--max-new-tokens", "3", "--repeats", "1", "--device", "cpu")
 PHASES = ("caption", "find", "scoring")
@@ -21,14 +22,6 @@ def _run(capsys, *argv):
     out, err = capsys.readouterr()
     return rc, out, err
 
-
-def _assert_one_line_error(rc, err, *needles):
-    assert rc == 2
-    assert "Traceback" not in err
-    lines = [l for l in err.strip().splitlines() if l.startswith("mmn: error:")]
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def _positive(v):
@@ -113,29 +106,29 @@ def test_bad_numbers_are_one_line_before_the_model_loads(llava_path, capsys, mon
 
     monkeypatch.setattr(cli_bench, "load_engine", no_load)
     rc, _, err = _run(capsys, "bench", "--model", llava_path, "--device", "cpu", *argv)
-    _assert_one_line_error(rc, err, *needles)
+    one_line_error(rc, err, *needles)
 
 
 def test_missing_model_is_one_line(capsys):
     rc, _, err = _run(capsys, "bench", "--batch-size", "1")
-    _assert_one_line_error(rc, err, "--model is required")
+    one_line_error(rc, err, "--model is required")
 
 
 def test_model_path_that_is_no_checkpoint(tmp_path, capsys):
     rc, _, err = _run(capsys, "bench", "--model", tmp_path / "nope", "--device", "cpu")
-    _assert_one_line_error(rc, err, "not a local Hugging Face checkpoint")
+    one_line_error(rc, err, "not a local Hugging Face checkpoint")
 
 
 def test_bad_images_and_json_paths(llava_path, tmp_path, capsys):
     rc, _, err = _run(capsys, "bench", "--model", llava_path, "--images", tmp_path / "none", "--device", "cpu")
-    _assert_one_line_error(rc, err, "does not exist")
+    one_line_error(rc, err, "does not exist")
     rc, _, err = _run(capsys, "bench", "--model", llava_path, "--json", tmp_path / "no" / "b.json", "--device", "cpu")
-    _assert_one_line_error(rc, err, "--json", "does not exist")
+    one_line_error(rc, err, "--json", "does not exist")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "broken.png").write_bytes(b"not an image")
     rc, _, err = _run(capsys, "bench", "--model", llava_path, "--images", empty, "--batch-size", "1", *TINY)
-    _assert_one_line_error(rc, err, "no readable image")
+    one_line_error(rc, err, "no readable image")
 
 
 def test_defaults_follow_the_device():

@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from mmn_fast.cli.main import main
 from mmn_fast.demo import make_examples
 from mmn_fast.io import cut_torn_tail
+from mmn_fast.testing.cli import one_line_error, run_cli
 
 BATCH = "3"
 
@@ -25,30 +25,17 @@ def corpus(tmp_path_factory):
     return d
 
 
-def _run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def _one_line_error(rc, err, *needles):
-    assert rc == 2 and "Traceback" not in err, err
-    lines = [l for l in err.strip().splitlines() if l.startswith("mmn: error:")]
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def _find(capsys, model, corpus, out, *extra):
-    rc, stdout, err = _run(capsys, "find", "--model", model, "--images", corpus, "--out", out, "--concepts", "all",
+    rc, stdout, err = run_cli(capsys, "find", "--model", model, "--images", corpus, "--out", out, "--concepts", "all",
                            "--top-k", "10", "--batch-size", BATCH, "--num-workers", "0", "--quiet", *extra)
     assert rc == 0, err
     return {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
 
 
 def _caption(capsys, out, *source, extra=()):
-    rc, stdout, err = _run(capsys, "caption", *source, "--images", *extra, "--out", out, "--batch-size", BATCH,
+    rc, stdout, err = run_cli(capsys, "caption", *source, "--images", *extra, "--out", out, "--batch-size", BATCH,
                            "--num-workers", "0", "--quiet")
     return rc, stdout, err
 
@@ -110,12 +97,12 @@ def test_two_phase_resumes_after_a_kill(demo_path, corpus, tmp_path, capsys, mon
     real = runner_mod._BatchRunner.flush
 
     def flush_then_stop(self, shard, samples):
-        n = real(self, shard, samples)
+        real(self, shard, samples)
         self.state.checkpoint()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(runner_mod._BatchRunner, "flush", flush_then_stop)
-    rc, _, err = _run(capsys, "find", "--model", demo_path, "--images", corpus, "--out", tmp_path / "cut",
+    rc, _, err = run_cli(capsys, "find", "--model", demo_path, "--images", corpus, "--out", tmp_path / "cut",
                       "--concepts", "all", "--top-k", "10", "--batch-size", BATCH, "--num-workers", "0", "--quiet",
                       "--two-phase", *shards)
     assert rc == 130 and "resume" in err and not (tmp_path / "cut" / "run.json").exists()
@@ -136,7 +123,7 @@ def test_caption_resumes_after_a_kill_and_refuses_other_settings(demo_path, corp
     assert sorted(_lines(caps), key=lambda l: l["id"]) == sorted(map(json.loads, lines), key=lambda l: l["id"])
     assert _caption(capsys, caps, "--model", demo_path, extra=[corpus])[1].startswith("0 captions written")
     rc, _, err = _caption(capsys, caps, "--model", demo_path, "--prompt", "What is it?", extra=[corpus])
-    _one_line_error(rc, err, f"{caps}:1", "prompt", "--overwrite")
+    one_line_error(rc, err, f"{caps}:1", "prompt", "--overwrite")
     rc, _, err = _caption(capsys, caps, "--model", demo_path, "--prompt", "What is it?", "--overwrite", extra=[corpus])
     assert rc == 0 and all(l["prompt"] == "What is it?" for l in _lines(caps)), err
 
@@ -187,18 +174,18 @@ def test_caption_server_equals_the_engine(demo_path, served, corpus, tmp_path, c
     assert json.loads((tmp_path / "two" / "run.json").read_text())["captions"]["source"] == served
     assert {k: r["concepts"] for k, r in two.items()} == {k: r["concepts"] for k, r in given.items()}
     rc, _, err = _caption(capsys, tmp_path / "x.jsonl", "--server", served, "--served-model", "nope", extra=[corpus])
-    _one_line_error(rc, err, served, "no model 'nope'", "demo")
+    one_line_error(rc, err, served, "no model 'nope'", "demo")
 
 
 def test_caption_errors(demo_path, corpus, tmp_path, capsys):
     port = _free_port()
     rc, _, err = _caption(capsys, tmp_path / "c.jsonl", "--server", f"http://127.0.0.1:{port}", extra=[corpus])
-    _one_line_error(rc, err, f"no server answers at http://127.0.0.1:{port}")
+    one_line_error(rc, err, f"no server answers at http://127.0.0.1:{port}")
     rc, _, err = _caption(capsys, tmp_path / "c.jsonl", extra=[corpus])
-    _one_line_error(rc, err, "--model", "--server")
+    one_line_error(rc, err, "--model", "--server")
     rc, _, err = _caption(capsys, tmp_path / "c.jsonl", "--server", "http://127.0.0.1:1", "--prefix", "An",
                           extra=[corpus])
-    _one_line_error(rc, err, "--prefix")
+    one_line_error(rc, err, "--prefix")
 
 
 class _Flaky(BaseHTTPRequestHandler):
@@ -241,7 +228,7 @@ def test_server_retries_busy_answers_and_names_fatal_ones(corpus, tmp_path, caps
         assert rc == 0, err
         assert [l["caption"] for l in _lines(tmp_path / "c.jsonl")] == ["a thing"] * 7
         rc, _, err = _caption(capsys, tmp_path / "d.jsonl", "--server", url, "--api-key", "wrong", extra=[corpus])
-        _one_line_error(rc, err, url, "401", "bad key")
+        one_line_error(rc, err, url, "401", "bad key")
     finally:
         httpd.shutdown()
 
@@ -250,20 +237,20 @@ def test_find_captions_errors_and_skips(demo_path, corpus, tmp_path, capsys):
     caps = tmp_path / "caps.jsonl"
     good = [{"id": f"im{i}", "caption": "a red square"} for i in range(7)]
     caps.write_text(json.dumps(good[0]) + "\n{not json\n")
-    rc, _, err = _run(capsys, "find", "--model", demo_path, "--images", corpus, "--out", tmp_path / "o",
+    rc, _, err = run_cli(capsys, "find", "--model", demo_path, "--images", corpus, "--out", tmp_path / "o",
                       "--captions", caps, "--quiet")
-    _one_line_error(rc, err, f"{caps}:2", "not a JSON line")
+    one_line_error(rc, err, f"{caps}:2", "not a JSON line")
     caps.write_text(json.dumps(good[0]) + "\n" + json.dumps(good[1])[:20])
-    rc, _, err = _run(capsys, "find", "--model", demo_path, "--images", corpus, "--out", tmp_path / "o",
+    rc, _, err = run_cli(capsys, "find", "--model", demo_path, "--images", corpus, "--out", tmp_path / "o",
                       "--captions", caps, "--quiet")
-    _one_line_error(rc, err, f"{caps}:2", "cut short")
+    one_line_error(rc, err, f"{caps}:2", "cut short")
     caps.write_text("".join(json.dumps(g) + "\n" for g in good[:5] + [{"id": "elsewhere", "caption": "a cat"}]))
-    rc, _, err = _run(capsys, "find", "--model", demo_path, "--images", corpus, "--out", tmp_path / "o",
+    rc, _, err = run_cli(capsys, "find", "--model", demo_path, "--images", corpus, "--out", tmp_path / "o",
                       "--captions", caps, "--quiet")
-    _one_line_error(rc, err, "1 of the 6 ids", "not in the corpus", "'elsewhere'")
+    one_line_error(rc, err, "1 of the 6 ids", "not in the corpus", "'elsewhere'")
     caps.write_text("".join(json.dumps(g) + "\n" for g in good[:5]))  # im5 and im6 have none
     out = tmp_path / "o"
-    rc, _, err = _run(capsys, "find", "--model", demo_path, "--images", corpus, "--out", out, "--captions", caps,
+    rc, _, err = run_cli(capsys, "find", "--model", demo_path, "--images", corpus, "--out", out, "--captions", caps,
                       "--concepts", "red,square", "--quiet", "--num-workers", "0")
     assert rc == 0 and "2 images skipped" in err, err
     skipped = _lines(out / "skipped.jsonl")
@@ -276,14 +263,14 @@ def test_find_captions_errors_and_skips(demo_path, corpus, tmp_path, capsys):
     # the file changed under the run: refused on resume
     (out / "run.json").unlink()
     caps.write_text("".join(json.dumps(g) + "\n" for g in good[:4]))
-    rc, _, err = _run(capsys, "find", "--model", demo_path, "--images", corpus, "--out", out, "--captions", caps,
+    rc, _, err = run_cli(capsys, "find", "--model", demo_path, "--images", corpus, "--out", out, "--captions", caps,
                       "--concepts", "red,square", "--quiet", "--num-workers", "0")
-    _one_line_error(rc, err, "changed since the run")
+    one_line_error(rc, err, "changed since the run")
     for extra, needle in (([ "--teacher-forced"], "--teacher-forced"), (["--two-phase"], "--two-phase"),
                           (["--server", "http://x"], "--server")):
-        rc, _, err = _run(capsys, "find", "--model", demo_path, "--images", corpus, "--out", tmp_path / "p",
+        rc, _, err = run_cli(capsys, "find", "--model", demo_path, "--images", corpus, "--out", tmp_path / "p",
                           *(["--captions", caps] if extra[0] != "--server" else []), *extra, "--quiet")
-        _one_line_error(rc, err, needle)
+        one_line_error(rc, err, needle)
 
 
 def test_cut_torn_tail(tmp_path):
@@ -311,7 +298,7 @@ def test_a_last_line_without_its_newline_is_captioned_again_and_wrong_files_are_
     other.write_text(json.dumps(changed) + "\n" + lines[1].rstrip("\n"))
     before = other.read_bytes()
     rc, _, err = _caption(capsys, other, "--model", demo_path, extra=[corpus])
-    _one_line_error(rc, err, "other settings")
+    one_line_error(rc, err, "other settings")
     assert other.read_bytes() == before  # nothing cut from a file that is not this run's
 
 
@@ -328,5 +315,5 @@ def test_a_corpus_with_a_repeated_id_is_refused_before_a_second_line(demo_path, 
     pq.write_table(pa.table({"png": pa.array(raw, pa.binary()), "id": ["same", "same"]}), tmp_path / "a.parquet")
     caps = tmp_path / "caps.jsonl"
     rc, _, err = _caption(capsys, caps, "--model", demo_path, extra=[tmp_path / "a.parquet"])
-    _one_line_error(rc, err, "'same' twice")
+    one_line_error(rc, err, "'same' twice")
     assert len([l for l in caps.read_text().splitlines() if l.strip()]) <= 1

@@ -7,6 +7,7 @@ import pytest
 from mmn_fast.cli.main import main
 from mmn_fast.demo import make_examples, save_examples
 from mmn_fast.testing import random_images
+from mmn_fast.testing.cli import one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -17,15 +18,10 @@ def image_dir(tmp_path_factory):
     return d
 
 
-def _run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
 
 def test_find_writes_the_output_contract(llava_path, image_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    rc, stdout, _ = _run(capsys, "find", "--model", llava_path, "--images", image_dir, "--out", out,
+    rc, stdout, _ = run_cli(capsys, "find", "--model", llava_path, "--images", image_dir, "--out", out,
                          "--concepts", "all", "--top-k", "7", "--max-new-tokens", "6", "--batch-size", "2", "--quiet")
     assert rc == 0
     lines = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
@@ -54,40 +50,32 @@ def test_teacher_forced_manifest(llava_path, image_dir, tmp_path, capsys):
     manifest.write_text("\n".join(json.dumps({"image": str(p), "caption": "a red dog", "id": p.stem})
                                   for p in sorted(image_dir.glob("*.png"))))
     out = tmp_path / "out"
-    rc, _, err = _run(capsys, "find", "--model", llava_path, "--images", manifest, "--out", out,
+    rc, _, err = run_cli(capsys, "find", "--model", llava_path, "--images", manifest, "--out", out,
                       "--concepts", "red,dog", "--teacher-forced", "--quiet")
     assert rc == 0, err
     rec = json.loads((out / "results.jsonl").read_text().splitlines()[0])
     assert [c["word"] for c in rec["concepts"]] == ["red", "dog"]
 
 
-def _assert_one_line_error(rc, err, *needles):
-    assert rc == 2
-    assert "Traceback" not in err
-    lines = [l for l in err.strip().splitlines() if l.startswith("mmn: error:")]
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0]
-
 
 def test_missing_model_path(image_dir, tmp_path, capsys):
-    rc, _, err = _run(capsys, "find", "--model", tmp_path / "nope", "--images", image_dir, "--out", tmp_path / "o")
-    _assert_one_line_error(rc, err, "not a local Hugging Face checkpoint")
+    rc, _, err = run_cli(capsys, "find", "--model", tmp_path / "nope", "--images", image_dir, "--out", tmp_path / "o")
+    one_line_error(rc, err, "not a local Hugging Face checkpoint")
 
 
 def test_corrupt_image(llava_path, tmp_path, capsys):
     d = tmp_path / "bad"
     d.mkdir()
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
-    rc, _, err = _run(capsys, "find", "--model", llava_path, "--images", d, "--out", tmp_path / "o", "--quiet")
-    _assert_one_line_error(rc, err, "broken", "none of the 1 images")
+    rc, _, err = run_cli(capsys, "find", "--model", llava_path, "--images", d, "--out", tmp_path / "o", "--quiet")
+    one_line_error(rc, err, "broken", "none of the 1 images")
 
 
 def test_bad_images_among_good_ones_are_skipped_with_a_warning(llava_path, image_dir, tmp_path, capsys):
     m = tmp_path / "m.jsonl"
     good = sorted(image_dir.glob("*.png"))
     m.write_text("".join(json.dumps({"image": str(p)}) + "\n" for p in [good[0], tmp_path / "gone.png", good[1]]))
-    rc, _, err = _run(capsys, "find", "--model", llava_path, "--images", m, "--out", tmp_path / "o", "--quiet",
+    rc, _, err = run_cli(capsys, "find", "--model", llava_path, "--images", m, "--out", tmp_path / "o", "--quiet",
                       "--concepts", "all", "--max-new-tokens", "4")
     assert rc == 0 and "1 images skipped" in err and "Traceback" not in err
     assert len((tmp_path / "o" / "results.jsonl").read_text().splitlines()) == 2
@@ -97,14 +85,14 @@ def test_bad_images_among_good_ones_are_skipped_with_a_warning(llava_path, image
 def test_missing_image_in_manifest(llava_path, tmp_path, capsys):
     m = tmp_path / "m.jsonl"
     m.write_text(json.dumps({"image": "does_not_exist.png"}) + "\n")
-    rc, _, err = _run(capsys, "find", "--model", llava_path, "--images", m, "--out", tmp_path / "o", "--quiet")
-    _assert_one_line_error(rc, err, "does_not_exist.png", "missing file", "skipped.jsonl")
+    rc, _, err = run_cli(capsys, "find", "--model", llava_path, "--images", m, "--out", tmp_path / "o", "--quiet")
+    one_line_error(rc, err, "does_not_exist.png", "missing file", "skipped.jsonl")
 
 
 def test_unknown_concept_word(demo_path, image_dir, tmp_path, capsys):
-    rc, _, err = _run(capsys, "find", "--model", demo_path, "--images", image_dir, "--out", tmp_path / "o",
+    rc, _, err = run_cli(capsys, "find", "--model", demo_path, "--images", image_dir, "--out", tmp_path / "o",
                       "--concepts", "red,zyzzyva", "--quiet")
-    _assert_one_line_error(rc, err, "zyzzyva")
+    one_line_error(rc, err, "zyzzyva")
 
 
 def test_model_without_recognisable_mlps(tmp_path, image_dir, capsys):
@@ -115,35 +103,35 @@ def test_model_without_recognisable_mlps(tmp_path, image_dir, capsys):
     tok = tiny_tokenizer()
     MptForCausalLM(MptConfig(d_model=32, n_heads=2, n_layers=2, vocab_size=len(tok))).save_pretrained(tmp_path / "mpt")
     tok.save_pretrained(tmp_path / "mpt")
-    rc, _, err = _run(capsys, "find", "--model", tmp_path / "mpt", "--images", image_dir, "--out", tmp_path / "o")
-    _assert_one_line_error(rc, err, "could not find the decoder MLPs", "layers=")
+    rc, _, err = run_cli(capsys, "find", "--model", tmp_path / "mpt", "--images", image_dir, "--out", tmp_path / "o")
+    one_line_error(rc, err, "could not find the decoder MLPs", "layers=")
 
 
 def test_bad_option_values(llava_path, image_dir, tmp_path, capsys):
-    rc, _, err = _run(capsys, "find", "--model", llava_path, "--images", image_dir, "--out", tmp_path / "o",
+    rc, _, err = run_cli(capsys, "find", "--model", llava_path, "--images", image_dir, "--out", tmp_path / "o",
                       "--top-k", "0", "--quiet")
-    _assert_one_line_error(rc, err, "top_k")
+    one_line_error(rc, err, "top_k")
 
 
 def test_top_tokens_command(llava_path, tmp_path, capsys, monkeypatch):
-    rc, out, err = _run(capsys, "top-tokens", "--model", llava_path, "--neuron", "L1.3", "-k", "4")
+    rc, out, err = run_cli(capsys, "top-tokens", "--model", llava_path, "--neuron", "L1.3", "-k", "4")
     lines = out.strip().splitlines()  # both ends, labelled: what it promotes firing positive, then negative
     assert rc == 0 and len(lines) == 10 and "L1.3 fires positive" in lines[0] and "fires negative" in lines[5]
     assert all(float(x.split()[-1]) < 0 for x in lines[6:]) and "mmn:" not in err
-    rc, old, err = _run(capsys, "top-tokens", "--model", llava_path, "--layer", "1", "--neuron", "3", "-k", "4")
+    rc, old, err = run_cli(capsys, "top-tokens", "--model", llava_path, "--layer", "1", "--neuron", "3", "-k", "4")
     assert rc == 0 and old == out and "mmn: note: --layer L --neuron I is deprecated" in err  # the old spelling
-    rc, out, _ = _run(capsys, "top-tokens", "--model", llava_path, "--cache-dir", tmp_path / "c", "--quiet")
+    rc, out, _ = run_cli(capsys, "top-tokens", "--model", llava_path, "--cache-dir", tmp_path / "c", "--quiet")
     assert rc == 0 and list((tmp_path / "c").glob("vocab-*.safetensors"))
-    rc, _, err = _run(capsys, "top-tokens", "--model", llava_path, "--neuron", "L99.0")
-    _assert_one_line_error(rc, err, "out of range")
-    rc, _, err = _run(capsys, "top-tokens", "--model", llava_path, "--neuron", "1/3")
-    _assert_one_line_error(rc, err, "L<layer>.<index>")
+    rc, _, err = run_cli(capsys, "top-tokens", "--model", llava_path, "--neuron", "L99.0")
+    one_line_error(rc, err, "out of range")
+    rc, _, err = run_cli(capsys, "top-tokens", "--model", llava_path, "--neuron", "1/3")
+    one_line_error(rc, err, "L<layer>.<index>")
 
 
 def test_top_tokens_caches_in_the_user_cache_not_the_model(llava_path, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MMN_CACHE", str(tmp_path / "cache"))
     before = sorted(p.name for p in llava_path.iterdir())
-    rc, out, _ = _run(capsys, "top-tokens", "--model", llava_path, "--quiet")
+    rc, out, _ = run_cli(capsys, "top-tokens", "--model", llava_path, "--quiet")
     assert rc == 0 and sorted(p.name for p in llava_path.iterdir()) == before
     assert list((tmp_path / "cache" / "top-tokens").rglob("vocab-*.safetensors")) and str(tmp_path / "cache") in out
 
@@ -152,7 +140,7 @@ def test_summary_and_demo_write_neurons_one_way(demo_path, tmp_path, capsys):
     """Neurons are written L<layer>.<index> in the find summary (and the demo, and top-tokens)."""
     images = tmp_path / "images"
     save_examples(make_examples(4, seed=5), images)
-    rc, out, _ = _run(capsys, "find", "--model", demo_path, "--images", images / "manifest.jsonl", "--out",
+    rc, out, _ = run_cli(capsys, "find", "--model", demo_path, "--images", images / "manifest.jsonl", "--out",
                       tmp_path / "o", "--concepts", "all", "--max-new-tokens", "12", "--quiet")
     rows = [ln for ln in out.splitlines()[1:] if " x" in ln]
     assert rc == 0 and rows and all(re.search(r"\bL\d+\.\d+ x\d+", ln) for ln in rows), out
@@ -162,8 +150,8 @@ def test_out_that_is_a_file_is_one_line(llava_path, image_dir, tmp_path, capsys)
     f = tmp_path / "afile"
     f.write_text("hi")
     for out in (f, f / "sub"):
-        rc, _, err = _run(capsys, "find", "--model", llava_path, "--images", image_dir, "--out", out, "--quiet")
-        _assert_one_line_error(rc, err, "--out must be a directory", "afile")
+        rc, _, err = run_cli(capsys, "find", "--model", llava_path, "--images", image_dir, "--out", out, "--quiet")
+        one_line_error(rc, err, "--out must be a directory", "afile")
     assert f.read_text() == "hi"
 
 
@@ -198,7 +186,7 @@ def test_library_warnings_are_one_line_each(llava_path, image_dir, tmp_path, cap
     import mmn_fast.find.concepts as c
 
     monkeypatch.setattr(c.NounTagger, "available", property(lambda self: False))
-    rc, _, err = _run(capsys, "find", "--model", llava_path, "--images", image_dir, "--out", tmp_path / "o", "--quiet",
+    rc, _, err = run_cli(capsys, "find", "--model", llava_path, "--images", image_dir, "--out", tmp_path / "o", "--quiet",
                       "--max-new-tokens", "4", "--batch-size", "1")
     lines = [ln for ln in err.splitlines() if "spaCy" in ln]
     assert rc == 0 and len(lines) == 1 and lines[0].startswith("mmn: no spaCy"), err
@@ -223,8 +211,8 @@ def test_find_checks_what_needs_no_model_before_loading_it(demo_path, image_dir,
     argv = {"--images": str(image_dir), "--out": str(tmp_path / "o")}
     argv.update({bad[0]: bad[1]} if bad[0] in argv else {})
     extra = [] if bad[0] in ("--images",) else list(bad)
-    rc, _, err = _run(capsys, "find", "--model", demo_path, *[x for kv in argv.items() for x in kv], "--quiet", *extra)
-    _assert_one_line_error(rc, err, message)
+    rc, _, err = run_cli(capsys, "find", "--model", demo_path, *[x for kv in argv.items() for x in kv], "--quiet", *extra)
+    one_line_error(rc, err, message)
 
 
 def test_find_counts_distinct_concepts_like_the_report(demo_path, tmp_path, capsys):
@@ -232,7 +220,7 @@ def test_find_counts_distinct_concepts_like_the_report(demo_path, tmp_path, caps
     images = tmp_path / "images"
     save_examples(make_examples(6, seed=5), images)
     out = tmp_path / "o"
-    rc, stdout, _ = _run(capsys, "find", "--model", demo_path, "--images", images / "manifest.jsonl", "--out", out,
+    rc, stdout, _ = run_cli(capsys, "find", "--model", demo_path, "--images", images / "manifest.jsonl", "--out", out,
                          "--concepts", "all", "--max-new-tokens", "12", "--quiet")
     n = len(json.loads((out / "concepts.json").read_text()))
     mentions = sum(len(json.loads(line)["concepts"]) for line in (out / "results.jsonl").read_text().splitlines())
@@ -246,7 +234,7 @@ def test_an_interrupted_find_says_how_to_resume(llava_path, image_dir, tmp_path,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli_find, "run_corpus", interrupted)
-    rc, _, err = _run(capsys, "find", "--model", llava_path, "--images", image_dir, "--out", tmp_path / "o", "--quiet")
+    rc, _, err = run_cli(capsys, "find", "--model", llava_path, "--images", image_dir, "--out", tmp_path / "o", "--quiet")
     assert rc == 130 and "run the same command again to resume" in err
 
 

@@ -17,9 +17,6 @@ from mmn_fast.model.live import apply_patch
 from mmn_fast.model.patch_file import PatchError, gather_rows, hashes_by_dtype, load_patch, make_patch
 from mmn_fast.testing import random_images
 from mmn_fast.testing.llava import llava_model
-from mmn_fast.testing.zoo import ZOO_MODELS, save
-
-FAMILIES = ["qwen3_vl_moe", "llava_deepseek_moe"]
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +24,10 @@ def images():
     return random_images(2, size=32, seed=3)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def moe(request, tmp_path_factory):
-    model, processor = ZOO_MODELS[request.param]()
-    path = save(tmp_path_factory.mktemp(request.param) / "ckpt", model, processor)
-    return request.param, path, processor, mmn_fast.load(path, processor=processor, device="cpu")
+@pytest.fixture(scope="module")
+def moe(moe_checkpoint):
+    name, path, processor = moe_checkpoint
+    return name, path, processor, mmn_fast.load(path, processor=processor, device="cpu")
 
 
 def _expert_units(ad):

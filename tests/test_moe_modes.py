@@ -11,9 +11,7 @@ import mmn_fast
 from mmn_fast import MMNError
 from mmn_fast.find.heatmap import concept_signs, maps, trace, write_heatmaps
 from mmn_fast.testing import random_images
-from mmn_fast.testing.zoo import ZOO_MODELS, save
 
-FAMILIES = ["qwen3_vl_moe", "llava_deepseek_moe"]
 KW = dict(concepts="all", top_k=6, max_new_tokens=5, batch_size=2)
 
 
@@ -22,10 +20,9 @@ def images():
     return random_images(2, size=32, seed=3)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def engine(request, tmp_path_factory):
-    model, processor = ZOO_MODELS[request.param]()
-    path = save(tmp_path_factory.mktemp(request.param) / "ckpt", model, processor)
+@pytest.fixture(scope="module")
+def engine(moe_checkpoint):
+    _name, path, processor = moe_checkpoint
     eng = mmn_fast.load(path, processor=processor, device="cpu", dtype="float64")
     assert eng.adapter.is_moe
     return eng
