@@ -2,18 +2,26 @@
 and reverted bit for bit, stacked, baked into a checkpoint (experts stored fused [E, d, F] as Qwen3-VL-MoE saves
 them, or one tensor per expert as DeepSeek-style checkpoints do) and reloaded; the methods pick expert neurons
 from find's records; what cannot take expert neurons refuses them by name."""
+import base64
+import io
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from safetensors import safe_open
 
 import mmn_fast
-from mmn_fast import MMNError
+from mmn_fast import DEFAULT_PROMPT, MMNError
 from mmn_fast.cli.main import main
 from mmn_fast.edit import concept_neurons, random_neurons, suppress, swap
 from mmn_fast.edit.bake import bake
 from mmn_fast.edit.export import export_peft
-from mmn_fast.edit.methods import optimize
+from mmn_fast.edit.methods import optimize, word_token
 from mmn_fast.model.live import apply_patch
+from mmn_fast.run.aggregate import open_results
+from mmn_fast.serve.app import ServeSettings, create_app
 from mmn_fast.model.patch_file import PatchError, gather_rows, hashes_by_dtype, load_patch, make_patch
 from mmn_fast.testing import random_images
 from mmn_fast.testing.llava import llava_model
@@ -202,3 +210,69 @@ def test_per_request_patches_of_dense_layers_work_on_an_moe_model(moe, images):
         in_place = engine.caption(images, max_new_tokens=8)
     assert in_place[1] != base[1], "the patch must change the caption for this test to mean anything"
     assert mixed == [base[0], in_place[1]]
+
+
+def test_a_corpus_run_on_an_moe_model_then_an_edit_from_its_concepts(moe, images, tmp_path, capsys):
+    """`mmn find --aggregate sparse` on an MoE model: results.jsonl holds [layer, expert, index, score] records
+    equal to engine.find's, concepts.json names each neuron's expert, the aggregates reload; `mmn edit
+    --results` edits the concept's top (expert) neurons. Dense aggregates are refused before anything is
+    written."""
+    name, path, processor, engine = moe
+    if name == "qwen3_vl_moe":
+        pytest.skip("the saved Qwen3-VL-MoE processor needs torchvision to reload (the CLI loads it from disk)")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    pictures = random_images(4, size=32, seed=8)
+    for k, im in enumerate(pictures):
+        im.save(folder / f"im{k}.png")
+    args = ["find", "--model", str(path), "--images", str(folder), "--concepts", "all", "--top-k", "12",
+            "--max-new-tokens", "6", "--num-workers", "0", "--quiet"]
+    rc = main(args + ["--out", str(tmp_path / "dense")])
+    assert rc == 2 and "--aggregate sparse" in capsys.readouterr().err and not (tmp_path / "dense").exists()
+    run = tmp_path / "run"
+    assert main(args + ["--out", str(run), "--aggregate", "sparse"]) == 0, capsys.readouterr().err
+    got = {r["id"]: r for r in map(json.loads, (run / "results.jsonl").read_text().splitlines())}
+    want = engine.find([str(folder / f"im{k}.png") for k in range(4)], concepts="all", top_k=12, max_new_tokens=6)
+    assert len(got) == 4
+    for w in want:
+        g = got[Path(w.image).stem]
+        assert g["output_ids"] == w.output_ids
+        for cg, cw in zip(g["concepts"], w.concepts, strict=True):
+            assert [n[:3] for n in cg["neurons"]] == [n[:3] for n in cw.neurons]
+    assert any(n[1] >= 0 for r in got.values() for c in r["concepts"] for n in c["neurons"])
+    concepts = json.loads((run / "concepts.json").read_text())
+    word = next(w for w, c in concepts.items() if any(n["expert"] >= 0 for n in c["neurons"][:3]))
+    stats = open_results(run).stats
+    assert {n[:2] for n in stats.sparse[word]} and all(len(key) == 3 for key in stats.sparse[word])
+    target = next(w for w in concepts if w != word and word_token(engine.tokenizer, w) != word_token(engine.tokenizer, word))
+    out = tmp_path / "e.mmnpatch.safetensors"
+    rc = main(["edit", "--model", str(path), "--results", str(run), "--source", word, "--target", target,
+               "--method", "swap", "--neurons", "3", "--max-new-tokens", "6", "--no-eval", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    picked = [(n["layer"], n["expert"], n["index"]) for n in concepts[word]["neurons"][:3]]
+    assert sorted(load_patch(out).neurons) == sorted((l, i) if e == -1 else (l, e, i) for l, e, i in picked)
+
+
+def test_the_neurons_endpoint_on_an_moe_model(moe, images):
+    """`POST /v1/neurons` on an MoE model: each neuron with its expert, label and top tokens (of the expert's
+    own output vector), equal to engine.find's records."""
+    name, path, processor, engine = moe
+    app = create_app(engine, ServeSettings(served_model_name="m"))
+    buf = io.BytesIO()
+    images[0].save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    body = {"model": "m", "max_tokens": 6, "top_k": 4, "concepts": "all", "top_tokens": 2,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": DEFAULT_PROMPT}]}]}
+    with TestClient(app) as client:
+        r = client.post("/v1/neurons", json=body)
+    assert r.status_code == 200, r.text
+    want = engine.find([images[0]], concepts="all", top_k=4, max_new_tokens=6)[0]
+    got = r.json()["concepts"]
+    assert [[(n["layer"], n["expert"], n["index"]) for n in c["neurons"]] for c in got] == \
+        [[tuple(x[:3]) for x in c.neurons] for c in want.concepts]
+    for c in got:
+        for n in c["neurons"]:
+            assert len(n["top_tokens"]) == 2
+            assert n["neuron"] == (f"L{n['layer']}.{n['index']}" if n["expert"] < 0 else
+                                   f"L{n['layer']}.E{n['expert']}.{n['index']}")

@@ -228,8 +228,19 @@ def test_moe_family_scores_expert_neurons_exactly(name, images, tmp_path):
     for options in (dict(activation="act_fn"), dict(fold_final_norm=True)):
         with pytest.raises(MMNError, match="mixture-of-experts"):
             engine.find(images, **options, **kw)
-    with pytest.raises(MMNError, match="mixture-of-experts"):
-        engine.find(images, patches=[None, None], **kw)
+    # rows all on the base model: per-request patches change nothing; a real one is refused by name
+    base_rows = engine.find(images, patches=[None, None], **kw)
+    assert [[c.neurons for c in r.concepts] for r in base_rows] == [[c.neurons for c in r.concepts] for r in found]
+    d = engine.adapter.unembed_weight().shape[1]
+    moe_layer = next(l for l, b in enumerate(engine.adapter.experts) if b is not None)
+    with pytest.raises(MMNError, match="per-request patches take dense"):
+        engine.patches.load("e", make_patch(engine.adapter, {(moe_layer, 0): (torch.tensor([1]), torch.ones(1, d))}, "t"))
+    dense = next((l for l, b in enumerate(engine.adapter.experts) if b is None), None)
+    if dense is not None:  # a dense layer's patch is served per request by caption, not yet scored by find
+        engine.patches.load("dense", make_patch(engine.adapter, {dense: (torch.tensor([1]), torch.ones(1, d))}, "t"))
+        with pytest.raises(MMNError, match="mixture-of-experts"):
+            engine.find(images, patches=[None, "dense"], **kw)
+        engine.patches.unload("dense")
     with pytest.raises(MMNError, match="mixture-of-experts"):
         engine.find(images, keep_scores=True, **kw)
     folder = tmp_path / "images"

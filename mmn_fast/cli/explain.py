@@ -65,7 +65,8 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
         if not (0 <= l < ad.n_layers and 0 <= i < ad.d_mlp):
             raise MMNError(f"neuron {neuron_label(l, i)} out of range: layers 0..{ad.n_layers - 1}, neurons 0..{ad.d_mlp - 1}")
     elif res_dir is not None:
-        neurons = [(x["layer"], x["index"]) for x in res_dir.top_neurons(word, n)]
+        neurons = [(x["layer"], x["expert"], x["index"]) if ad.is_moe else (x["layer"], x["index"])
+                   for x in res_dir.top_neurons(word, n)]
         if not neurons:
             raise MMNError(f"'{word}' is not a concept of the run in {args.results}")
     elif con is None:
@@ -86,7 +87,8 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
             "percentile": args.percentile}
     info = save_heatmap(hm, stem, meta, args.cmap, display_min=DISPLAY_MIN)
     print(f"caption: {res.caption}")
-    print(f"{len(neurons)} neuron(s) {', '.join('.'.join(map(str, x)) for x in neurons[:10])}{' ...' if len(neurons) > 10 else ''}; "
+    labels = [neuron_label(x[0], x[-1], x[1] if len(x) == 3 else None) for x in neurons[:10]]
+    print(f"{len(neurons)} neuron(s) {', '.join(labels)}{' ...' if len(neurons) > 10 else ''}; "
           f"mask keeps {100 * info['mask_fraction']:.1f}% of pixels")
     print(f"written {stem}.heatmap.png, {stem}.mask.png, {stem}.json")
     return 0

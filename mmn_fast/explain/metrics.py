@@ -190,6 +190,7 @@ def _first(rec: dict) -> dict[str, dict]:
 def compute_metrics(engine, results_dir, images=None, progress: bool = False, **options) -> dict:
     """Every metric of `options.metrics` for the run in `results_dir`; returns the metrics.json object.
     progress: log each metric's seconds when it is done (logger `mmn_fast.explain.metrics`, level INFO)."""
+    engine.adapter.require_dense("mmn metrics (the paper's properties, over [layer, index] neurons)")
     opts = MetricOptions(**options)
     opts.validate()
     res = open_results(results_dir)

@@ -484,6 +484,8 @@ def build_report(results_dir, engine=None, neurons: int = 10, examples: int = 3,
 
 def write_report(results_dir, out=None, engine=None, **kw) -> Path:
     """Write the report (default `results_dir/report.html`) atomically; returns its path."""
+    if engine is not None:
+        engine.adapter.require_dense("mmn report (its neuron pages read [layer, index] neurons)")
     text = build_report(results_dir, engine, **kw)
     path = Path(out) if out else Path(results_dir) / "report.html"
     with atomic_open(path, "w") as f:

@@ -332,10 +332,10 @@ class Engine:
                            f"{type(images).__name__}") from None
         if captions is not None and len(captions) != len(items):
             raise MMNError(f"{len(captions)} captions for {len(items)} images: give one caption per image")
-        if keep_scores or patches is not None:
+        stacks = self.patches.resolve(patches, len(items))  # names looked up once, when the call starts
+        if keep_scores or (stacks is not None and any(stacks)):  # rows all on the base model need nothing more
             self.adapter.require_dense("a corpus run (per-concept aggregates)" if keep_scores else
                                        "find with per-request patches")
-        stacks = self.patches.resolve(patches, len(items))  # names looked up once, when the call starts
         for start in range(0, len(items), opts.batch_size):
             batch = items[start : start + opts.batch_size]
             caps = None if captions is None else captions[start : start + opts.batch_size]

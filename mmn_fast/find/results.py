@@ -9,9 +9,10 @@ from ..errors import MMNError
 _NEURON = re.compile(r"[Ll]?(\d+)[.:](\d+)")
 
 
-def neuron_label(layer: int, index: int) -> str:
-    """The one way neurons are written for people: `L12.345` (layer 12, neuron 345)."""
-    return f"L{layer}.{index}"
+def neuron_label(layer: int, index: int, expert: int | None = None) -> str:
+    """The one way neurons are written for people: `L12.345` (layer 12, neuron 345); an expert neuron of a
+    mixture-of-experts layer `L12.E3.345` (expert 3; a dense layer's neurons, expert -1, stay `L12.345`)."""
+    return f"L{layer}.{index}" if expert is None or expert < 0 else f"L{layer}.E{expert}.{index}"
 
 
 def parse_neuron(text: str) -> tuple[int, int]:

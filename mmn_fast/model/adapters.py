@@ -369,6 +369,12 @@ class Adapter:
                 out += [(l, e) for e in range(block.n_experts + (block.shared is not None))]
         return out
 
+    @property
+    def n_neurons(self) -> int:
+        """Every neuron a concept is scored over: n_layers x d_mlp for dense models; with mixture-of-experts
+        layers every routed and shared expert's neurons too (an expert not chosen at a position scores 0)."""
+        return sum(int(self.unit_weight(l, e).shape[1]) for l, e in self.units())
+
     def scored_weights(self) -> list[torch.Tensor]:
         """Every output-vector matrix (dense W_out, expert and shared-expert down projections) and W_U:
         what a find result depends on (the engine's fingerprint)."""

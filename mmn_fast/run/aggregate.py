@@ -143,17 +143,21 @@ class NeuronStats:
             index["dense_rows"] = dense_words
             return {f"{row}/{k}": self.dense[w][k] for row, w in enumerate(dense_words)
                     for k in ("sum", "sumsq", "topk_sum", "topk")}, index
-        if any(len(key) != 2 for table in self.sparse.values() for key in table):
-            raise MMNError("aggregates of expert neurons ([layer, expert, index]) are kept in memory only: corpus runs "
-                           "on mixture-of-experts models are not supported yet")
-        cells = [(c, l, i, *v) for c, w in enumerate(words) for (l, i), v in self.sparse.get(w, {}).items()]
+        # Neurons are (layer, index), or (layer, expert, index) in models with mixture-of-experts layers: then
+        # an "expert" column (-1 for a dense layer's neurons) sits beside the others.
+        experts = any(len(key) == 3 for table in self.sparse.values() for key in table)
+        cells = [(c, key[0], key[-1], key[1] if len(key) == 3 else -1, *v)
+                 for c, w in enumerate(words) for key, v in self.sparse.get(w, {}).items()]
         if not cells:
             return {}, index
         cols = list(zip(*cells))
-        return {"concept": torch.tensor(cols[0], dtype=torch.int32), "layer": torch.tensor(cols[1], dtype=torch.int32),
-                "index": torch.tensor(cols[2], dtype=torch.int32), "topk": torch.tensor(cols[3], dtype=torch.int64),
-                "topk_sum": torch.tensor(cols[4], dtype=torch.float64),
-                "topk_sumsq": torch.tensor(cols[5], dtype=torch.float64)}, index
+        out = {"concept": torch.tensor(cols[0], dtype=torch.int32), "layer": torch.tensor(cols[1], dtype=torch.int32),
+               "index": torch.tensor(cols[2], dtype=torch.int32), "topk": torch.tensor(cols[4], dtype=torch.int64),
+               "topk_sum": torch.tensor(cols[5], dtype=torch.float64),
+               "topk_sumsq": torch.tensor(cols[6], dtype=torch.float64)}
+        if experts:
+            out["expert"] = torch.tensor(cols[3], dtype=torch.int32)
+        return out, index
 
     def save(self, stem: str | Path) -> None:
         """`<stem>.safetensors` then `<stem>.json` (the index, written last), both atomically. The stem
@@ -185,9 +189,11 @@ class NeuronStats:
                                   for k in ("sum", "sumsq", "topk_sum", "topk")}
         elif tensors:
             cols = [_tensor(tensors, k, stem, None) for k in SPARSE_COLUMNS]
-            _check_sparse(stem, cols, len(words), stats.n_layers, stats.d_mlp)
-            for c, l, i, n, s, ss in zip(*(c.tolist() for c in cols)):
-                stats.sparse[words[c]][(l, i)] = [n, s, ss]
+            experts = _tensor(tensors, "expert", stem, None) if "expert" in tensors else None
+            _check_sparse(stem, cols, len(words), stats.n_layers, None if experts is not None else stats.d_mlp, experts)
+            es = experts.tolist() if experts is not None else None
+            for j, (c, l, i, n, s, ss) in enumerate(zip(*(c.tolist() for c in cols))):
+                stats.sparse[words[c]][(l, i) if es is None else (l, es[j], i)] = [n, s, ss]
         return stats
 
 
@@ -225,14 +231,21 @@ def _tensor(tensors: dict, key: str, stem, shape: tuple | None) -> torch.Tensor:
     return t
 
 
-def _check_sparse(stem, cols: list[torch.Tensor], n_words: int, n_layers: int, d_mlp: int) -> None:
-    """Sparse columns: one length, concept rows and neuron coordinates in range."""
+def _check_sparse(stem, cols: list[torch.Tensor], n_words: int, n_layers: int, d_mlp: int | None,
+                  experts: torch.Tensor | None = None) -> None:
+    """Sparse columns: one length, concept rows and neuron coordinates in range (expert >= -1; an expert's
+    neuron index is bounded by its own width, which the index does not record)."""
+    if experts is not None and (len(experts) != len(cols[0]) or experts.dtype.is_floating_point
+                                or (len(experts) and int(experts.min()) < -1)):
+        raise MMNError(f"'{stem}.safetensors': the 'expert' column differs in length from the others, is not "
+                       f"integer, or holds values below -1; {RERUN}")
     if len({len(c) for c in cols}) != 1 or any(c.dtype.is_floating_point for c in cols[:4]):
         raise MMNError(f"'{stem}.safetensors': the sparse columns differ in length, or a count or coordinate "
                        f"column is not integer; {RERUN}")
     for col, (name, hi) in zip(cols, (("concept", n_words), ("layer", n_layers), ("index", d_mlp))):
         if len(col) and (int(col.min()) < 0 or (hi and int(col.max()) >= hi)):
-            raise MMNError(f"'{stem}.safetensors': column '{name}' holds values outside 0..{hi - 1}; {RERUN}")
+            span = f"0..{hi - 1}" if hi else "0 and up"
+            raise MMNError(f"'{stem}.safetensors': column '{name}' holds values outside {span}; {RERUN}")
 
 
 def inside_run(root: str | Path, path: str | Path) -> bool:
@@ -296,7 +309,8 @@ def check_run_json(name, run) -> None:
 
 def check_record(rec, where: str, n_layers: int | None = None, d_mlp: int | None = None) -> dict:
     """A results.jsonl record as readers use it (id, image, caption, output_ids, each concept's word,
-    token, step and [layer, index, score] neurons, in range when the model's sizes are known); `where`:
+    token, step and [layer, index, score] neurons ([layer, expert, index, score] in models with
+    mixture-of-experts layers), in range when the model's sizes are known); `where`:
     the file and line, for the message. Returns the record."""
     def bad(field, want, got):
         raise MMNError(f"{where}: field '{field}' must be {want}, got {got!r:.80}; {RERUN}")
@@ -317,8 +331,12 @@ def check_record(rec, where: str, n_layers: int | None = None, d_mlp: int | None
                 and _is_int(c.get("step")) and isinstance(c.get("neurons"), list)):
             bad(f"concepts[{j}]", "an object with word, token_id, step and neurons", c)
         for k, x in enumerate(c["neurons"]):
-            if not (type(x) is list and len(x) >= 2 and type(x[0]) is int and type(x[1]) is int
-                    and 0 <= x[0] < n_layers and 0 <= x[1] < d_mlp):
+            if type(x) is list and len(x) == 4:  # [layer, expert, index, score]: an expert's width is its own
+                if not (all(type(v) is int for v in x[:3]) and 0 <= x[0] < n_layers and x[1] >= -1 and x[2] >= 0):
+                    bad(f"concepts[{j}].neurons[{k}]", "[layer, expert, index, score] with layer in range, "
+                                                       "expert >= -1 and index >= 0", x)
+            elif not (type(x) is list and len(x) >= 2 and type(x[0]) is int and type(x[1]) is int
+                      and 0 <= x[0] < n_layers and 0 <= x[1] < d_mlp):
                 bad(f"concepts[{j}].neurons[{k}]", f"[layer, index, score] with {span}", x)
     return rec
 

@@ -215,7 +215,7 @@ def _phase(fn, warm, repeats: int, device: torch.device, bar) -> tuple[Phase, ob
 def scored_neurons(engine: Engine) -> int:
     """Neurons a concept is scored over: n_layers x d_mlp, or for mixture-of-experts models every
     expert neuron (routed and shared) of every layer."""
-    return sum(engine.adapter.unit_weight(layer, expert).shape[1] for layer, expert in engine.adapter.units())
+    return engine.adapter.n_neurons
 
 
 def _triton_version() -> str | None:

@@ -169,8 +169,11 @@ def run_corpus(engine: Engine, images: str | Path, out_dir: str | Path, settings
     """Score a corpus into `out_dir`, resuming a killed run with the same settings. Returns the run
     summary (images, skipped, concepts, neurons scored, seconds, and concepts.json's content on rank 0)."""
     engine.check_options(options)  # a bad option or word is one error now, not a skip per sample
-    engine.adapter.require_dense("a corpus run (mmn find: per-concept aggregates per [layer, index])")
     settings.validate()
+    if engine.adapter.is_moe and settings.aggregate == "dense":
+        raise MMNError(f"{type(engine.model).__name__} has mixture-of-experts layers: dense aggregates keep one "
+                       "[layer, index] table per concept, which expert neurons do not fit; run with --aggregate sparse "
+                       "(per concept, the neurons that rank in its top-k, experts included)")
     rank, world = _dist_info(settings.rank, settings.world)
     if world > 1:
         import torch.distributed as dist
@@ -255,9 +258,12 @@ def _finished_summary(out: Path, state: RankState, rank: int) -> dict:
 
 def summary_table(summary: dict, max_rows: int = 20, neurons: int = 3) -> str:
     """A short text table of concepts.json: concept, images, its most frequent top neurons (layer:index)."""
-    lines = [f"{'concept':<16} {'images':>6}  top neurons (L<layer>.<index> x count)"]
+    experts = any("expert" in n for info in summary.values() for n in info["neurons"])
+    form = "L<layer>.<index>, L<layer>.E<expert>.<index>" if experts else "L<layer>.<index>"
+    lines = [f"{'concept':<16} {'images':>6}  top neurons ({form} x count)"]
     for word, info in list(summary.items())[:max_rows]:
-        top = ", ".join(f"{neuron_label(n['layer'], n['index'])} x{n['count']}" for n in info["neurons"][:neurons])
+        top = ", ".join(f"{neuron_label(n['layer'], n['index'], n.get('expert'))} x{n['count']}"
+                        for n in info["neurons"][:neurons])
         lines.append(f"{word:<16} {info['images']:>6}  {top}")
     if len(summary) > max_rows:
         lines.append(f"... {len(summary) - max_rows} more concepts in concepts.json")
@@ -513,7 +519,7 @@ class _BatchRunner:
             seen.add(word)
             st.stats.add(word, c.scores, c.neurons)
             st.counts["concepts"] += 1
-        st.counts["neurons_scored"] += len(res.concepts) * self.engine.adapter.n_layers * self.engine.adapter.d_mlp
+        st.counts["neurons_scored"] += len(res.concepts) * self.engine.adapter.n_neurons
 
 
 def _merge(engine: Engine, out: Path, parts: Path, corpus: Corpus, config: dict, world: int, opts: FindOptions,

@@ -225,10 +225,11 @@ class Server:
             edits = plan.row_edits(0) if plan is not None else {}
             concepts = []
             for c in result.concepts:
-                neurons = [{"neuron": neuron_label(l, i), "layer": l, "index": i, "score": s} for l, i, s in c.neurons]
+                neurons = [_neuron_json(rec) for rec in c.neurons]
                 if x["top_tokens"] and neurons:
-                    for n, toks in zip(neurons, self._top_tokens([(n["layer"], n["index"]) for n in neurons], edits,
-                                                                 x["top_tokens"])):
+                    keys = [(n["layer"], n["expert"], n["index"]) if "expert" in n else (n["layer"], n["index"])
+                            for n in neurons]
+                    for n, toks in zip(neurons, self._top_tokens(keys, edits, x["top_tokens"])):
                         n["top_tokens"] = toks
                 concepts.append({"word": c.word, "token_id": c.token_id, "step": c.step, "neurons": neurons})
         n_prompt, n_out = len(result.prompt_ids), len(result.output_ids)
@@ -236,19 +237,32 @@ class Server:
                 "model": req.model, "caption": result.caption, "output_ids": result.output_ids, "concepts": concepts,
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}}
 
-    def _top_tokens(self, neurons: list[tuple[int, int]], edits: dict, k: int) -> list[list[dict]]:
+    def _top_tokens(self, neurons: list[tuple], edits: dict, k: int) -> list[list[dict]]:
+        """Top tokens of each neuron, (layer, index) or (layer, expert, index): its output vector, the request's
+        patched one where its patch (dense layers only) changed it."""
         ad = self.engine.adapter
         dev = ad.unembed_weight().device
         cols = []
-        for l, i in neurons:
-            e = edits.get(l)
+        for key in neurons:
+            l, i, expert = key[0], key[-1], (key[1] if len(key) == 3 else -1)
+            e = edits.get(l) if expert == -1 else None
             hit = (e.idx == i).nonzero() if e is not None else None
-            cols.append(e.new[int(hit[0, 0])].to(dev) if hit is not None and hit.numel() else ad.out_weight(l)[:, i].to(dev))
+            cols.append(e.new[int(hit[0, 0])].to(dev) if hit is not None and hit.numel()
+                        else ad.unit_weight(l, expert)[:, i].to(dev))
         with torch.no_grad():
             values, ids = neuron_topk(self.engine, torch.stack(cols, 1), k)  # [N, k]
         tok = self.engine.tokenizer
         return [[{"token": t, "id": j, "logit": v} for t, j, v in zip(tok.convert_ids_to_tokens(row_ids), row_ids, row_v)]
                 for row_ids, row_v in zip(ids.tolist(), values.tolist())]
+
+
+def _neuron_json(rec: list) -> dict:
+    """A find record [layer, index, score] (or [layer, expert, index, score]) as the API writes it."""
+    if len(rec) == 4:
+        l, e, i, s = rec
+        return {"neuron": neuron_label(l, i, e), "layer": l, "expert": e, "index": i, "score": s}
+    l, i, s = rec
+    return {"neuron": neuron_label(l, i), "layer": l, "index": i, "score": s}
 
 
 KNOWN = frozenset({"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/neurons",
