@@ -11,6 +11,7 @@ import pytest
 
 from mmn_fast.demo import make_examples
 from mmn_fast.io import cut_torn_tail
+from mmn_fast.run.captions import MODEL_ERROR
 from mmn_fast.testing.cli import one_line_error, run_cli
 
 BATCH = "3"
@@ -317,3 +318,18 @@ def test_a_corpus_with_a_repeated_id_is_refused_before_a_second_line(demo_path, 
     rc, _, err = _caption(capsys, caps, "--model", demo_path, extra=[tmp_path / "a.parquet"])
     one_line_error(rc, err, "'same' twice")
     assert len([l for l in caps.read_text().splitlines() if l.strip()]) <= 1
+
+
+def test_images_the_model_failed_on_are_captioned_again_on_resume(demo_path, corpus, tmp_path, capsys):
+    """A line whose error came from the model (out of memory, ...) is dropped when the run resumes (the file
+    rewritten atomically) and its image captioned again; every other line stays as it was."""
+    caps = tmp_path / "caps.jsonl"
+    assert _caption(capsys, caps, "--model", demo_path, extra=[corpus])[0] == 0
+    lines = [json.loads(l) for l in caps.read_text().splitlines()]
+    failed = {k: v for k, v in lines[2].items() if k not in ("caption", "output_ids")}
+    failed["error"] = f"{MODEL_ERROR}: OutOfMemoryError: CUDA out of memory"
+    caps.write_text("".join(json.dumps(r) + "\n" for r in lines[:2] + [failed] + lines[3:]))
+    rc, stdout, err = _caption(capsys, caps, "--model", demo_path, extra=[corpus])
+    assert rc == 0 and "1 captions written" in stdout, (stdout, err)
+    again = {r["id"]: r for r in _lines(caps)}
+    assert again == {r["id"]: r for r in lines}  # the same caption, made again

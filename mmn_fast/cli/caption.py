@@ -23,11 +23,15 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="the server's API key (default: $MMN_SERVER_API_KEY, if set)")
     parser.add_argument("--retries", type=int, default=5,
                         help="tries again after a 429/5xx answer or a dropped connection, with exponential backoff")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds one request may take before it counts as dropped (and is tried again)")
 
 
 def server_captioner(args: argparse.Namespace) -> ServerCaptioner:
+    if not args.timeout > 0:
+        raise MMNError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     client = ChatClient(args.server, args.served_model, args.api_key or os.environ.get("MMN_SERVER_API_KEY"),
-                        retries=args.retries)
+                        retries=args.retries, timeout=args.timeout)
     return ServerCaptioner(client, args.prompt, args.prefix, args.max_new_tokens, concurrency=args.batch_size)
 
 

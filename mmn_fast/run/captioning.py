@@ -19,7 +19,7 @@ from ..errors import MMNError
 from ..find.engine import DEFAULT_PROMPT, Engine
 from ..io import append_lines
 from ..model.inputs import MAX_IMAGE_BYTES
-from .captions import caption_line, open_for_append
+from .captions import MODEL_ERROR, caption_line, open_for_append
 from .chat_client import ChatClient
 from .corpus import Sample, ShardEnd, iter_samples, open_corpus
 
@@ -47,7 +47,7 @@ class EngineCaptioner:
             raise
         except Exception as e:  # noqa: BLE001 - one odd image must not stop the corpus
             if len(images) == 1:
-                return [{"error": f"the model could not take it: {type(e).__name__}: {e}"}]
+                return [{"error": f"{MODEL_ERROR}: {type(e).__name__}: {e}"}]
             out = [r for im in images for r in self.caption([im])]
             if all("error" in r for r in out):
                 raise MMNError(f"captioning failed on every image of a batch ({out[0]['error']}): fix the cause and "

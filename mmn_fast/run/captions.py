@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
 from ..errors import MMNError
-from ..io import cut_torn_tail
+from ..io import atomic_open, cut_torn_tail
 from .corpus import Corpus
 
+log = logging.getLogger(__name__)
+
 # What a caption line records of how it was made; a resumed `mmn caption` must match them all.
+MODEL_ERROR = "the model could not take it"  # a caption line's error from the model, not the image: retried on resume
 SETTING_KEYS = ("source", "model", "prompt", "prefix", "max_new_tokens", "weights")
 CAPTION_WINDOW = 4  # find --captions sorts this many batches by caption length, then batches them
 
@@ -196,7 +200,21 @@ def open_for_append(path: str | os.PathLike, settings: dict, overwrite: bool) ->
                 raise MMNError(f"{path}:{line_no}: captions made with other settings ({shown}); rerun with the "
                                "same options to resume, give another --out, or add --overwrite to start again")
     cut_torn_tail(path)
+    _drop_model_errors(path)
     return set(CaptionIndex(path).offsets)
+
+
+def _drop_model_errors(path: Path) -> None:
+    """Rewrite the file (atomically) without its lines of images the model failed on (out of memory, ...),
+    so that a resumed run captions them again; lines of unreadable images stay (they would fail again)."""
+    with open(path, "rb") as f:
+        lines = f.readlines()
+    keep = [raw for raw in lines if not (raw.strip() and str(json.loads(raw).get("error", "")).startswith(MODEL_ERROR))]
+    if len(keep) == len(lines):
+        return
+    log.info("%s: %d image(s) the model failed on are captioned again", path, len(lines) - len(keep))
+    with atomic_open(path, "wb") as f:
+        f.writelines(keep)
 
 
 def caption_line(key: str, image: str, settings: dict, caption: str | None = None,
