@@ -124,7 +124,17 @@ def caption_corpus(captioner, images: str | os.PathLike, out_file: str | os.Path
         bar.update(len(batch))
 
     try:
-        for item in iter_samples(corpus, list(range(corpus.n_shards)), None, run.num_workers, shard_ends=True):
+        shards = list(range(corpus.n_shards))
+        if done and corpus.size() is not None:  # keys listed without decoding: whole shards already done are skipped
+            todo = []
+            for shard in shards:
+                keys = [s.key for s in corpus.iter_shard(shard, decode=False)]
+                if all(k in done for k in keys):
+                    bar.update(len(keys))
+                else:
+                    todo.append(shard)
+            shards = todo
+        for item in iter_samples(corpus, shards, None, run.num_workers, shard_ends=True):
             if isinstance(item, ShardEnd):
                 flush(pending.pop(item.shard, []))
             elif item.key in done:  # captioned by an earlier run
