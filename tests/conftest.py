@@ -62,9 +62,9 @@ def demo(demo_path):
     return mmn_fast.load(demo_path, device="cpu")
 
 
-@pytest.fixture(scope="module", params=["qwen3_vl_moe", "llava_deepseek_moe"])
+@pytest.fixture(scope="module", params=["qwen3_vl_moe", "glm4v_moe", "llava_deepseek_moe"])
 def moe_checkpoint(request, tmp_path_factory):
     """(family, saved checkpoint, its processor in memory) of each tiny mixture-of-experts VLM: Qwen3-VL-MoE
-    (every layer MoE) and a DeepSeek-style one (a dense layer, then routed + shared experts)."""
+    (every layer MoE), GLM-4V-MoE and a DeepSeek-style one (a dense layer, then routed + shared experts)."""
     model, processor = ZOO_MODELS[request.param]()
     return request.param, save(tmp_path_factory.mktemp(request.param) / "ckpt", model, processor), processor

@@ -13,7 +13,7 @@ from mmn_fast import MMNError
 from mmn_fast.cli.main import main
 from mmn_fast.edit.bake import bake
 from mmn_fast.find.capture import capture, gather_positions, last_position
-from mmn_fast.find.moe_scoring import concept_parts, moe_capture
+from mmn_fast.find.moe_scoring import concept_parts, moe_capture, moe_graph
 from mmn_fast.find.scoring import Scorer
 from mmn_fast.find.heatmap import maps
 from mmn_fast.model.patch_file import make_patch
@@ -176,7 +176,7 @@ def moe_hooked_score(engine, image, caption, step, layer, expert, index, outputs
         return float(gates[pos, slot] * h[index] * (block.experts.down_proj[expert][:, index] @ u)), pos
 
 
-@pytest.mark.parametrize("name", ["qwen3_vl_moe", "llava_deepseek_moe"])
+@pytest.mark.parametrize("name", ["qwen3_vl_moe", "glm4v_moe", "llava_deepseek_moe"])
 def test_moe_family_scores_expert_neurons_exactly(name, images, tmp_path):
     model, processor = BUILDERS[name]()
     path = save(tmp_path / "ckpt", model, processor)
@@ -285,3 +285,82 @@ def test_phi4_multimodal_model_side():
     patch = make_patch(ad, {0: (torch.tensor([3]), torch.randn(1, 64, dtype=torch.float64))}, "test")
     engine.apply(patch).revert()
     assert torch.equal(ad.out_weight(0), before)
+
+
+def llama4_model():
+    """A tiny Llama 4 (dense layer 0, layer 1 input-gated experts: 4, top-2, a shared expert), fp64, and its
+    tokenizer (Llama 4's image processor needs torchvision: the model side is tested)."""
+    tok = tiny_tokenizer()
+    text = transformers.Llama4TextConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        interleave_moe_layer_step=2, moe_layers=[1], max_position_embeddings=256, attention_chunk_size=64,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False)
+    vision = transformers.Llama4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=32, patch_size=8, vision_output_dim=64,
+                                             projector_input_dim=64, projector_output_dim=64)
+    torch.manual_seed(0)
+    config = transformers.Llama4Config(text_config=text, vision_config=vision, tie_word_embeddings=False)
+    return transformers.Llama4ForConditionalGeneration(config).double().eval(), tok
+
+
+def test_llama4_input_gated_experts_model_side(tmp_path):
+    """Llama 4 scales each expert's input by its router score (experts(x * g)) and stores experts [E, d, 2F] /
+    [E, F, d]: scores equal a recomputation from plain hooks (the block's input, the router's scores), the MoE
+    layer's neurons sum to the block's logit contribution, grad's eager recomputation matches the module,
+    and an expert patch applies, reverts and bakes into the [E, F, d] tensor."""
+    model, tok = llama4_model()
+    engine = mmn_fast.load(model, processor=tok, device="cpu")
+    ad = engine.adapter
+    block = ad.experts[1]
+    assert ad.experts[0] is None and block.gating == "input" and block.d_expert == 32
+    ids = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    seen = {}
+
+    def keep(name, value) -> None:  # (a hook that returned the value would replace the module's output)
+        seen.setdefault(name, value.detach())
+
+    hooks = [ad.mlps[1].register_forward_pre_hook(lambda _m, args: keep("x", args[0])),
+             block.router.register_forward_hook(lambda _m, _a, out: keep("scores", out[0])),  # (scores, logits)
+             ad.mlps[1].register_forward_hook(lambda _m, _a, out: keep("y", out[0]))]  # (output, router logits)
+    try:
+        with torch.no_grad(), moe_capture(ad, last_position) as store:
+            model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    x = seen["x"].reshape(2, 9, -1)[:, -1]  # [2, d] the last position's block input
+    scores = seen["scores"].reshape(2, 9, -1)[:, -1]  # [2, E]
+    u = ad.unembed_weight()[7].detach()
+    for b in range(2):
+        parts = concept_parts(ad, store, b, 0, 7)
+        got = {(l, e): s for l, e, _i, s in parts}
+        for e in torch.nonzero(scores[b])[:, 0].tolist():  # the chosen experts, recomputed by hand
+            gu = (x[b] * scores[b, e]) @ block.experts.gate_up_proj[e].detach()  # [2F]
+            h = torch.nn.functional.silu(gu[:32]) * gu[32:]
+            want = h * (block.experts.down_proj[e].detach() @ u)  # [F]
+            assert torch.allclose(got[(1, e)], want, rtol=1e-10, atol=1e-14), e
+        assert set(e for l, e in got if l == 1) == set(torch.nonzero(scores[b])[:, 0].tolist()) | {block.n_experts}
+        total = sum(float(s.sum()) for l, _e, _i, s in parts if l == 1)
+        assert total == pytest.approx(float(seen["y"].reshape(2, 9, -1)[b, -1] @ u), rel=1e-9, abs=1e-12)
+    with torch.enable_grad(), moe_graph(ad) as graph:  # raises if the eager recomputation differs
+        logits = model(input_ids=ids).logits
+        grads = torch.autograd.grad(logits[0, -1, 7], graph.nodes(), allow_unused=True)
+    assert graph.experts[1] and any(g is not None for g in grads)
+
+    g = torch.Generator().manual_seed(2)
+    patch = make_patch(ad, {(1, 2): (torch.tensor([0, 3]), torch.randn(2, 64, dtype=torch.float64, generator=g))}, "t")
+    assert patch.expert_entries[(1, 2)].layout == "experts_t"
+    before = block.experts.down_proj.detach().clone()
+    handle = engine.apply(patch)
+    assert torch.equal(block.experts.down_proj[2, 3], patch.expert_entries[(1, 2)].vectors[1])  # rows: [E, F, d]
+    handle.revert()
+    assert torch.equal(block.experts.down_proj.detach(), before)
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    bake(tmp_path / "ckpt", patch.save(tmp_path / "p.mmnpatch.safetensors"), tmp_path / "baked")
+    baked = transformers.Llama4ForConditionalGeneration.from_pretrained(tmp_path / "baked", dtype=torch.float64)
+    down = baked.language_model.model.layers[1].feed_forward.experts.down_proj.detach()
+    assert torch.equal(down[2, [0, 3]], patch.expert_entries[(1, 2)].vectors)
+    assert torch.equal(down[[0, 1, 3]], before[[0, 1, 3]]) and torch.equal(down[2, 1], before[2, 1])

@@ -33,7 +33,8 @@ from ..errors import MMNError
 from ..io import fsync_dir, fsync_path, umask
 from ..model.adapters import Adapter, spec_for, unit_matrix
 from ..model.live import base_matches, entry_unit, fit_rows
-from ..model.patch_file import DENSE, Entry, Patch, PatchError, as_patch, gather_rows, weight_names, write_rows
+from ..model.patch_file import (DENSE, EXPERT_LAYOUTS, Entry, Patch, PatchError, as_patch, gather_rows, weight_names,
+                                write_rows)
 
 try:  # POSIX: a running bake locks its temporary folder, so that only dead bakes' folders are removed
     import fcntl
@@ -54,7 +55,7 @@ class _Target:
 
     key: str
     layer: int
-    layout: str  # of the model's weight: "linear" [d, F], "conv1d" [F, d] or "experts" (slot of [E, d, F])
+    layout: str  # of the model's weight: "linear" [d, F], "conv1d" [F, d], "experts" / "experts_t" (fused experts)
     shape: tuple  # (d, F) of the model's output matrix, as config.json makes it
     entry: Entry
     patch: Patch
@@ -180,8 +181,10 @@ def _patch_tensor(t: torch.Tensor, target: _Target, force: bool) -> torch.Tensor
     rows), after apply's checks (fit_rows, base_matches) and a check of the patch's model shape."""
     l, e, key, base = target.layer, target.entry, target.key, target.patch.base
     w = t.t() if target.layout == "conv1d" else t  # [d, F] view
-    if target.layout == "experts" and t.dim() == 3:  # the checkpoint stores the experts fused too: [E, d, F]
+    if target.layout in EXPERT_LAYOUTS and t.dim() == 3:  # the checkpoint stores the experts fused too
         w = t[e.expert] if e.expert < t.shape[0] else t
+    if target.layout == "experts_t" and w.dim() == 2:  # [F, d] (Llama 4): neurons are rows
+        w = w.t()
     if tuple(w.shape) != target.shape:
         raise MMNError(f"checkpoint tensor '{key}' is {tuple(t.shape)}, but the model of its config.json has a "
                        f"[d, F] = {list(target.shape)} output projection there: weights and config do not match")

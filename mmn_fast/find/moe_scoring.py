@@ -79,9 +79,7 @@ def moe_capture(adapter: Adapter, select: Selector, image_mask: torch.Tensor | N
                 x = args[0] if args else kwargs.get("hidden_states")
                 shape[:] = [tuple(x.shape[:2])]
 
-            def routed(_m, args, kwargs, layer=layer, shape=shape):
-                names = ("hidden_states", "top_k_index", "top_k_weights")
-                x, idx, w = (args[k] if len(args) > k else kwargs[n] for k, n in enumerate(names))
+            def routed(x, idx, w, layer=layer, shape=shape):  # x [N, d], idx / w [N, k]
                 b, t = shape[0]
                 store.inputs[layer].append(select(x.reshape(b, t, -1)).detach())
                 store.routes[layer].append((select(idx.reshape(b, t, -1)), select(w.reshape(b, t, -1)).detach()))
@@ -91,7 +89,8 @@ def moe_capture(adapter: Adapter, select: Selector, image_mask: torch.Tensor | N
                                                             image_mask.to(x.device))
 
             hooks.enter_context(_removing(adapter.mlps[layer].register_forward_pre_hook(record, with_kwargs=True)))
-            hooks.enter_context(_removing(block.experts.register_forward_pre_hook(routed, with_kwargs=True)))
+            for handle in block.routing_hooks(routed):
+                hooks.enter_context(_removing(handle))
             if block.shared is not None:
                 site = HookSite(block.shared.down_proj, pre=True, layer=adapter.layer_modules[layer])
                 hooks.enter_context(site.hooked(functools.partial(shared, layer)))
@@ -122,14 +121,14 @@ def concept_parts(adapter: Adapter, store: MoECaptureStore, b: int, s: int, toke
             continue
         x = store.cat(store.inputs[layer])[b, s]  # [d]
         idx = torch.cat([r[0] for r in store.routes[layer]], 1)[b, s].tolist()  # [k]
-        gates = torch.cat([r[1] for r in store.routes[layer]], 1)[b, s].to(acc)  # [k]
+        gates = torch.cat([r[1] for r in store.routes[layer]], 1)[b, s]  # [k]
         with torch.no_grad():
             for j, e in enumerate(idx):
                 if not 0 <= e < block.n_experts:
                     continue  # a padding slot (some routers mark unused slots past the last expert)
-                h = block.expert_h(x[None], e)[0].to(acc)  # [F]
+                a = block.activation(x[None], e, gates[j : j + 1], acc)[0]  # [F]
                 proj = block.expert_out(e).detach().to(acc).t() @ u.to(x.device)  # [F]
-                parts.append((layer, e, torch.arange(h.numel()), gates[j] * h * proj))
+                parts.append((layer, e, torch.arange(a.numel()), a * proj))
         if block.shared is not None:
             h = store.cat(store.shared[layer])[b, s].to(acc)
             w = block.shared_out().detach()
@@ -165,7 +164,7 @@ def expert_image_stats(block: ExpertBlock, x: torch.Tensor, idx: torch.Tensor, w
             if not 0 <= e < n_e:
                 continue  # a padding slot
             rows, slot = torch.where(ids == e)  # [R], [R]
-            a = block.expert_h(xs[rows], e).to(acc) * ws[rows, slot].to(acc)[:, None]  # [R, F]
+            a = block.activation(xs[rows], e, ws[rows, slot], acc)  # [R, F]
             at = sample[rows]  # [R] the sample of each row
             out["sum"][:, e].index_add_(0, at, a)
             out["max"][:, e].scatter_reduce_(0, at[:, None].expand_as(a), a, "amax")
@@ -230,10 +229,29 @@ def expert_forward(block: ExpertBlock, x: torch.Tensor, idx: torch.Tensor, w: to
         h = block.expert_h(x[rows], e)  # [R, F]
         if not h.requires_grad:
             h = h.detach().requires_grad_(True)
-        out = torch.nn.functional.linear(h, block.experts.down_proj[e]) * w[rows, slot, None]  # [R, d]
+        out = block.down(h, e) * w[rows, slot, None]  # [R, d]
         y = y.index_add(0, rows, out.to(y.dtype))
         nodes[e] = (rows, h)
     return y, nodes
+
+
+def expert_forward_input(block: ExpertBlock, routed_in: torch.Tensor):
+    """An input-gated experts module's forward (Llama 4), eagerly: routed_in [E*N, d] (each expert's copy of
+    the rows, scaled by its router score: 0 where not chosen) -> (y [E*N, d], {e: (rows [R] of N, h [R, F])})
+    with each expert's h on its chosen rows a node of the graph (elsewhere its rows are 0, and so its output)."""
+    xs = routed_in.reshape(block.n_experts, -1, routed_in.shape[-1])  # [E, N, d]
+    y = torch.zeros_like(xs)
+    nodes = {}
+    for e in range(block.n_experts):
+        rows = torch.nonzero(xs[e].ne(0).any(-1))[:, 0]  # [R] the rows routed to e
+        if not len(rows):
+            continue
+        h = block.expert_h(xs[e, rows], e)  # [R, F]
+        if not h.requires_grad:
+            h = h.detach().requires_grad_(True)
+        y = y.index_put((torch.full_like(rows, e), rows), block.down(h, e).to(y.dtype))
+        nodes[e] = (rows, h)
+    return y.reshape(routed_in.shape), nodes
 
 
 GRAD_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}  # else 2e-2 (half precision kernels)
@@ -302,9 +320,12 @@ def moe_graph(adapter: Adapter) -> Iterator[MoEGraph]:
                 graph.width[layer] = int(x.shape[1]) if x.dim() == 3 else int(x.shape[0])
 
             def recompute(_m, args, kwargs, y, layer=layer, block=block):
-                names = ("hidden_states", "top_k_index", "top_k_weights")
-                x, idx, w = (args[k] if len(args) > k else kwargs[n] for k, n in enumerate(names))
-                new, graph.experts[layer] = expert_forward(block, x, idx, w)  # [N, d]
+                if block.gating == "input":
+                    new, graph.experts[layer] = expert_forward_input(block, args[0] if args else kwargs["hidden_states"])
+                else:
+                    names = ("hidden_states", "top_k_index", "top_k_weights")
+                    x, idx, w = (args[k] if len(args) > k else kwargs[n] for k, n in enumerate(names))
+                    new, graph.experts[layer] = expert_forward(block, x, idx, w)  # [N, d]
                 tol = GRAD_TOLERANCE.get(y.dtype, 2e-2) * max(float(y.detach().abs().max()), 1e-30)
                 if new.shape != y.shape or not torch.allclose(new.detach(), y.detach(), rtol=0, atol=tol):
                     raise MMNError(f"layer {layer}: the experts recomputed eagerly differ from "
@@ -389,20 +410,18 @@ def moe_recording(adapter: Adapter, neurons: list, select: Selector | None = Non
                 shape[:] = [tuple(x.shape[:2])]
                 cols.pop(layer, None)
 
-            def routed(_m, args, kwargs, layer=layer, block=block, shape=shape):
-                names = ("hidden_states", "top_k_index", "top_k_weights")
-                x, idx, w = (args[k] if len(args) > k else kwargs[n] for k, n in enumerate(names))
+            def routed(x, idx, w, layer=layer, block=block, shape=shape):  # x [N, d], idx / w [N, k]
                 for e in sorted({neurons[k][1] for k in groups[layer] if neurons[k][1] < block.n_experts}):
                     ks = [k for k in groups[layer] if neurons[k][1] == e]
                     a = x.new_zeros(x.shape[0], len(ks))  # [N, n]: 0 where e is not routed
                     rows, slot = torch.where(idx == e)  # [R], [R]
                     with torch.no_grad():
-                        h = block.expert_h(x[rows], e)[:, [int(neurons[k][2]) for k in ks]]  # [R, n]
-                        a[rows] = (h * w[rows, slot, None]).to(a.dtype)
+                        a[rows] = block.activation(x[rows], e, w[rows, slot])[:, [int(neurons[k][2]) for k in ks]]
                     put(layer, ks, a.reshape(*shape[0], len(ks)))
 
             hooks.enter_context(_removing(adapter.mlps[layer].register_forward_pre_hook(start, with_kwargs=True)))
-            hooks.enter_context(_removing(block.experts.register_forward_pre_hook(routed, with_kwargs=True)))
+            for handle in block.routing_hooks(routed):
+                hooks.enter_context(_removing(handle))
             if block.shared is not None:
                 site = HookSite(block.shared.down_proj, pre=True, layer=adapter.layer_modules[layer])
                 hooks.enter_context(site.hooked(functools.partial(units, layer, block.n_experts)))

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import MMNError
-from .moe import DENSE, ExpertBlock, expert_block, is_moe
+from .moe import DENSE, ExpertBlock, ExpertSlot, expert_block, is_moe
 
 
 @dataclass(frozen=True)
@@ -285,10 +285,10 @@ def output_matrix(out_proj: nn.Module) -> torch.Tensor:
     return w.t() if type(out_proj).__name__ == "Conv1D" else w
 
 
-def unit_matrix(module: nn.Module, slot: int | None) -> torch.Tensor:
+def unit_matrix(module: nn.Module, slot: ExpertSlot | None) -> torch.Tensor:
     """The [d_model, F] output vectors of `Adapter.unit`'s (module, slot): the module's weight (GPT-2's
-    Conv1D transposed), or slot e of a fused experts module's down_proj [E, d, F]."""
-    return output_matrix(module) if slot is None else module.down_proj[slot]
+    Conv1D transposed), or an expert's slot of a fused experts module's down_proj."""
+    return output_matrix(module) if slot is None else slot.matrix(module)
 
 
 class Adapter:
@@ -332,10 +332,10 @@ class Adapter:
             raise MMNError(moe_message(self.model, [layer], type(self.mlps[layer]).__name__))
         return output_matrix(self.out_projs[layer])
 
-    def unit(self, layer: int, expert: int = DENSE) -> tuple[nn.Module, int | None]:
+    def unit(self, layer: int, expert: int = DENSE) -> tuple[nn.Module, ExpertSlot | None]:
         """Where the output vectors of the neurons (layer, expert, *) live: (module, slot). A dense layer's
-        output projection (expert -1), a routed expert e's fused experts module (slot e of its
-        down_proj [E, d, F]) or the shared expert's down projection (expert E); see `unit_matrix`."""
+        output projection (expert -1), a routed expert e's fused experts module (its slot of down_proj)
+        or the shared expert's down projection (expert E); see `unit_matrix`."""
         if not 0 <= layer < self.n_layers:
             raise MMNError(f"layer {layer} out of range: the model has {self.n_layers} decoder layers")
         block = self.experts[layer]
@@ -348,7 +348,7 @@ class Adapter:
         if block is None:
             raise MMNError(f"layer {layer} is a dense MLP: its neurons have expert -1, not {expert}")
         if 0 <= expert < block.n_experts:
-            return block.experts, expert
+            return block.experts, block.slot(expert)
         if expert == block.n_experts and block.shared is not None:
             return block.shared.down_proj, None
         raise MMNError(f"layer {layer} has experts 0..{block.n_experts - 1}"

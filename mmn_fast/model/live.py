@@ -208,7 +208,7 @@ class PatchHandle:
             self.revert()
 
 
-def _current(model: nn.Module, layer, module_ref, name: str | None, slot: int | None, where: tuple, idx, orig, new):
+def _current(model: nn.Module, layer, module_ref, name: str | None, slot, where: tuple, idx, orig, new):
     """(unit, weight, idx, original rows, new rows, moved) as the model holds them now.
     `model.half()` or `.to(device)` after the patch gives the weight new storage (GPT-2's Conv1D
     view then points at the old one): the weight is looked up again and the saved rows are cast

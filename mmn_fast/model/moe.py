@@ -4,11 +4,20 @@ In an MoE layer, neuron i of expert e writes `g_e(x) * h_{e,i}(x) * W_out^{l,e}[
 stream (g_e the router weight, 0 when the expert is not chosen), so its direct contribution to token t is
 `g_e * h_{e,i} * <W_out^{l,e}[:, i], W_U[t]>`. Shared experts always run, with weight 1.
 
-The layout understood is transformers' fused experts module (5.x: DeepSeek-V3, Qwen3-MoE, Qwen3-VL-MoE,
-GLM-4-MoE ...): `experts.gate_up_proj` [E, 2F, d] (gate rows, then up rows), `experts.down_proj` [E, d, F],
-`experts.act_fn`, called as `experts(hidden [N, d], top_k_index [N, k], top_k_weights [N, k])`, so the
-routing of every token is read off that call; a shared expert, when there is one, is a plain gated MLP
-`shared_experts` (or `shared_expert`) with `down_proj`.
+Two forms of transformers' fused experts modules are understood:
+
+- output-gated (5.x: DeepSeek-V3, Qwen3-MoE, Qwen3-VL-MoE, GLM-4V-MoE ...): `experts.gate_up_proj` [E, 2F, d]
+  (gate rows, then up rows), `experts.down_proj` [E, d, F], called as `experts(hidden [N, d], top_k_index
+  [N, k], top_k_weights [N, k])`, so the routing of every token is read off that call; an expert's output
+  is scaled by its router weight: a = g_e * h_{e,i}(x).
+- input-gated (Llama 4): `experts.gate_up_proj` [E, d, 2F], `experts.down_proj` [E, F, d], called on the
+  block's rows already scaled by each expert's router score (`experts(x * g [E*N, d])`, g = 0 where the
+  expert is not chosen); the routing is read off the block's `router` (it returns the scores and logits).
+  The gate sits inside the activation: a = h_{e,i}(g_e x).
+
+Either way the activation a of neuron (e, i) times `<W_out^{l,e}[:, i], W_U[t]>` is its direct
+contribution. A shared expert, when there is one, is a plain gated MLP `shared_experts` (or
+`shared_expert`) with `down_proj`, weight 1.
 """
 from __future__ import annotations
 
@@ -24,12 +33,29 @@ DENSE = -1  # the expert number of a dense layer's neurons: [layer, -1, index]
 
 
 @dataclass(frozen=True)
+class ExpertSlot:
+    """Where expert `index`'s output vectors sit in a fused experts module's down_proj: [E, d, F] (slot
+    `index`, neurons are columns) or, `transposed`, [E, F, d] (neurons are rows)."""
+
+    index: int
+    transposed: bool = False
+
+    def matrix(self, experts: nn.Module) -> torch.Tensor:
+        """[d, F] view of the expert's output vectors (writes reach the model)."""
+        w = experts.down_proj[self.index]
+        return w.t() if self.transposed else w
+
+
+@dataclass(frozen=True)
 class ExpertBlock:
-    """One MoE block: its fused experts and its shared expert (None when it has none)."""
+    """One MoE block: its fused experts, its shared expert (None when it has none), how its router weights
+    enter ("output" or "input", see the module docstring) and, for input gating, its router."""
 
     block: nn.Module
     experts: nn.Module
     shared: nn.Module | None
+    gating: str = "output"
+    router: nn.Module | None = None
 
     @property
     def n_experts(self) -> int:
@@ -37,17 +63,57 @@ class ExpertBlock:
 
     @property
     def d_expert(self) -> int:
-        return int(self.experts.down_proj.shape[2])
+        return int(self.experts.down_proj.shape[1 if self.gating == "input" else 2])
+
+    def slot(self, e: int) -> ExpertSlot:
+        return ExpertSlot(e, self.gating == "input")
 
     def expert_h(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """x [R, d] -> h [R, F]: expert e's activation, the input of its down projection, computed as the
-        experts module computes it."""
-        gate, up = nn.functional.linear(x, self.experts.gate_up_proj[e]).chunk(2, dim=-1)
+        """x [R, d] (for input gating, already scaled by the router score) -> h [R, F]: expert e's
+        activation, the input of its down projection, computed as the experts module computes it."""
+        w = self.experts.gate_up_proj[e]
+        gate, up = (x @ w if self.gating == "input" else nn.functional.linear(x, w)).chunk(2, dim=-1)
         return self.experts.act_fn(gate) * up
+
+    def activation(self, x: torch.Tensor, e: int, g: torch.Tensor, acc: torch.dtype | None = None) -> torch.Tensor:
+        """x [R, d] block rows, g [R] expert e's router weights there -> a [R, F], the activation whose
+        product with an output vector is the neuron's direct contribution: g h(x) (in `acc`, e.g. fp32), or
+        h(g x) (input gating: the product the model itself forms, then cast to `acc`)."""
+        acc = acc or x.dtype
+        if self.gating == "input":
+            return self.expert_h(x * g[:, None], e).to(acc)
+        return self.expert_h(x, e).to(acc) * g.to(acc)[:, None]
 
     def expert_out(self, e: int) -> torch.Tensor:
         """Expert e's output vectors as [d, F] (column i is neuron i's)."""
-        return self.experts.down_proj[e]
+        return self.slot(e).matrix(self.experts)
+
+    def down(self, h: torch.Tensor, e: int) -> torch.Tensor:
+        """h [R, F] -> expert e's output rows [R, d], as the experts module computes them (before any gate)."""
+        w = self.experts.down_proj[e]
+        return h @ w if self.gating == "input" else nn.functional.linear(h, w)
+
+    def routing_hooks(self, on_route) -> list:
+        """Hooks (their handles returned: remove them) calling on_route(x [N, d], idx [N, k], g [N, k]) at each
+        call of the block: its rows, each row's chosen experts and their router weights."""
+        if self.gating == "output":
+            def routed(_m, args, kwargs):
+                names = ("hidden_states", "top_k_index", "top_k_weights")
+                x, idx, g = (args[k] if len(args) > k else kwargs[n] for k, n in enumerate(names))
+                on_route(x, idx, g)
+            return [self.experts.register_forward_pre_hook(routed, with_kwargs=True)]
+        rows: list = []
+
+        def block_in(_m, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            rows[:] = [x.reshape(-1, x.shape[-1])]
+
+        def scored(_m, _args, out):
+            scores = out[0]  # [N, E]: sigmoid of the chosen experts' logits, 0 elsewhere (out: scores, logits)
+            idx = torch.topk(scores, self.router.top_k, dim=1).indices  # [N, k]: the chosen experts (scores > 0)
+            on_route(rows[0], idx, scores.gather(1, idx))
+        return [self.block.register_forward_pre_hook(block_in, with_kwargs=True),
+                self.router.register_forward_hook(scored)]
 
     def shared_out(self) -> torch.Tensor:
         """The shared expert's output vectors [d, F_s]."""
@@ -63,16 +129,22 @@ def expert_block(module: nn.Module, d_model: int | None = None) -> ExpertBlock:
         raise MMNError(f"{name}: mmn_fast scores experts stored fused (experts.gate_up_proj [E, 2F, d], "
                        "experts.down_proj [E, d, F], experts.act_fn, as transformers 5 stores them); this block's "
                        f"experts are {type(experts).__name__}")
+    router = getattr(module, "router", None)
     e, d, f = down.shape
-    if gu.dim() != 3 or tuple(gu.shape) != (e, 2 * f, d) or (d_model is not None and d != d_model):
+    gating = "output"
+    if gu.dim() == 3 and tuple(gu.shape) == (e, f, 2 * d) and router is not None and hasattr(router, "top_k") \
+            and (d_model is None or f == d_model):  # Llama 4: [E, d, 2F] / [E, F, d], the router scales the input
+        gating = "input"
+    elif gu.dim() != 3 or tuple(gu.shape) != (e, 2 * f, d) or (d_model is not None and d != d_model):
         raise MMNError(f"{name}: expert weights gate_up_proj {tuple(gu.shape)} and down_proj {tuple(down.shape)} are "
-                       f"not the [E, 2F, d] / [E, d, F] layout mmn_fast reads")
+                       f"not a layout mmn_fast reads ([E, 2F, d] / [E, d, F], or Llama 4's [E, d, 2F] / [E, F, d] "
+                       "with a router)")
     shared = next((getattr(module, n) for n in SHARED_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
     if shared is not None and not isinstance(getattr(shared, "down_proj", None), nn.Linear):
         raise MMNError(f"{name}: its shared expert {type(shared).__name__} has no down_proj linear layer")
     if hasattr(module, "shared_expert_gate"):
         raise MMNError(f"{name}: a gated shared expert (shared_expert_gate) is not scored yet")
-    return ExpertBlock(module, experts, shared)
+    return ExpertBlock(module, experts, shared, gating, router if gating == "input" else None)
 
 
 def is_moe(module: nn.Module) -> bool:

@@ -44,7 +44,9 @@ HASH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": 
                "float64": torch.float64}
 _JSON_KEYS = ("entries", "base", "method", "concepts", "params", "created", "tool_version")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_LAYOUTS = ("linear", "conv1d", "experts")  # [d, F] (neurons are columns) | GPT-2 Conv1D [F, d] | fused [E, d, F]
+# [d, F] (neurons are columns) | GPT-2 Conv1D [F, d] | fused experts [E, d, F] | fused experts [E, F, d] (Llama 4)
+_LAYOUTS = ("linear", "conv1d", "experts", "experts_t")
+EXPERT_LAYOUTS = ("experts", "experts_t")
 _UNIT = re.compile(r"(0|[1-9][0-9]{0,5})(?:\.(0|[1-9][0-9]{0,5}))?")
 DENSE = -1  # the expert of a dense layer's neurons
 
@@ -192,10 +194,11 @@ def weight_names(adapter, layer: int, expert: int = DENSE) -> tuple[str, str, st
             if len(keys) == 1:
                 ckpt = keys[0]
             elif slot is not None and len(keys) == int(mod.down_proj.shape[0]):  # one tensor per expert
-                ckpt = keys[slot]
+                ckpt = keys[slot.index]
     except Exception:  # not a transformers model, or an API change: the live key is the best guess
         pass
-    layout = "experts" if slot is not None else "conv1d" if type(mod).__name__ == "Conv1D" else "linear"
+    layout = (("experts_t" if slot.transposed else "experts") if slot is not None
+              else "conv1d" if type(mod).__name__ == "Conv1D" else "linear")
     return name, ckpt, layout
 
 
@@ -256,7 +259,7 @@ def _check_entry(path, unit: tuple[int, int], info, base: dict, indices: torch.T
     where = f"layer {layer}" + ("" if expert == DENSE else f" expert {expert}")
     if not isinstance(info, dict) or not all(isinstance(info.get(k), str) for k in ("name", "checkpoint_name", "layout")):
         _fail(path, f"entry {key} must be an object with string 'name', 'checkpoint_name' and 'layout'")
-    if info["layout"] not in _LAYOUTS or (info["layout"] == "experts" and expert == DENSE):
+    if info["layout"] not in _LAYOUTS or (info["layout"] in EXPERT_LAYOUTS and expert == DENSE):
         _fail(path, f"entry {key}: unknown layout {info['layout']!r} (known: {', '.join(_LAYOUTS)})")
     hashes = info.get("orig_sha256")
     if (not isinstance(hashes, dict) or not hashes or not set(hashes) <= set(HASH_DTYPES)

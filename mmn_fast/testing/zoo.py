@@ -430,6 +430,30 @@ def glm4v_model(seed: int = 0):
     return model, proc
 
 
+def glm4v_moe_model(seed: int = 0):
+    """GLM-4V-MoE: GLM-4V's vision side over a GLM-4-MoE text decoder with mrope (layer 0 dense, layer 1: 4
+    routed experts, top-2, and a shared expert)."""
+    tok = tokenizer_with(*_GLM, named={"image_token": "<|image|>", "video_token": "<|video|>"})
+    b, e, i, v, vb, ve = ids(tok, *_GLM)
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+                n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+                topk_group=1, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
+                                               "partial_rotary_factor": 0.5})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=8,
+                  spatial_merge_size=2, temporal_patch_size=2, image_size=32)
+    config = transformers.Glm4vMoeConfig(text_config=text, vision_config=vision, image_token_id=i, video_token_id=v,
+                                         image_start_token_id=b, image_end_token_id=e, video_start_token_id=vb,
+                                         video_end_token_id=ve, tie_word_embeddings=False)
+    token_ids(config, tok, config.text_config)
+    model = finish(config, tok, transformers.Glm4vMoeForConditionalGeneration, seed)
+    ip = transformers.Glm4vImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2,
+                                             size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+    template = chat_template("<|begin_of_image|><|image|><|end_of_image|>")
+    proc = image_only(transformers.Glm4vProcessor)(image_processor=ip, tokenizer=tok, chat_template=template)
+    return model, proc
+
+
 def _deepseek_v3_text(tok):
     """DeepSeek-V3-style MoE decoder config: MLA attention, layer 0 dense, layer 1 4 routed experts (top-2)
     + a shared expert."""
@@ -490,7 +514,8 @@ ZOO_MODELS: dict[str, Callable[..., tuple]] = {
     "llava_onevision": llava_onevision_model, "qwen2_5_vl": qwen2_5_vl_model, "qwen3_vl": qwen3_vl_model,
     "gemma3": gemma3_model, "smolvlm": smolvlm_model, "idefics3": idefics3_model, "paligemma": paligemma_model,
     "mllama": mllama_model, "internvl": internvl_model, "aya_vision": aya_vision_model, "mistral3": mistral3_model,
-    "blip2": blip2_model, "glm4v": glm4v_model, "qwen3_vl_moe": qwen3_vl_moe_model, "deepseek_v3": deepseek_v3_model,
+    "blip2": blip2_model, "glm4v": glm4v_model, "qwen3_vl_moe": qwen3_vl_moe_model, "glm4v_moe": glm4v_moe_model,
+    "deepseek_v3": deepseek_v3_model,
     "llava_deepseek_moe": llava_deepseek_moe_model,
     "florence2": florence2_model,
 }
@@ -521,6 +546,7 @@ tiny_mistral3 = _saver("mistral3")
 tiny_blip2 = _saver("blip2")
 tiny_glm4v = _saver("glm4v")
 tiny_qwen3_vl_moe = _saver("qwen3_vl_moe")
+tiny_glm4v_moe = _saver("glm4v_moe")
 tiny_deepseek_v3 = _saver("deepseek_v3")
 tiny_florence2 = _saver("florence2")
 tiny_llava_deepseek_moe = _saver("llava_deepseek_moe")
