@@ -279,3 +279,20 @@ def test_the_neurons_endpoint_on_an_moe_model(moe, images):
             assert len(n["top_tokens"]) == 2
             assert n["neuron"] == (f"L{n['layer']}.{n['index']}" if n["expert"] < 0 else
                                    f"L{n['layer']}.E{n['expert']}.{n['index']}")
+
+
+def test_top_tokens_of_an_expert_neuron(moe, capsys):
+    """`mmn top-tokens --neuron L1.E2.5`: the tokens expert 2's neuron 5 promotes (its own output vector);
+    the table of every neuron is refused by name on an MoE model."""
+    name, path, processor, engine = moe
+    if name in NEEDS_TORCHVISION and importlib.util.find_spec("torchvision") is None:
+        pytest.skip(f"the saved {name} processor needs torchvision to reload (the CLI loads it from disk)")
+    layer = next(l for l, b in enumerate(engine.adapter.experts) if b is not None)
+    rc = main(["top-tokens", "--model", str(path), "--neuron", f"L{layer}.E2.5", "-k", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"L{layer}.E2.5 fires positive" in out
+    logits = engine.adapter.unembed_weight().detach() @ engine.adapter.unit_weight(layer, 2)[:, 5].detach()
+    best = engine.tokenizer.convert_ids_to_tokens([int(logits.argmax())])[0]
+    assert repr(best) in out.split("fires negative")[0]
+    rc = main(["top-tokens", "--model", str(path), "--quiet"])
+    assert rc == 2 and "without --neuron" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from ..demo.run import run_demo
 from ..errors import MMNError
 from ..find.engine import DEFAULT_PROMPT, FindOptions
 from ..find.heatmap import safe_name
-from ..find.results import neuron_label, parse_neuron
+from ..find.results import neuron_label, parse_unit_neuron
 from ..find.vocab import both_ends, vocab_table
 from ..io import user_cache_dir
 from ..model.inputs import MAX_IMAGE_BYTES
@@ -250,13 +250,15 @@ def cmd_top_tokens(args: argparse.Namespace) -> int:
     neuron = _one_neuron(args)
     engine = load_engine(args)
     if neuron is not None:
-        layer, index = neuron
-        ends = both_ends(engine, layer, index, args.k)
+        layer, expert, index = neuron
+        ends = both_ends(engine, layer, index, args.k, expert)
         for side, end in (("positive", "top"), ("negative", "bottom")):
-            print(f"promoted when {neuron_label(layer, index)} fires {side} ({end} of W_U W_out[:, i]):")
+            print(f"promoted when {neuron_label(layer, index, expert)} fires {side} ({end} of W_U W_out[:, i]):")
             for tok, tid, val in ends[side]:
                 print(f"{tok!r:>20} {tid:>8} {val:+.4f}")
         return 0
+    engine.adapter.require_dense("mmn top-tokens without --neuron (a table of every [layer, index] neuron); give "
+                                 "--neuron L<layer>.E<expert>.<index> for one expert neuron")
     cache = args.cache_dir or user_cache_dir() / "top-tokens" / safe_name(Path(args.model).resolve().name, 64)
     table = vocab_table(engine, k=args.k, cache_dir=cache, progress=not args.quiet, both=True)
     print(f"top-{args.k} and bottom-{args.k} tokens (promoted when firing positive / negative) of "
@@ -264,15 +266,16 @@ def cmd_top_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one_neuron(args: argparse.Namespace) -> tuple[int, int] | None:
-    """--neuron L<layer>.<index>; the old `--layer L --neuron I` still works, with a note."""
+def _one_neuron(args: argparse.Namespace) -> tuple[int, int, int] | None:
+    """(layer, expert, index) of --neuron L<layer>.<index> (expert -1) or L<layer>.E<expert>.<index>; the old
+    `--layer L --neuron I` still works, with a note."""
     if args.layer is None:
-        return None if args.neuron is None else parse_neuron(args.neuron)
+        return None if args.neuron is None else parse_unit_neuron(args.neuron)
     if args.neuron is None or not args.neuron.isdigit():
         raise MMNError("give one neuron as --neuron L<layer>.<index> (e.g. --neuron L12.345), or nothing for the "
                        "whole table")
     deprecated("--layer L --neuron I", "--neuron L<layer>.<index>")
-    return args.layer, int(args.neuron)
+    return args.layer, -1, int(args.neuron)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -339,7 +342,7 @@ def register(sub) -> None:
     t = sub.add_parser("top-tokens", help="tokens each neuron promotes when it fires positive and negative")
     add_model_options(t)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--neuron", default=None, help="one neuron, L<layer>.<index> (e.g. L12.345); none: every neuron's "
+    t.add_argument("--neuron", default=None, help="one neuron, L<layer>.<index> (e.g. L12.345) or an expert's L<layer>.E<expert>.<index>; none: every neuron's "
                                                   "tokens, as a cached table")
     t.add_argument("--layer", type=int, default=None, help="deprecated: use --neuron L<layer>.<index>")
     t.add_argument("-k", type=int, default=10, help="tokens per end")

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from ..errors import MMNError
 
 _NEURON = re.compile(r"[Ll]?(\d+)[.:](\d+)")
+_EXPERT_NEURON = re.compile(r"[Ll]?(\d+)[.:][Ee](\d+)[.:](\d+)")
 
 
 def neuron_label(layer: int, index: int, expert: int | None = None) -> str:
@@ -21,6 +22,18 @@ def parse_neuron(text: str) -> tuple[int, int]:
     if not m:
         raise MMNError(f"a neuron is written L<layer>.<index> (e.g. L12.345), got {text!r}")
     return int(m.group(1)), int(m.group(2))
+
+
+def parse_unit_neuron(text: str) -> tuple[int, int, int]:
+    """`L12.345` -> (12, -1, 345) (a dense layer's neuron); `L12.E3.345` -> (12, 3, 345) (expert 3's)."""
+    m = _EXPERT_NEURON.fullmatch(str(text).strip())
+    if m:
+        return int(m.group(1)), int(m.group(2)), int(m.group(3))
+    m = _NEURON.fullmatch(str(text).strip())
+    if not m:
+        raise MMNError(f"a neuron is written L<layer>.<index> (e.g. L12.345), or L<layer>.E<expert>.<index> for an "
+                       f"expert's (e.g. L12.E3.345), got {text!r}")
+    return int(m.group(1)), -1, int(m.group(2))
 
 
 @dataclass

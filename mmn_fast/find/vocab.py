@@ -69,13 +69,15 @@ def top_tokens(engine, layer: int, index: int, k: int = 10) -> list[tuple[str, i
     return list(zip(toks, ids[0].tolist(), values[0].tolist()))
 
 
-def both_ends(engine, layer: int, index: int, k: int = 10) -> dict[str, list[tuple[str, int, float]]]:
+def both_ends(engine, layer: int, index: int, k: int = 10, expert: int = -1) -> dict[str, list[tuple[str, int, float]]]:
     """{"positive": top-k, "negative": bottom-k} (token, id, logit) of W_U W_out[:, index]: the tokens
     neuron (layer, index) promotes when it fires positive, and when it fires negative (most negative
-    logit first)."""
-    _check_neuron(engine, layer, index)
+    logit first). expert: the neuron's expert in a mixture-of-experts layer (-1: a dense layer's)."""
+    w = engine.adapter.unit_weight(layer, expert)  # [d, F]; MMNError for a unit the model does not have
+    if not 0 <= index < w.shape[1]:
+        raise MMNError(f"neuron index {index} out of range: that unit has neurons 0..{w.shape[1] - 1}")
     with torch.no_grad():
-        ends = neuron_ends(engine, engine.adapter.out_weight(layer)[:, index : index + 1], k)  # [1, k] each
+        ends = neuron_ends(engine, w[:, index : index + 1], k)  # [1, k] each
     out = {}
     for side, values, ids in (("positive", ends.top_values, ends.top_ids),
                               ("negative", ends.bottom_values, ends.bottom_ids)):
