@@ -77,6 +77,8 @@ def _check(
     act = ACT_ALIASES.get(act, act)
     if act not in ACTS:
         raise ValueError(f"unknown act {act!r}; expected one of {ACTS}")
+    if act == "identity" and up is not None:
+        raise ValueError("act='identity' reads h as given: pass it as gate, with up=None")
     if reduce not in REDUCES:
         raise ValueError(f"unknown reduce {reduce!r}; expected one of {REDUCES}")
     if proj is not None:

@@ -212,6 +212,7 @@ def test_torch_path_act_module_bit_identical_to_llama_mlp():
         (dict(row_group=torch.tensor([0, 1]), n_groups=2), r"\[N=4\]"),
         (dict(capture_rows=torch.tensor([4])), "capture_rows must be in"),
         (dict(up=torch.randn(4, 5)), "up must match"),
+        (dict(act="identity", up=torch.randn(4, 6)), "with up=None"),
         (dict(gate=torch.randn(4, 6, dtype=torch.float64)), "not supported on the Triton path"),
         (dict(gate=torch.randn(4, 6).int()), "not supported"),
     ],

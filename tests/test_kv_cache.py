@@ -19,6 +19,8 @@ def test_cache_choice():
     assert cache_kwargs(model, "static")["cache_implementation"] == "static"
     assert cache_kwargs(model, "dynamic") == {}
     assert cache_kwargs(torch.nn.Linear(2, 2), "auto") == {}  # nothing says it can take a static cache
+    with pytest.raises(MMNError, match="does not declare support for a static KV cache"):
+        cache_kwargs(torch.nn.Linear(2, 2), "static")
     with pytest.raises(MMNError, match="kv_cache must be one of"):
         cache_kwargs(model, "paged")
     with pytest.raises(MMNError, match="kv_cache must be one of"):

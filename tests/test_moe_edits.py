@@ -6,12 +6,14 @@ import base64
 import importlib.util
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import mmn_fast
 from mmn_fast import DEFAULT_PROMPT, MMNError
@@ -163,6 +165,10 @@ def test_expert_patches_fit_only_models_with_those_experts_and_dense_patches_sta
         file = plain.save(tmp_path / "dense.mmnpatch.safetensors")
         with safe_open(str(file), framework="pt") as f:
             assert f.metadata()["format_version"] == "1" and set(f.keys()) == {f"{dense}.indices", f"{dense}.vectors"}
+    if dense is not None:
+        with pytest.raises(MMNError, match="given twice"):
+            make_patch(ad, {dense: (torch.tensor([1]), torch.zeros(1, 64)), (dense, -1): (torch.tensor([2]),
+                                                                                        torch.zeros(1, 64))}, "t")
     with pytest.raises(MMNError, match="mixture-of-experts block: name its neurons as"):
         make_patch(ad, {_expert_units(ad)[0][0]: (torch.tensor([1]), torch.randn(1, ad.unembed_weight().shape[1]))}, "t")
 
@@ -296,3 +302,31 @@ def test_top_tokens_of_an_expert_neuron(moe, capsys):
     assert repr(best) in out.split("fires negative")[0]
     rc = main(["top-tokens", "--model", str(path), "--quiet"])
     assert rc == 2 and "without --neuron" in capsys.readouterr().err
+
+
+def test_bake_into_experts_stored_transposed(moe_checkpoint, tmp_path):
+    """A checkpoint may store fused experts transposed from the live model (transformers transposes
+    Qwen3-VL-MoE's down_proj [E, F, d] on load): bake finds the expert's vectors either way."""
+    name, path, processor = moe_checkpoint
+    if name != "qwen3_vl_moe":
+        pytest.skip("the transposed layout is Qwen3-VL-MoE's")
+    engine = mmn_fast.load(path, processor=processor, device="cpu")
+    ad = engine.adapter
+    flipped = tmp_path / "flipped"
+    shutil.copytree(path, flipped)
+    tensors = load_file(str(flipped / "model.safetensors"))
+    keys = [k for k in tensors if k.endswith("experts.down_proj")]
+    assert keys
+    for k in keys:
+        tensors[k] = tensors[k].transpose(1, 2).contiguous()  # [E, F, d] on disk
+    save_file(tensors, str(flipped / "model.safetensors"), metadata={"format": "pt"})
+    reloaded = mmn_fast.load(flipped, processor=processor, device="cpu").adapter
+    if not torch.equal(reloaded.unit_weight(1, 2), ad.unit_weight(1, 2)):
+        pytest.skip("this transformers does not transpose Qwen3-VL-MoE's experts on load")
+    g = torch.Generator().manual_seed(5)
+    patch = make_patch(ad, {(1, 2): (torch.tensor([4, 9]), torch.randn(2, 64, generator=g))}, "t")
+    bake(flipped, patch.save(tmp_path / "p.mmnpatch.safetensors"), tmp_path / "baked")
+    baked = mmn_fast.load(tmp_path / "baked", processor=processor, device="cpu").adapter
+    assert torch.equal(baked.unit_weight(1, 2)[:, [4, 9]].t(), patch.expert_entries[(1, 2)].vectors)
+    assert torch.equal(baked.unit_weight(1, 1), ad.unit_weight(1, 1))
+    assert torch.equal(baked.unit_weight(1, 2)[:, 5], ad.unit_weight(1, 2)[:, 5])

@@ -176,15 +176,32 @@ def _targets(patches: list[Patch], adapter: Adapter, weight_map: dict) -> dict[s
     return todo
 
 
+def _expert_matrix(t: torch.Tensor, target: _Target, force: bool) -> torch.Tensor:
+    """The [d, F] view of an expert's output vectors in a checkpoint tensor: its slot of a fused [E, ., .]
+    tensor, or its own; stored as in the live model or transposed (transformers transposes some families'
+    experts on load). A square slot (F = d) is read the way whose rows hold the patch's original vectors."""
+    e = target.entry
+    m = t[e.expert] if t.dim() == 3 and e.expert < t.shape[0] else t
+    live = m.t() if target.layout == "experts_t" else m  # the live model's orientation
+    fits = [c for c in (live, live.t()) if tuple(c.shape) == target.shape]
+    if len(fits) == 2:  # square: the stored values decide
+        matching = [c for c in fits if base_matches(e, gather_rows(c, e.indices), True)]
+        if len(matching) == 1:
+            return matching[0]
+        if force:
+            raise PatchError(f"checkpoint tensor '{target.key}': {e.where()}'s output vectors are square "
+                             f"({list(target.shape)}) and hold none of the patch's original vectors either way, so "
+                             "their orientation is unknown; force cannot bake them")
+    return fits[0] if fits else live
+
+
 def _patch_tensor(t: torch.Tensor, target: _Target, force: bool) -> torch.Tensor:
     """The checkpoint tensor with the entry's vectors written in ([d, F] columns, or Conv1D [F, d]
     rows), after apply's checks (fit_rows, base_matches) and a check of the patch's model shape."""
     l, e, key, base = target.layer, target.entry, target.key, target.patch.base
     w = t.t() if target.layout == "conv1d" else t  # [d, F] view
-    if target.layout in EXPERT_LAYOUTS and t.dim() == 3:  # the checkpoint stores the experts fused too
-        w = t[e.expert] if e.expert < t.shape[0] else t
-    if target.layout == "experts_t" and w.dim() == 2:  # [F, d] (Llama 4): neurons are rows
-        w = w.t()
+    if target.layout in EXPERT_LAYOUTS:
+        w = _expert_matrix(t, target, force)
     if tuple(w.shape) != target.shape:
         raise MMNError(f"checkpoint tensor '{key}' is {tuple(t.shape)}, but the model of its config.json has a "
                        f"[d, F] = {list(target.shape)} output projection there: weights and config do not match")

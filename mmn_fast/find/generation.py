@@ -24,9 +24,12 @@ def cache_kwargs(model, kv_cache: str = "auto") -> dict:
     round differently from plain generate's."""
     if kv_cache not in KV_CACHES:
         raise MMNError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
+    supported = bool(getattr(model, "_can_compile_fullgraph", False))
+    if kv_cache == "static" and not supported:
+        raise MMNError(f"kv_cache='static': {type(model).__name__} does not declare support for a static KV cache; "
+                       "use kv_cache='auto' or 'dynamic'")
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    static = kv_cache == "static" or (kv_cache == "auto" and on_cpu
-                                      and bool(getattr(model, "_can_compile_fullgraph", False)))
+    static = kv_cache == "static" or (kv_cache == "auto" and on_cpu and supported)
     return {"cache_implementation": "static", "disable_compile": True} if static else {}
 
 

@@ -413,10 +413,11 @@ def moe_recording(adapter: Adapter, neurons: list, select: Selector | None = Non
             def routed(x, idx, w, layer=layer, block=block, shape=shape):  # x [N, d], idx / w [N, k]
                 for e in sorted({neurons[k][1] for k in groups[layer] if neurons[k][1] < block.n_experts}):
                     ks = [k for k in groups[layer] if neurons[k][1] == e]
-                    a = x.new_zeros(x.shape[0], len(ks))  # [N, n]: 0 where e is not routed
+                    a = x.new_zeros(x.shape[0], len(ks), dtype=torch.float64 if x.dtype == torch.float64 else
+                                    torch.float32)  # [N, n]: 0 where e is not routed (fp32, as find scores)
                     rows, slot = torch.where(idx == e)  # [R], [R]
                     with torch.no_grad():
-                        a[rows] = block.activation(x[rows], e, w[rows, slot])[:, [int(neurons[k][2]) for k in ks]]
+                        a[rows] = block.activation(x[rows], e, w[rows, slot], a.dtype)[:, [int(neurons[k][2]) for k in ks]]
                     put(layer, ks, a.reshape(*shape[0], len(ks)))
 
             hooks.enter_context(_removing(adapter.mlps[layer].register_forward_pre_hook(start, with_kwargs=True)))

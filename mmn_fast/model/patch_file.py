@@ -222,6 +222,8 @@ def make_patch(adapter, new_vectors: dict[int, tuple[torch.Tensor, torch.Tensor]
         if not bool(torch.isfinite(vectors).all()):
             raise PatchError(f"{where}: the edited vectors contain NaN or infinity in {w.dtype} (the edit "
                              "diverged, or its values overflow the model's dtype); no patch was made")
+        if any(m.unit == (layer, expert) for m in made):
+            raise MMNError(f"{where} is given twice (as a layer and as (layer, -1)?): give each unit once")
         made.append(Entry(layer, idx, vectors, name, ckpt, layout, hashes_by_dtype(orig), expert))
     if not made:
         raise MMNError("an edit must change at least one neuron")
@@ -269,8 +271,8 @@ def _check_entry(path, unit: tuple[int, int], info, base: dict, indices: torch.T
         _fail(path, f"{where}: indices must be a non-empty 1-D int64 tensor, got {indices.dtype} "
                     f"{tuple(indices.shape)}")
     if int(indices.min()) < 0 or (expert == DENSE and int(indices.max()) >= base["d_mlp"]):
-        _fail(path, f"{where}: neuron indices must lie in [0, {base['d_mlp']}), got "
-                    f"{int(indices.min())}..{int(indices.max())}")
+        span = f"[0, {base['d_mlp']})" if expert == DENSE else "[0, the expert's width)"
+        _fail(path, f"{where}: neuron indices must lie in {span}, got {int(indices.min())}..{int(indices.max())}")
     if indices.unique().numel() != indices.numel():
         _fail(path, f"{where}: neuron indices repeat")
     if vectors.dtype not in HASH_DTYPES.values():

@@ -332,7 +332,8 @@ def check_record(rec, where: str, n_layers: int | None = None, d_mlp: int | None
             bad(f"concepts[{j}]", "an object with word, token_id, step and neurons", c)
         for k, x in enumerate(c["neurons"]):
             if type(x) is list and len(x) == 4:  # [layer, expert, index, score]: an expert's width is its own
-                if not (all(type(v) is int for v in x[:3]) and 0 <= x[0] < n_layers and x[1] >= -1 and x[2] >= 0):
+                if not (all(type(v) is int for v in x[:3]) and type(x[3]) in (int, float) and 0 <= x[0] < n_layers
+                        and x[1] >= -1 and x[2] >= 0):
                     bad(f"concepts[{j}].neurons[{k}]", "[layer, expert, index, score] with layer in range, "
                                                        "expert >= -1 and index >= 0", x)
             elif not (type(x) is list and len(x) >= 2 and type(x[0]) is int and type(x[1]) is int
