@@ -408,50 +408,40 @@ def blip2_model(seed: int = 0, num_query_tokens: int = 8):
 _GLM = ("<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|video|>", "<|begin_of_video|>", "<|end_of_video|>")
 
 
-def glm4v_model(seed: int = 0):
-    """GLM-4V: ViT (8 px patches, 2x2 merge: 4 tokens for 32x32) + GLM-4 text with mrope."""
+def _glm4v(config_cls, model_cls, seed: int, **text_extra):
+    """GLM-4V's vision side (8 px patches, 2x2 merge: 4 tokens for 32x32) over a GLM-4 text decoder with mrope
+    (`text_extra`: its MoE settings, for GLM-4V-MoE)."""
     tok = tokenizer_with(*_GLM, named={"image_token": "<|image|>", "video_token": "<|video|>"})
     b, e, i, v, vb, ve = ids(tok, *_GLM)
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=4, max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
-                                 "partial_rotary_factor": 0.5})
+                                 "partial_rotary_factor": 0.5}, **text_extra)
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=8,
                   spatial_merge_size=2, temporal_patch_size=2, image_size=32)
-    config = transformers.Glm4vConfig(text_config=text, vision_config=vision, image_token_id=i, video_token_id=v,
-                                      image_start_token_id=b, image_end_token_id=e, video_start_token_id=vb,
-                                      video_end_token_id=ve, tie_word_embeddings=False)
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=i, video_token_id=v,
+                        image_start_token_id=b, image_end_token_id=e, video_start_token_id=vb, video_end_token_id=ve,
+                        tie_word_embeddings=False)
     token_ids(config, tok, config.text_config)
-    model = finish(config, tok, transformers.Glm4vForConditionalGeneration, seed)
+    model = finish(config, tok, model_cls, seed)
     ip = transformers.Glm4vImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2,
                                              size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
     template = chat_template("<|begin_of_image|><|image|><|end_of_image|>")
     proc = image_only(transformers.Glm4vProcessor)(image_processor=ip, tokenizer=tok, chat_template=template)
     return model, proc
+
+
+def glm4v_model(seed: int = 0):
+    """GLM-4V: ViT (8 px patches, 2x2 merge: 4 tokens for 32x32) + GLM-4 text with mrope."""
+    return _glm4v(transformers.Glm4vConfig, transformers.Glm4vForConditionalGeneration, seed)
 
 
 def glm4v_moe_model(seed: int = 0):
     """GLM-4V-MoE: GLM-4V's vision side over a GLM-4-MoE text decoder with mrope (layer 0 dense, layer 1: 4
     routed experts, top-2, and a shared expert)."""
-    tok = tokenizer_with(*_GLM, named={"image_token": "<|image|>", "video_token": "<|video|>"})
-    b, e, i, v, vb, ve = ids(tok, *_GLM)
-    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
-                n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
-                topk_group=1, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
-                                               "partial_rotary_factor": 0.5})
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=8,
-                  spatial_merge_size=2, temporal_patch_size=2, image_size=32)
-    config = transformers.Glm4vMoeConfig(text_config=text, vision_config=vision, image_token_id=i, video_token_id=v,
-                                         image_start_token_id=b, image_end_token_id=e, video_start_token_id=vb,
-                                         video_end_token_id=ve, tie_word_embeddings=False)
-    token_ids(config, tok, config.text_config)
-    model = finish(config, tok, transformers.Glm4vMoeForConditionalGeneration, seed)
-    ip = transformers.Glm4vImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2,
-                                             size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
-    template = chat_template("<|begin_of_image|><|image|><|end_of_image|>")
-    proc = image_only(transformers.Glm4vProcessor)(image_processor=ip, tokenizer=tok, chat_template=template)
-    return model, proc
+    return _glm4v(transformers.Glm4vMoeConfig, transformers.Glm4vMoeForConditionalGeneration, seed,
+                  moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                  first_k_dense_replace=1, n_group=1, topk_group=1)
 
 
 def _deepseek_v3_text(tok):
