@@ -70,9 +70,12 @@ def act_score_rows(device, dtype, n_samples, seq, n_image, f, k, repeats, triton
     moved = 3 * n * f * g.element_size()  # gate + up read, h written
     rows = []
 
-    def add(name, fn):
+    def add(name, fn, nbytes=moved):
         t = timed(fn, repeats)
-        rows.append((name, t, moved / t))
+        rows.append((name, t, nbytes / t))
+
+    h = F.silu(g) * u  # [n, F] h as the model computes it
+    read_h = n * f * g.element_size()  # identity mode reads h only
 
     add("act(gate) * up alone (what the model computes anyway)", lambda: F.silu(g) * u)
     add("unfused torch: h, capture, image scores", lambda: act_score(
@@ -82,6 +85,13 @@ def act_score_rows(device, dtype, n_samples, seq, n_image, f, k, repeats, triton
         add("fused triton: h, capture, image scores", lambda: act_score(
             g, u, "silu", proj=proj, row_group=group, n_groups=n_samples, capture_rows=last, backend="triton"))
         add("fused triton: h + capture", lambda: act_score(g, u, "silu", capture_rows=last, backend="triton"))
+        # The fused capture since 2026-12: the model's own act(gate) * up, then the kernel only reads h
+        add("identity triton: read h, capture, image scores (h read only)", lambda: act_score(
+            h, None, "identity", proj=proj, row_group=group, n_groups=n_samples, capture_rows=last,
+            backend="triton"), read_h)
+        add("act(gate) * up + identity triton (the fused capture now)", lambda: act_score(
+            F.silu(g) * u, None, "identity", proj=proj, row_group=group, n_groups=n_samples, capture_rows=last,
+            backend="triton"), moved + read_h)
     return rows, n, moved
 
 
