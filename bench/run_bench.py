@@ -50,16 +50,24 @@ def measure(name, eng, images, max_new_tokens, repeats):
 
 def measure_gpu(repeats, layers=32, batches=(8, 32, 64), **engine_kw):
     """Throughput on CUDA, per batch size (images = batch size, so every variant runs one batch): plain generate
-    (transformers' default cache), the engine's caption (static cache), find on the Triton and torch backends,
-    and two-phase (caption, then find teacher-forced on those captions; Triton). Interleaved per repeat."""
+    (transformers' default cache), the engine's caption (kv_cache auto), find on the Triton and torch backends,
+    find with the static cache, and two-phase (caption, then find teacher-forced on those captions; Triton).
+    Interleaved per repeat. Each row is printed as soon as it is measured (a timeout keeps the rows done)."""
     engines, images = gpu_llava_engines(num_layers=layers, n_images=max(batches), **engine_kw)
     eng = engines.get("triton") or next(iter(engines.values()))
-    rows = []
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"# {device}, torch {torch.__version__}; random LLaVA, {layers} LLaMA-7B-shaped layers "
+          f"(4096/11008), 576 image tokens, bf16, {NEW_TOKENS} new tokens; images/s (medians of {repeats}); "
+          "generate = transformers' default (dynamic) cache, caption = the engine's (kv_cache='auto': dynamic on GPUs)")
+    print("| batch | generate | caption | find (triton) | find/generate time | find (torch) | find/generate time "
+          "| find (triton, static cache) | find/generate time | two-phase (triton) | find (triton) / generate throughput |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for bs in batches:
         imgs = images[:bs]
         runs = {"generate": lambda: plain_generate(eng, imgs, NEW_TOKENS, batch_size=bs),
                 "caption": lambda: eng.caption(imgs, max_new_tokens=NEW_TOKENS, batch_size=bs),
                 **{f"find_{b}": (lambda e=e: find(e, imgs, NEW_TOKENS, batch_size=bs)) for b, e in engines.items()}}
+
         def find_static():  # the Triton engine with a static KV cache (auto keeps the dynamic one on GPUs)
             eng.kv_cache = "static"
             try:
@@ -67,13 +75,11 @@ def measure_gpu(repeats, layers=32, batches=(8, 32, 64), **engine_kw):
             finally:
                 eng.kv_cache = "auto"
 
-        runs["find_static"] = find_static
-
         def two_phase():
             caps = eng.generate(imgs, [DEFAULT_PROMPT] * bs, NEW_TOKENS).ids
             return find(eng, imgs, NEW_TOKENS, batch_size=bs, captions=caps)
 
-        runs["two_phase"] = two_phase
+        runs["find_static"], runs["two_phase"] = find_static, two_phase
         try:
             for fn in runs.values():  # warm-up (Triton compiles here)
                 fn()
@@ -81,26 +87,17 @@ def measure_gpu(repeats, layers=32, batches=(8, 32, 64), **engine_kw):
             for _ in range(repeats):
                 for k, fn in runs.items():
                     t[k].append(median_time(fn, 1))
-        except torch.OutOfMemoryError:
-            print(f"batch {bs}: out of memory")
+        except torch.cuda.OutOfMemoryError:
+            print(f"| {bs} | out of memory |", flush=True)
             torch.cuda.empty_cache()
             continue
         med = {k: sorted(v)[len(v) // 2] for k, v in t.items()}
-        rows.append((bs, {k: bs / v for k, v in med.items()}, med))
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"# {device}, torch {torch.__version__}; random LLaVA, {layers} LLaMA-7B-shaped layers "
-          f"(4096/11008), 576 image tokens, bf16, {NEW_TOKENS} new tokens; images/s (medians of {repeats}); "
-          "generate = transformers' default (dynamic) cache, caption = the engine's (kv_cache='auto': dynamic on GPUs)")
-    print("| batch | generate | caption | find (triton) | find/generate time | find (torch) | find/generate time "
-          "| find (triton, static cache) | find/generate time | two-phase (triton) | find (triton) / generate throughput |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for bs, ips, med in rows:
+        ips = {k: bs / v for k, v in med.items()}
         fast = "find_triton" if "find_triton" in med else next(k for k in med if k.startswith("find_"))
         cols = [f"{ips[k]:.1f} | {med[k] / med['generate']:.3f}" if k in med else "- | -"
                 for k in ("find_triton", "find_torch", "find_static")]
         print(f"| {bs} | {ips['generate']:.1f} | {ips['caption']:.1f} | {cols[0]} | {cols[1]} | {cols[2]} | "
-              f"{ips['two_phase']:.1f} | "
-              f"{ips[fast] / ips['generate']:.2f}x |")
+              f"{ips['two_phase']:.1f} | {ips[fast] / ips['generate']:.2f}x |", flush=True)
 
 
 def main():
