@@ -221,3 +221,41 @@ def test_moe_heatmap_neurons_must_name_their_expert(engine, images):
         trace(engine, [images[0]], [(len(engine.adapter.experts) - 1, 99, 0)])
     with pytest.raises(MMNError, match="mixture-of-experts"):
         trace(engine, [images[0]], [(0, -1 if engine.adapter.experts[0] is None else 0, 0)], activation="act_fn")
+
+
+def test_fold_final_norm_scores_through_the_final_norm(engine, images, found):
+    """fold_final_norm on an MoE model, as on a dense one: a * <w_i, g * W_U[t]> / rms(x) at the concept's
+    position (g the final RMSNorm's weight, x its input), recomputed from plain hooks; the captions and the
+    ranking's inputs are find's own."""
+    folded = engine.find(images, fold_final_norm=True, **KW)
+    assert [r.output_ids for r in folded] == [r.output_ids for r in found]
+    ad = engine.adapter
+    norm = ad.final_norm
+    r = folded[0]
+    seen, _ids, where = plain_forward(engine, images[0], r.output_ids)
+    xs = []
+    hook = norm.register_forward_pre_hook(lambda _m, args: xs.append(args[0].detach()) and None)
+    try:
+        run, _ = engine.teacher_forced(engine.encode([images[0]], "Describe the image."), [r.output_ids])
+        with torch.no_grad():
+            engine.model(**run, use_cache=False)
+    finally:
+        hook.remove()
+    x = xs[0].reshape(-1, xs[0].shape[-1])  # [T, d]
+    checked = 0
+    for c in [c for c in r.concepts if c.neurons][:2]:
+        pos = int(where[0, c.step])
+        rms = (x[pos].pow(2).mean() + norm.variance_epsilon).sqrt()
+        u = norm.weight.detach() * ad.unembed_weight()[c.token_id].detach()  # [d]
+        for layer, expert, index, score in c.neurons[:3]:
+            block = ad.experts[layer]
+            if block is None:
+                w = ad.out_projs[layer].weight[:, index]
+            elif expert == block.n_experts:
+                w = block.shared.down_proj.weight[:, index]
+            else:
+                w = block.experts.down_proj[expert][:, index]
+            want = activation(engine, seen, layer, expert, index)[pos] * (w.detach() @ u) / rms
+            assert score == pytest.approx(float(want), rel=1e-7, abs=1e-12), (c.word, layer, expert, index)
+            checked += 1
+    assert checked

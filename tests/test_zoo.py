@@ -220,14 +220,14 @@ def test_moe_family_scores_expert_neurons_exactly(name, images, tmp_path):
         for cg, cw in zip(got.concepts, want.concepts):
             assert [n[:3] for n in cg.neurons] == [n[:3] for n in cw.neurons]
     # positions='image' and method='grad' score expert neurons too (checked exactly in test_moe_modes.py)
-    for options in (dict(positions="image"), dict(positions="image", reduce="max"), dict(method="grad")):
+    for options in (dict(positions="image"), dict(positions="image", reduce="max"), dict(method="grad"),
+                    dict(fold_final_norm=True)):
         other = engine.find(images, **options, **kw)
         assert [r.output_ids for r in other] == [r.output_ids for r in found]
         assert all(len(n) == 4 for r in other for c in r.concepts for n in c.neurons), options
         assert {n[1] for r in other for c in r.concepts for n in c.neurons} - {-1}, options
-    for options in (dict(activation="act_fn"), dict(fold_final_norm=True)):
-        with pytest.raises(MMNError, match="mixture-of-experts"):
-            engine.find(images, **options, **kw)
+    with pytest.raises(MMNError, match="mixture-of-experts"):
+        engine.find(images, activation="act_fn", **kw)
     # rows all on the base model: per-request patches change nothing; a real one is refused by name
     base_rows = engine.find(images, patches=[None, None], **kw)
     assert [[c.neurons for c in r.concepts] for r in base_rows] == [[c.neurons for c in r.concepts] for r in found]

@@ -352,10 +352,8 @@ class Engine:
             raise MMNError(f"positions='image' is not defined for {type(self.model).__name__}: its text decoder sees the "
                            "image through cross-attention, not as image tokens in the sequence; use positions='last'")
         if self.adapter.is_moe:
-            unsupported = [k for k, v in (("activation='act_fn'", opts.activation == "act_fn"),
-                                          ("fold_final_norm", opts.fold_final_norm)) if v]
-            if unsupported:
-                self.adapter.require_dense(f"find with {', '.join(unsupported)}")
+            if opts.activation == "act_fn":
+                self.adapter.require_dense("find with activation='act_fn'")
         mode = resolve_mode(opts.concepts, self.tagger)
         if isinstance(mode, list):
             check_word_list(self.tokenizer, mode)
@@ -411,7 +409,7 @@ class Engine:
         """The fused MLP forward on the Triton backend; forward hooks on the torch backend; for models with
         mixture-of-experts layers, what their expert neurons' scores need (moe_scoring)."""
         if self.adapter.is_moe:
-            return moe_capture(self.adapter, select, image_mask)
+            return moe_capture(self.adapter, select, image_mask, opts.fold_final_norm)
         if self.backend == "triton":
             return fused_capture(self.adapter, "triton", opts.activation, select, image_mask, opts.reduce,
                                  opts.fold_final_norm, self.decode_with_kernel)
@@ -442,7 +440,7 @@ class Engine:
             elif opts.positions == "image":
                 parts = [image_parts(self.adapter, store, b, t, opts.reduce) for (b, _w), t in zip(flat, tokens)]
             else:
-                parts = [concept_parts(self.adapter, store, b, w.step, t) for (b, w), t in zip(flat, tokens)]
+                parts = [concept_parts(self.adapter, store, b, w.step, t, scorer) for (b, w), t in zip(flat, tokens)]
             return [top_neurons(p, opts.top_k) for p in parts], None
         # per-request patches: each concept is scored with its row's output vectors
         edits = None if plan is None else [{l: (e.idx, e.new) for l, e in plan.row_edits(b).items()} for b, _ in flat]

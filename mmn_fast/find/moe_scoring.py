@@ -26,8 +26,10 @@ import torch
 
 from ..errors import MMNError
 from ..model.adapters import Adapter, HookSite
+from ..kernels import token_projection
 from ..model.moe import DENSE, ExpertBlock
 from .capture import Selector, image_reduce
+from .scoring import Scorer
 
 
 
@@ -44,6 +46,7 @@ class MoECaptureStore:
         # a dense layer's h, expert_image_stats' for an MoE layer's experts) and its shared expert's
         self.image: list[dict | None] = [None] * n_layers
         self.shared_image: list[dict | None] = [None] * n_layers
+        self.norm: list[torch.Tensor] = []  # [B, S, d] the final norm's inputs (fold_final_norm)
 
     @staticmethod
     def cat(parts: list) -> torch.Tensor:
@@ -51,9 +54,11 @@ class MoECaptureStore:
 
 
 @contextlib.contextmanager
-def moe_capture(adapter: Adapter, select: Selector, image_mask: torch.Tensor | None = None) -> Iterator[MoECaptureStore]:
+def moe_capture(adapter: Adapter, select: Selector, image_mask: torch.Tensor | None = None,
+                fold_norm: bool = False) -> Iterator[MoECaptureStore]:
     """Hooks on every layer (removed on exit, also on error) filling a MoECaptureStore.
-    image_mask: [B, T] bool of image positions in the first (prefill) call: activations reduced there."""
+    image_mask: [B, T] bool of image positions in the first (prefill) call: activations reduced there.
+    fold_norm: also keep the final norm's inputs at the selected positions."""
     store = MoECaptureStore(adapter.n_layers)
 
     def at_image(stats: list, layer: int, h: torch.Tensor) -> None:  # h [B, T, F]
@@ -69,6 +74,8 @@ def moe_capture(adapter: Adapter, select: Selector, image_mask: torch.Tensor | N
         at_image(store.shared_image, layer, h)
 
     with contextlib.ExitStack() as hooks:
+        if fold_norm:
+            hooks.enter_context(adapter.final_norm_site().hooked(lambda x: store.norm.append(select(x).detach())))
         for layer, block in enumerate(adapter.experts):
             if block is None:
                 hooks.enter_context(adapter.hook_site(layer).hooked(functools.partial(dense, layer)))
@@ -105,19 +112,30 @@ def _removing(handle):
         handle.remove()
 
 
-def concept_parts(adapter: Adapter, store: MoECaptureStore, b: int, s: int, token: int) -> list[tuple]:
+def concept_parts(adapter: Adapter, store: MoECaptureStore, b: int, s: int, token: int,
+                  scorer: Scorer | None = None) -> list[tuple]:
     """[(layer, expert, neuron indices [n], scores [n])] of one concept: sample b, captured step s, token t.
-    Scores in fp32 (fp64 for fp64 models)."""
+    Scores in fp32 (fp64 for fp64 models). A scorer with fold_norm folds the final norm in, as it does for
+    dense models: each output vector projected on the norm-scaled W_U[t] (centred for a LayerNorm), the
+    score divided by the norm's denominator at that position."""
     w_u = adapter.unembed_weight()
     acc = torch.float64 if w_u.dtype == torch.float64 else torch.float32
-    u = w_u[token].detach().to(acc)  # [d]
+    fold = scorer is not None and scorer.fold_norm
+    if fold:
+        rows, center = scorer.unembed_rows([token])  # [1, d]
+        u = rows[0].detach().to(acc)
+        denom = scorer.norm_denominator(store.cat(store.norm)[b, s][None])[0].to(acc)
+    else:
+        u, center, denom = w_u[token].detach().to(acc), False, None  # [d]
+
+    def project(w: torch.Tensor) -> torch.Tensor:  # [d, F] output vectors -> [F] on u
+        return token_projection(w.detach(), u[None].to(w.device), center)[:, 0].to(acc)
+
     parts = []
     for layer, block in enumerate(adapter.experts):
         if block is None:
-            w = adapter.out_weight(layer).detach()
             h = store.cat(store.dense[layer])[b, s].to(acc)  # [F]
-            scores = h * (w.to(acc).t() @ u.to(w.device))
-            parts.append((layer, DENSE, torch.arange(h.numel()), scores))
+            parts.append((layer, DENSE, torch.arange(h.numel()), h * project(adapter.out_weight(layer)).to(h.device)))
             continue
         x = store.cat(store.inputs[layer])[b, s]  # [d]
         idx = torch.cat([r[0] for r in store.routes[layer]], 1)[b, s].tolist()  # [k]
@@ -127,12 +145,12 @@ def concept_parts(adapter: Adapter, store: MoECaptureStore, b: int, s: int, toke
                 if not 0 <= e < block.n_experts:
                     continue  # a padding slot (some routers mark unused slots past the last expert)
                 a = block.activation(x[None], e, gates[j : j + 1], acc)[0]  # [F]
-                proj = block.expert_out(e).detach().to(acc).t() @ u.to(x.device)  # [F]
-                parts.append((layer, e, torch.arange(a.numel()), a * proj))
+                parts.append((layer, e, torch.arange(a.numel()), a * project(block.expert_out(e)).to(a.device)))
         if block.shared is not None:
             h = store.cat(store.shared[layer])[b, s].to(acc)
-            w = block.shared_out().detach()
-            parts.append((layer, block.n_experts, torch.arange(h.numel()), h * (w.to(acc).t() @ u.to(w.device))))
+            parts.append((layer, block.n_experts, torch.arange(h.numel()), h * project(block.shared_out()).to(h.device)))
+    if fold:
+        parts = [(l, e, i, sc / denom.to(sc.device)) for l, e, i, sc in parts]
     return parts
 
 
