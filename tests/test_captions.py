@@ -11,7 +11,9 @@ import pytest
 
 from mmn_fast.demo import make_examples
 from mmn_fast.io import cut_torn_tail
+from mmn_fast.errors import MMNError
 from mmn_fast.run.captions import MODEL_ERROR
+from mmn_fast.run.chat_client import ChatClient
 from mmn_fast.testing.cli import one_line_error, run_cli
 
 BATCH = "3"
@@ -333,3 +335,42 @@ def test_images_the_model_failed_on_are_captioned_again_on_resume(demo_path, cor
     assert rc == 0 and "1 captions written" in stdout, (stdout, err)
     again = {r["id"]: r for r in _lines(caps)}
     assert again == {r["id"]: r for r in lines}  # the same caption, made again
+
+
+class _Busy(_Flaky):
+    """Always busy, and asks to be tried again in a long while."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        data = json.dumps({"error": {"message": "busy"}}).encode()
+        self.send_response(503)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Retry-After", "25")
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_closing_the_client_stops_its_retries_at_once():
+    """Ctrl-C (the caption phase closes its client) must not leave threads sleeping through their retries."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Busy)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        client = ChatClient(f"http://127.0.0.1:{httpd.server_address[1]}", retries=5)
+        errors = []
+        worker = threading.Thread(target=lambda: errors.append(_raises(
+            lambda: client.caption(make_examples(1, seed=1)[0][0], "Describe the image.", 4))))
+        worker.start()
+        time.sleep(0.5)  # the first answer (503, try again in 25 s) has come: the thread waits
+        client.close()
+        worker.join(timeout=10)
+        assert not worker.is_alive() and errors and "stopped" in str(errors[0])
+    finally:
+        httpd.shutdown()
+
+
+def _raises(fn):
+    try:
+        fn()
+    except MMNError as e:
+        return e
+    return None

@@ -76,6 +76,7 @@ class ServerCaptioner:
         return [{"caption": t} for t in texts]
 
     def close(self) -> None:
+        self.client.close()  # retries waiting in the pool's threads end now, so the process can exit
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -9,7 +9,7 @@ import base64
 import http.client
 import io
 import json
-import time
+import threading
 import urllib.error
 import urllib.request
 
@@ -42,6 +42,7 @@ class ChatClient:
         root = url.rstrip("/")
         self.root = root[:-3] if root.endswith("/v1") else root
         self.url, self.api_key, self.retries, self.timeout, self.backoff = url, api_key, retries, timeout, backoff
+        self.stopped = threading.Event()  # close(): no further try, and waits between tries end at once
         self.model = model or self._first_model()
         if model is not None:
             served = self.models(first=True)
@@ -58,6 +59,8 @@ class ChatClient:
             headers["Authorization"] = f"Bearer {self.api_key}"
         where = f"{method} {self.root}{path}"
         for attempt in range(self.retries + 1):
+            if self.stopped.is_set():
+                raise MMNError(f"captioning with {self.url} was stopped")
             req = urllib.request.Request(self.root + path, data=data, headers=headers, method=method)
             last = attempt == self.retries
             try:
@@ -95,7 +98,11 @@ class ChatClient:
                 delay = float(retry_after)
             except ValueError:
                 pass
-        time.sleep(min(max(delay, 0.0), MAX_DELAY))
+        self.stopped.wait(min(max(delay, 0.0), MAX_DELAY))
+
+    def close(self) -> None:
+        """Stop: requests waiting to try again give up now (one already sent ends with its answer or timeout)."""
+        self.stopped.set()
 
     # ------------------------------------------------------------------ API
     def models(self, first: bool = False) -> list[str]:
