@@ -32,7 +32,7 @@ from ..io import atomic_open, write_json
 from ..model.adapters import check_activation
 from ..model.inputs import as_image
 from .engine import DEFAULT_PROMPT
-from .moe_scoring import check_units, moe_recording, unit_out_vectors
+from .moe_scoring import check_units, moe_recording
 
 # Colour maps: (position, r, g, b) stops, linearly interpolated.
 COLORMAPS = {
@@ -403,8 +403,7 @@ def concept_signs(engine, token_id: int | None, neurons) -> list[float]:
     ad = engine.adapter
     with torch.no_grad():
         u = ad.unembed_weight()[int(token_id)].float()
-        outs = ([unit_out_vectors(ad, l, e)[:, i] for l, e, i in units(ad, neurons)] if ad.is_moe else
-                [ad.out_weight(int(l))[:, int(i)] for l, i in neurons])
+        outs = [ad.unit_weight(n[0], n[1] if len(n) == 3 else -1)[:, n[-1]] for n in units(ad, neurons)]
         return [1.0 if float(w.float() @ u.to(w.device)) >= 0 else -1.0 for w in outs]
 
 

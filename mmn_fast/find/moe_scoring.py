@@ -25,13 +25,11 @@ from typing import Iterator
 import torch
 
 from ..errors import MMNError
-from ..model.adapters import Adapter, HookSite
 from ..kernels import token_projection
-from ..model.moe import DENSE, ExpertBlock
+from ..model.adapters import Adapter, HookSite
+from ..model.moe import DENSE, EXPERTS_CALL, ExpertBlock, call_args
 from .capture import Selector, image_reduce
 from .scoring import Scorer
-
-
 
 
 class MoECaptureStore:
@@ -40,17 +38,23 @@ class MoECaptureStore:
     def __init__(self, n_layers: int):
         self.dense: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]  # [B, S, F]
         self.inputs: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]  # [B, S, d] MoE block rows
-        self.routes: list[list[tuple]] = [[] for _ in range(n_layers)]  # ([B, S, k] expert ids, [B, S, k] weights)
+        self.route_ids: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]  # [B, S, k] chosen experts
+        self.route_weights: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]  # [B, S, k] their weights
         self.shared: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]  # [B, S, F_s]
         # positions='image': per layer the prefill call's stats over the image positions (image_reduce's for
         # a dense layer's h, expert_image_stats' for an MoE layer's experts) and its shared expert's
         self.image: list[dict | None] = [None] * n_layers
         self.shared_image: list[dict | None] = [None] * n_layers
         self.norm: list[torch.Tensor] = []  # [B, S, d] the final norm's inputs (fold_final_norm)
+        self._merged: dict[int, tuple] = {}  # id(list) -> (its length, its calls concatenated)
 
-    @staticmethod
-    def cat(parts: list) -> torch.Tensor:
-        return torch.cat(parts, dim=1)
+    def merged(self, parts: list) -> torch.Tensor:
+        """One list's calls concatenated along the steps ([B, S, ...]): made once, as every concept of a batch
+        reads them."""
+        hit = self._merged.get(id(parts))
+        if hit is None or hit[0] != len(parts):
+            hit = self._merged[id(parts)] = (len(parts), torch.cat(parts, dim=1))
+        return hit[1]
 
 
 @contextlib.contextmanager
@@ -83,13 +87,13 @@ def moe_capture(adapter: Adapter, select: Selector, image_mask: torch.Tensor | N
             shape: list = []
 
             def record(_m, args, kwargs, shape=shape):
-                x = args[0] if args else kwargs.get("hidden_states")
-                shape[:] = [tuple(x.shape[:2])]
+                shape[:] = [tuple(call_args(args, kwargs)[0].shape[:2])]
 
             def routed(x, idx, w, layer=layer, shape=shape):  # x [N, d], idx / w [N, k]
                 b, t = shape[0]
                 store.inputs[layer].append(select(x.reshape(b, t, -1)).detach())
-                store.routes[layer].append((select(idx.reshape(b, t, -1)), select(w.reshape(b, t, -1)).detach()))
+                store.route_ids[layer].append(select(idx.reshape(b, t, -1)))
+                store.route_weights[layer].append(select(w.reshape(b, t, -1)).detach())
                 if image_mask is not None and store.image[layer] is None and t == image_mask.shape[1]:
                     store.image[layer] = expert_image_stats(adapter.experts[layer], x.reshape(b, t, -1),
                                                             idx.reshape(b, t, -1), w.reshape(b, t, -1),
@@ -112,34 +116,41 @@ def _removing(handle):
         handle.remove()
 
 
+def _projector(adapter: Adapter, token: int, scorer: Scorer | None = None):
+    """(project, acc): project([d, F] output vectors) -> [F] their projections on W_U[token] in acc (fp32, fp64
+    for fp64 models); through a scorer's folded final norm (its scale, centred for a LayerNorm) when it folds."""
+    w_u = adapter.unembed_weight()
+    acc = torch.float64 if w_u.dtype == torch.float64 else torch.float32
+    if scorer is not None and scorer.fold_norm:
+        rows, center = scorer.unembed_rows([token])  # [1, d]
+        u = rows[0].detach().to(acc)
+    else:
+        u, center = w_u[token].detach().to(acc), False  # [d]
+
+    def project(w: torch.Tensor) -> torch.Tensor:
+        return token_projection(w.detach(), u[None].to(w.device), center)[:, 0].to(acc)
+
+    return project, acc
+
+
 def concept_parts(adapter: Adapter, store: MoECaptureStore, b: int, s: int, token: int,
                   scorer: Scorer | None = None) -> list[tuple]:
     """[(layer, expert, neuron indices [n], scores [n])] of one concept: sample b, captured step s, token t.
     Scores in fp32 (fp64 for fp64 models). A scorer with fold_norm folds the final norm in, as it does for
     dense models: each output vector projected on the norm-scaled W_U[t] (centred for a LayerNorm), the
     score divided by the norm's denominator at that position."""
-    w_u = adapter.unembed_weight()
-    acc = torch.float64 if w_u.dtype == torch.float64 else torch.float32
+    project, acc = _projector(adapter, token, scorer)
     fold = scorer is not None and scorer.fold_norm
-    if fold:
-        rows, center = scorer.unembed_rows([token])  # [1, d]
-        u = rows[0].detach().to(acc)
-        denom = scorer.norm_denominator(store.cat(store.norm)[b, s][None])[0].to(acc)
-    else:
-        u, center, denom = w_u[token].detach().to(acc), False, None  # [d]
-
-    def project(w: torch.Tensor) -> torch.Tensor:  # [d, F] output vectors -> [F] on u
-        return token_projection(w.detach(), u[None].to(w.device), center)[:, 0].to(acc)
-
+    denom = scorer.norm_denominator(store.merged(store.norm)[b, s][None])[0].to(acc) if fold else None
     parts = []
     for layer, block in enumerate(adapter.experts):
         if block is None:
-            h = store.cat(store.dense[layer])[b, s].to(acc)  # [F]
+            h = store.merged(store.dense[layer])[b, s].to(acc)  # [F]
             parts.append((layer, DENSE, torch.arange(h.numel()), h * project(adapter.out_weight(layer)).to(h.device)))
             continue
-        x = store.cat(store.inputs[layer])[b, s]  # [d]
-        idx = torch.cat([r[0] for r in store.routes[layer]], 1)[b, s].tolist()  # [k]
-        gates = torch.cat([r[1] for r in store.routes[layer]], 1)[b, s]  # [k]
+        x = store.merged(store.inputs[layer])[b, s]  # [d]
+        idx = store.merged(store.route_ids[layer])[b, s].tolist()  # [k]
+        gates = store.merged(store.route_weights[layer])[b, s]  # [k]
         with torch.no_grad():
             for j, e in enumerate(idx):
                 if not 0 <= e < block.n_experts:
@@ -147,7 +158,7 @@ def concept_parts(adapter: Adapter, store: MoECaptureStore, b: int, s: int, toke
                 a = block.activation(x[None], e, gates[j : j + 1], acc)[0]  # [F]
                 parts.append((layer, e, torch.arange(a.numel()), a * project(block.expert_out(e)).to(a.device)))
         if block.shared is not None:
-            h = store.cat(store.shared[layer])[b, s].to(acc)
+            h = store.merged(store.shared[layer])[b, s].to(acc)
             parts.append((layer, block.n_experts, torch.arange(h.numel()), h * project(block.shared_out()).to(h.device)))
     if fold:
         parts = [(l, e, i, sc / denom.to(sc.device)) for l, e, i, sc in parts]
@@ -209,25 +220,20 @@ def image_parts(adapter: Adapter, store: MoECaptureStore, b: int, token: int, re
     if any(s is None for s in store.image) or int(store.image[0]["count"][b]) == 0:
         raise MMNError("positions='image': a sample's prompt holds no image tokens (its processor or template "
                        "left the image placeholder out); check the prompt, or use positions='last'")
-    w_u = adapter.unembed_weight()
-    acc = torch.float64 if w_u.dtype == torch.float64 else torch.float32
-    u = w_u[token].detach().to(acc)  # [d]
+    project, _acc = _projector(adapter, token)
     parts = []
     with torch.no_grad():
         for layer, block in enumerate(adapter.experts):
             stats = store.image[layer]
             if block is None:
-                w = adapter.out_weight(layer).detach()  # [d, F]
-                proj = w.to(acc).t() @ u.to(w.device)  # [F]
+                proj = project(adapter.out_weight(layer))  # [F]
                 parts.append((layer, DENSE, torch.arange(proj.numel()), reduced_score(stats, proj, reduce, b)))
                 continue
             for e in torch.nonzero(stats["routed"][b] > 0)[:, 0].tolist():
-                w = block.expert_out(e).detach()  # [d, F]
-                proj = w.to(acc).t() @ u.to(w.device)  # [F]
+                proj = project(block.expert_out(e))  # [F]
                 parts.append((layer, e, torch.arange(proj.numel()), reduced_score(stats, proj, reduce, b, e)))
             if block.shared is not None:
-                w = block.shared_out().detach()  # [d, F_s]
-                proj = w.to(acc).t() @ u.to(w.device)  # [F_s]
+                proj = project(block.shared_out())  # [F_s]
                 parts.append((layer, block.n_experts, torch.arange(proj.numel()),
                               reduced_score(store.shared_image[layer], proj, reduce, b)))
     return parts
@@ -334,16 +340,14 @@ def moe_graph(adapter: Adapter) -> Iterator[MoEGraph]:
                 continue
 
             def width(_m, args, kwargs, layer=layer):
-                x = args[0] if args else kwargs.get("hidden_states")
+                (x,) = call_args(args, kwargs)
                 graph.width[layer] = int(x.shape[1]) if x.dim() == 3 else int(x.shape[0])
 
             def recompute(_m, args, kwargs, y, layer=layer, block=block):
                 if block.gating == "input":
-                    new, graph.experts[layer] = expert_forward_input(block, args[0] if args else kwargs["hidden_states"])
+                    new, graph.experts[layer] = expert_forward_input(block, *call_args(args, kwargs))
                 else:
-                    names = ("hidden_states", "top_k_index", "top_k_weights")
-                    x, idx, w = (args[k] if len(args) > k else kwargs[n] for k, n in enumerate(names))
-                    new, graph.experts[layer] = expert_forward(block, x, idx, w)  # [N, d]
+                    new, graph.experts[layer] = expert_forward(block, *call_args(args, kwargs, EXPERTS_CALL))  # [N, d]
                 tol = GRAD_TOLERANCE.get(y.dtype, 2e-2) * max(float(y.detach().abs().max()), 1e-30)
                 if new.shape != y.shape or not torch.allclose(new.detach(), y.detach(), rtol=0, atol=tol):
                     raise MMNError(f"layer {layer}: the experts recomputed eagerly differ from "
@@ -368,29 +372,11 @@ def check_units(adapter: Adapter, neurons) -> list[tuple[int, int, int]]:
             raise MMNError(f"neuron {tuple(n)}: {type(adapter.model).__name__} has mixture-of-experts layers; name "
                            "each neuron (layer, expert, index) as find's records do (dense layers' expert: -1)")
         layer, expert, index = (int(v) for v in n[:3])
-        if not 0 <= layer < adapter.n_layers:
-            raise MMNError(f"neuron ({layer}, {expert}, {index}): layers are 0..{adapter.n_layers - 1}")
-        width = unit_out_vectors(adapter, layer, expert).shape[1]
+        width = adapter.unit_weight(layer, expert).shape[1]  # MMNError for a unit the model does not have
         if not 0 <= index < width:
             raise MMNError(f"neuron ({layer}, {expert}, {index}) out of range: that unit has neurons 0..{width - 1}")
         out.append((layer, expert, index))
     return out
-
-
-def unit_out_vectors(adapter: Adapter, layer: int, expert: int) -> torch.Tensor:
-    """[d, F] output vectors of one unit: a dense layer's W_out (expert -1), routed expert e's down_proj[e],
-    the shared expert's (expert E)."""
-    block = adapter.experts[layer]
-    if block is None:
-        if expert != DENSE:
-            raise MMNError(f"layer {layer} is dense: its neurons are expert {DENSE}, not {expert}")
-        return adapter.out_weight(layer)
-    if 0 <= expert < block.n_experts:
-        return block.expert_out(expert)
-    if expert == block.n_experts and block.shared is not None:
-        return block.shared_out()
-    raise MMNError(f"layer {layer} has experts 0..{block.n_experts - 1}"
-                   f"{f' and the shared expert {block.n_experts}' if block.shared is not None else ''}, not {expert}")
 
 
 @contextlib.contextmanager
@@ -424,8 +410,7 @@ def moe_recording(adapter: Adapter, neurons: list, select: Selector | None = Non
             shape: list = []
 
             def start(_m, args, kwargs, layer=layer, shape=shape):  # a new call: fresh columns
-                x = args[0] if args else kwargs.get("hidden_states")
-                shape[:] = [tuple(x.shape[:2])]
+                shape[:] = [tuple(call_args(args, kwargs)[0].shape[:2])]
                 cols.pop(layer, None)
 
             def routed(x, idx, w, layer=layer, block=block, shape=shape):  # x [N, d], idx / w [N, k]

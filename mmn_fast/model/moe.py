@@ -29,7 +29,13 @@ from torch import nn
 from ..errors import MMNError
 
 SHARED_NAMES = ("shared_experts", "shared_expert")
+EXPERTS_CALL = ("hidden_states", "top_k_index", "top_k_weights")  # an output-gated experts module's arguments
 DENSE = -1  # the expert number of a dense layer's neurons: [layer, -1, index]
+
+
+def call_args(args: tuple, kwargs: dict, names: tuple = ("hidden_states",)) -> tuple:
+    """A module call's arguments `names`, given by position or by keyword (what a pre-hook sees)."""
+    return tuple(args[k] if len(args) > k else kwargs[n] for k, n in enumerate(names))
 
 
 @dataclass(frozen=True)
@@ -98,14 +104,12 @@ class ExpertBlock:
         call of the block: its rows, each row's chosen experts and their router weights."""
         if self.gating == "output":
             def routed(_m, args, kwargs):
-                names = ("hidden_states", "top_k_index", "top_k_weights")
-                x, idx, g = (args[k] if len(args) > k else kwargs[n] for k, n in enumerate(names))
-                on_route(x, idx, g)
+                on_route(*call_args(args, kwargs, EXPERTS_CALL))
             return [self.experts.register_forward_pre_hook(routed, with_kwargs=True)]
         rows: list = []
 
         def block_in(_m, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
+            (x,) = call_args(args, kwargs)
             rows[:] = [x.reshape(-1, x.shape[-1])]
 
         def scored(_m, _args, out):
