@@ -46,6 +46,17 @@ def check_caption_options(args: argparse.Namespace) -> None:
                        "with --server")
 
 
+def caption_phase(args: argparse.Namespace, out, engine=None) -> tuple[dict, str]:
+    """Caption args.images into `out` with the engine, or args.server's when engine is None; returns
+    (caption_corpus's counts, where the captions came from). The captioner is closed on the way out."""
+    captioner = server_captioner(args) if engine is None else EngineCaptioner(engine, args.prompt, args.prefix,
+                                                                               args.max_new_tokens)
+    try:
+        return caption_corpus(captioner, args.images, out, caption_run(args)), captioner.source
+    finally:
+        captioner.close()
+
+
 def caption_run(args: argparse.Namespace) -> CaptionRun:
     return CaptionRun(batch_size=args.batch_size, num_workers=args.num_workers, shard_size=args.shard_size,
                       max_image_bytes=args.max_image_bytes, overwrite=args.overwrite, progress=not args.quiet)
@@ -56,18 +67,10 @@ def cmd_caption(args: argparse.Namespace) -> int:
         raise MMNError("give --model PATH (caption with the model) or --server URL (with an OpenAI-compatible "
                        "server), one of them")
     check_caption_options(args)
-    if args.server is not None:
-        captioner = server_captioner(args)
-    else:
-        captioner = EngineCaptioner(load_engine(args), args.prompt, args.prefix, args.max_new_tokens)
-    try:
-        counts = caption_corpus(captioner, args.images, args.out, caption_run(args))
-    finally:
-        if hasattr(captioner, "close"):
-            captioner.close()
+    counts, source = caption_phase(args, args.out, None if args.server is not None else load_engine(args))
     errors = f", {counts['errors']} images could not be captioned (their lines hold the reason)" \
         if counts["errors"] else ""
-    print(f"{counts['written']} captions written to {counts['file']} by {captioner.source} "
+    print(f"{counts['written']} captions written to {counts['file']} by {source} "
           f"({counts['before']} were there already{errors})")
     return 0
 

@@ -21,9 +21,8 @@ from ..find.results import neuron_label, parse_unit_neuron
 from ..find.vocab import both_ends, vocab_table
 from ..io import user_cache_dir
 from ..model.inputs import MAX_IMAGE_BYTES
-from ..run.captioning import EngineCaptioner, caption_corpus
 from ..run.runner import RunSettings, check_run, run_corpus, summary_table
-from .caption import add_server_options, caption_run, check_caption_options, server_captioner
+from .caption import add_server_options, caption_phase, check_caption_options
 from .common import add_model_options, check_words_before_loading, deprecated, load_engine
 
 DEVICE_MAP_WITH_PROCESSES = ("--device-map spreads one model over this machine's GPUs; do not combine it with "
@@ -79,15 +78,9 @@ def _check_caption_modes(args: argparse.Namespace, world: int) -> None:
 def _caption_phase(args: argparse.Namespace, engine, path: str) -> None:
     """--two-phase: every image captioned into DIR/captions.jsonl (resumed: only those not there yet)."""
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    captioner = (server_captioner(args) if args.server is not None else
-                 EngineCaptioner(engine, args.prompt, args.prefix, args.max_new_tokens))
-    try:
-        counts = caption_corpus(captioner, args.images, path, caption_run(args))
-    finally:
-        if hasattr(captioner, "close"):
-            captioner.close()
+    counts, source = caption_phase(args, path, None if args.server is not None else engine)
     if not args.quiet:
-        print(f"caption phase: {counts['written']} captions written to {path} by {captioner.source} "
+        print(f"caption phase: {counts['written']} captions written to {path} by {source} "
               f"({counts['before']} were there already)")
 
 

@@ -94,22 +94,15 @@ def random_neurons(engine, n: int, exclude_layers=(), seed: int = 0) -> list[Neu
     """n neurons drawn uniformly without replacement (the control of the causal-effect test); in a model
     with mixture-of-experts layers, from every expert's neurons too, as (layer, expert, index)."""
     ad, skip = engine.adapter, set(exclude_layers or ())
-    if not ad.is_moe:
-        layers = [l for l in range(ad.n_layers) if l not in skip]
-        total = len(layers) * ad.d_mlp
-        if n > total:
-            raise MMNError(f"{n} random neurons asked, {total} available")
-        flat = random.Random(seed).sample(range(total), n)
-        return sorted((layers[k // ad.d_mlp], k % ad.d_mlp) for k in flat)
     units = [(l, e, _unit_size(ad, l, e)) for l, e in ad.units() if l not in skip]
     total = sum(size for *_, size in units)
     if n > total:
         raise MMNError(f"{n} random neurons asked, {total} available")
     picked = []
-    for k in sorted(random.Random(seed).sample(range(total), n)):
+    for k in random.Random(seed).sample(range(total), n):  # flat over the units, in order
         for l, e, size in units:
             if k < size:
-                picked.append((l, e, k))
+                picked.append((l, e, k) if ad.is_moe else (l, k))
                 break
             k -= size
     return sorted(picked)

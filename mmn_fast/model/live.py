@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import MMNError
 from .adapters import Adapter, spec_for, unit_matrix
+from .moe import ExpertSlot
 from .patch_file import DENSE, Entry, Patch, PatchError, as_patch, gather_rows, rows_sha256, write_rows
 
 
@@ -259,14 +260,12 @@ def unit_label(e: Entry):
     return e.layer if e.expert == DENSE else e.unit
 
 
-def entry_unit(adapter: Adapter, e: Entry) -> tuple[nn.Module, int | None]:
+def entry_unit(adapter: Adapter, e: Entry) -> tuple[nn.Module, ExpertSlot | None]:
     """The (module, slot) an entry writes into (Adapter.unit), as a PatchError when the model has no such unit
     (a patch for experts on a dense layer, or the reverse: made for another model)."""
     check_layer(e.layer, adapter.n_layers)
     try:
         return adapter.unit(e.layer, e.expert)
-    except PatchError:
-        raise
     except MMNError as err:
         raise PatchError(f"the patch edits {e.where()}, which this model does not have ({err}): it was made for "
                          "another model") from None
@@ -338,8 +337,7 @@ def apply_patch(target, patch, force: bool = False, **spec_overrides) -> PatchHa
         for l, w, idx, new, e, module, slot in prepared:
             cur = gather_rows(w, idx)  # [n, d] in the model's dtype
             if not base_matches(e, cur, force):
-                mine = [n for n in patch.neurons if n[:-1] == ((e.layer,) if e.expert == DENSE else e.unit)]
-                problems.append((l, [n for n in mine if n in touched]))
+                problems.append((l, [n for n in e.neurons if n in touched]))
             saved.append((l, weakref.ref(module), names.get(id(module)), slot, w, idx, cur, new))
         if problems and not force:
             conflicts = [n for _, o in problems for n in o]

@@ -78,7 +78,17 @@ class Entry:
         return str(self.layer) if self.expert == DENSE else f"{self.layer}.{self.expert}"
 
     def where(self) -> str:
-        return f"layer {self.layer}" + ("" if self.expert == DENSE else f" expert {self.expert}")
+        return unit_name(self.layer, self.expert)
+
+    @property
+    def neurons(self) -> list[tuple]:
+        """(layer, index) per neuron of a dense layer, (layer, expert, index) per neuron of an expert."""
+        return [(self.layer, i) if self.expert == DENSE else (self.layer, self.expert, i) for i in self.indices.tolist()]
+
+
+def unit_name(layer: int, expert: int = DENSE) -> str:
+    """How messages name a unit: "layer 3", or "layer 3 expert 2"."""
+    return f"layer {layer}" + ("" if expert == DENSE else f" expert {expert}")
 
 
 @dataclass
@@ -103,8 +113,7 @@ class Patch:
     @property
     def neurons(self) -> list[tuple]:
         """(layer, index) of dense neurons, (layer, expert, index) of expert neurons."""
-        return [(e.layer, int(i)) if e.expert == DENSE else (e.layer, e.expert, int(i))
-                for e in self.units() for i in e.indices.tolist()]
+        return [n for e in self.units() for n in e.neurons]
 
     @property
     def n_neurons(self) -> int:
@@ -218,7 +227,7 @@ def make_patch(adapter, new_vectors: dict[int, tuple[torch.Tensor, torch.Tensor]
             orig = gather_rows(w, idx)  # [n, d]
         name, ckpt, layout = weight_names(adapter, layer, expert)
         vectors = vectors.detach().to(w.dtype).cpu().contiguous()  # [n, d]
-        where = f"layer {layer}" + ("" if expert == DENSE else f" expert {expert}")
+        where = unit_name(layer, expert)
         if not bool(torch.isfinite(vectors).all()):
             raise PatchError(f"{where}: the edited vectors contain NaN or infinity in {w.dtype} (the edit "
                              "diverged, or its values overflow the model's dtype); no patch was made")
@@ -258,7 +267,7 @@ def _json_field(path, meta: dict, key: str):
 def _check_entry(path, unit: tuple[int, int], info, base: dict, indices: torch.Tensor, vectors: torch.Tensor) -> Entry:
     layer, expert = unit
     key = str(layer) if expert == DENSE else f"{layer}.{expert}"
-    where = f"layer {layer}" + ("" if expert == DENSE else f" expert {expert}")
+    where = unit_name(layer, expert)
     if not isinstance(info, dict) or not all(isinstance(info.get(k), str) for k in ("name", "checkpoint_name", "layout")):
         _fail(path, f"entry {key} must be an object with string 'name', 'checkpoint_name' and 'layout'")
     if info["layout"] not in _LAYOUTS or (info["layout"] in EXPERT_LAYOUTS and expert == DENSE):

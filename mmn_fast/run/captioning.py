@@ -55,6 +55,9 @@ class EngineCaptioner:
             return out
         return [{"caption": self.engine.caption_text(ids), "output_ids": ids} for ids in done.ids]
 
+    def close(self) -> None:
+        """Nothing to release (the engine is the caller's)."""
+
 
 class ServerCaptioner:
     """Greedy captions from an OpenAI-compatible server; a batch's requests are sent concurrently (a
