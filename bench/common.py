@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import mmn_fast
 from mmn_fast import DEFAULT_PROMPT
+from mmn_fast.kernels.timing import wall_times
 from mmn_fast.testing import llava_model, random_images, tiny_llava
 
 # The issue's random LLaVA-architecture model: 8 layers, hidden 512, 256 image tokens, 32 new tokens.
@@ -110,13 +110,7 @@ def reference(eng, images, max_new_tokens):
 
 
 def median_time(fn, repeats: int) -> float:
-    """Median wall time of `repeats` calls (CUDA work is synchronised before each clock read)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
+    """Median wall time of `repeats` calls (CUDA work is synchronised around each; the upper middle of an
+    even count, as these tables have always taken it)."""
+    times, _ = wall_times(fn, repeats, "cuda" if torch.cuda.is_available() else "cpu")
     return sorted(times)[len(times) // 2]

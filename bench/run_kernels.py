@@ -32,17 +32,12 @@ from mmn_fast.kernels import (  # noqa: E402
     vocab_topk_torch,
     vocab_topk_triton,
 )
+from mmn_fast.kernels.timing import copy_bandwidth  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up (Triton compiles on first call)
     return median_time(fn, repeats)
-
-
-def copy_bandwidth(device, nbytes: int, repeats: int) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / timed(lambda: dst.copy_(src), repeats)
 
 
 def peak_extra(fn, device) -> int | None:
