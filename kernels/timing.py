@@ -63,18 +63,20 @@ def copy_bandwidth(device: torch.device | str, nbytes: int, repeats: int = 10) -
 
 def act_score_bandwidth(n_rows: int, d_mlp: int, dtype: torch.dtype, device: torch.device | str, backend: str,
                         repeats: int = 10, act: str = "silu", captured: int = 1) -> tuple[float, float]:
-    """(median seconds, bytes per second) of `act_score` on [n_rows, d_mlp] gate and up tensors with
-    `captured` rows copied out: one layer's prefill step as find runs it (h = act(gate) * up, the
-    last positions captured). Bytes counted: gate and up read, h written (3 x n_rows x d_mlp
-    elements), as bench/run_kernels.py counts them. One warm-up call first (Triton compiles then)."""
+    """(median seconds, bytes per second) of `act_score` reading an [n_rows, d_mlp] h with `captured` rows
+    copied out: one layer's prefill step as find's fused capture runs it (the model computes h = act(gate)
+    * up with its own ops; the kernel only reads it, act="identity"). Bytes counted: h read (n_rows x d_mlp
+    elements). `act` names the activation the model applied (h's values, not the kernel's work). One
+    warm-up call first (Triton compiles then)."""
     gen = torch.Generator(device=device).manual_seed(0)
     gate = torch.randn(n_rows, d_mlp, device=device, dtype=dtype, generator=gen)
     up = torch.randn(n_rows, d_mlp, device=device, dtype=dtype, generator=gen)
+    h = act_score(gate, up, act, backend="torch").h  # [n_rows, d_mlp] as the model computes it
     rows = torch.arange(max(0, n_rows - captured), n_rows, device=device)
 
     def step():
-        return act_score(gate, up, act, capture_rows=rows, backend=backend)
+        return act_score(h, None, "identity", capture_rows=rows, backend=backend)
 
     step()
     t = median_time(step, repeats, device)
-    return t, 3 * n_rows * d_mlp * gate.element_size() / t
+    return t, n_rows * d_mlp * h.element_size() / t
