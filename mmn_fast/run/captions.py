@@ -181,6 +181,7 @@ def open_for_append(path: str | os.PathLike, settings: dict, overwrite: bool) ->
         return set()
     # Settings first (a wrong --out is refused before anything is cut), over complete lines only: a last
     # line without its newline is torn, however it parses, and is cut, so its image is captioned again.
+    failed = set()  # line numbers of images the model failed on (out of memory, ...): captioned again
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
             if not raw.endswith(b"\n"):
@@ -199,20 +200,20 @@ def open_for_append(path: str | os.PathLike, settings: dict, overwrite: bool) ->
                 shown = ", ".join(f"{k}: {rec.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
                 raise MMNError(f"{path}:{line_no}: captions made with other settings ({shown}); rerun with the "
                                "same options to resume, give another --out, or add --overwrite to start again")
+            if str(rec.get("error", "")).startswith(MODEL_ERROR):
+                failed.add(line_no)
     cut_torn_tail(path)
-    _drop_model_errors(path)
+    if failed:
+        _drop_lines(path, failed)
     return set(CaptionIndex(path).offsets)
 
 
-def _drop_model_errors(path: Path) -> None:
-    """Rewrite the file (atomically) without its lines of images the model failed on (out of memory, ...),
-    so that a resumed run captions them again; lines of unreadable images stay (they would fail again)."""
+def _drop_lines(path: Path, line_numbers: set[int]) -> None:
+    """Rewrite the file (atomically) without the lines `line_numbers` (1-based): the lines of images the model
+    failed on, so that a resumed run captions them again (unreadable images' lines stay: they would fail again)."""
     with open(path, "rb") as f:
-        lines = f.readlines()
-    keep = [raw for raw in lines if not (raw.strip() and str(json.loads(raw).get("error", "")).startswith(MODEL_ERROR))]
-    if len(keep) == len(lines):
-        return
-    log.info("%s: %d image(s) the model failed on are captioned again", path, len(lines) - len(keep))
+        keep = [raw for line_no, raw in enumerate(f, 1) if line_no not in line_numbers]
+    log.info("%s: %d image(s) the model failed on are captioned again", path, len(line_numbers))
     with atomic_open(path, "wb") as f:
         f.writelines(keep)
 
